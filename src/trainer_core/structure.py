@@ -1,0 +1,138 @@
+"""One strict cattrs converter for everything the user writes (config, profile options).
+
+Strict means: no silent coercion (``1.5`` is not an int, ``"yes"`` is not a bool), unknown keys
+are rejected with a "did you mean" hint, and every problem is reported with its dotted path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from trainer_core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class FieldError(ValueError):
+    """A field value out of range; ``str()`` is ``field: message``."""
+
+    def __init__(self, attribute: attrs.Attribute, message: str):
+        super().__init__(f"{attribute.name}: {message}")
+        self.attribute = attribute
+        self.message = message
+
+
+def check(predicate, requirement: str):
+    """An attrs validator: ``check(lambda v: v > 0, "must be > 0")`` fails with the value given.
+
+    ``None`` always passes (optional fields use ``None`` for "not set").
+    """
+
+    def validator(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not predicate(value):
+            raise FieldError(attribute, f"{requirement}, got {value!r}")
+
+    return validator
+
+
+def one_of(*choices: str):
+    """An attrs validator for enums, with the choices in the message."""
+    return check(lambda v: v in choices, "must be one of " + ", ".join(choices))
+
+
+def _strict(kind: type, name: str):
+    def hook(value: Any, _type: Any) -> Any:
+        # bool is an int subclass in Python; never accept it where a number is meant.
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {name}, got {value!r}")
+        if kind is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, kind):
+            raise TypeError(f"expected {name}, got {value!r}")
+        return value
+
+    return hook
+
+
+def make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    for kind, name in ((int, "an integer"), (float, "a number"), (bool, "true or false"), (str, "a string")):
+        conv.register_structure_hook(kind, _strict(kind, name))
+    conv.register_structure_hook(dict, lambda v, _t: _plain_dict(v))
+    return conv
+
+
+def _plain_dict(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {value!r}")
+    return dict(value)
+
+
+converter = make_converter()
+
+
+def _join(path: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{path}[{name}]"
+    return f"{path}.{name}" if path else str(name)
+
+
+def explain_errors(exc: BaseException, path: str = "") -> list[str]:
+    """Flatten a cattrs exception tree into ``dotted.path: message`` lines."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [a.name for a in attrs.fields(exc.cl)]
+        out = []
+        for key in sorted(exc.extra_fields):
+            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            tip = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
+            out.append(f"{_join(path, key)}: unknown key{tip}")
+        return out
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        out = []
+        for sub in exc.exceptions:
+            notes = getattr(sub, "__notes__", [])
+            sub_path = path
+            for note in notes:
+                name = getattr(note, "name", None)
+                if name is None:
+                    name = getattr(note, "index", None)
+                if name is not None:
+                    sub_path = _join(path, name)
+            out.extend(explain_errors(sub, sub_path))
+        return out
+    if isinstance(exc, FieldError):
+        return [f"{_join(path, exc.attribute.name)}: {exc.message}"]
+    if isinstance(exc, (ValueError, TypeError)) and len(exc.args) >= 2 and isinstance(
+        exc.args[1], attrs.Attribute
+    ):  # attrs' own validators: (message, attribute, ...)
+        name = exc.args[1].name
+        message = str(exc.args[0]).removeprefix(f"'{name}' ")
+        return [f"{_join(path, name)}: {message}"]
+    if isinstance(exc, KeyError):
+        return [f"{_join(path, exc.args[0])}: required"]
+    msg = str(exc)
+    if isinstance(exc, ConfigError) and msg.startswith(path + ".") is False and path:
+        return [f"{path}: {msg}"]
+    return [f"{path}: {msg}" if path else msg]
+
+
+def structure(data: Any, cls: type[T], path: str) -> T:
+    """Structure ``data`` into ``cls`` strictly; raise ``ConfigError`` naming every bad path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected an object, got {data!r}")
+    try:
+        return converter.structure(data, cls)
+    except ConfigError:
+        raise
+    except Exception as exc:  # cattrs raises ExceptionGroups; flatten them for the user
+        lines = explain_errors(exc, path)
+        raise ConfigError("; ".join(lines)) from exc
+
+
+def unstructure(obj: Any) -> Any:
+    return converter.unstructure(obj)
