@@ -7,7 +7,7 @@ are rejected with a "did you mean" hint, and every problem is reported with its 
 from __future__ import annotations
 
 import difflib
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
@@ -64,7 +64,22 @@ def make_converter() -> cattrs.Converter:
     for kind, name in ((int, "an integer"), (float, "a number"), (bool, "true or false"), (str, "a string")):
         conv.register_structure_hook(kind, _strict(kind, name))
     conv.register_structure_hook(dict, lambda v, _t: _plain_dict(v))
+    # Free-form dicts (profile.options) stay as given; the profile validates their contents.
+    conv.register_structure_hook_func(
+        lambda t: get_origin(t) is dict and get_args(t)[1:] == (Any,), lambda v, _t: _plain_dict(v)
+    )
+    # A string is iterable; never let "abc" become ["a", "b", "c"].
+    conv.register_structure_hook_func(
+        lambda t: get_origin(t) is list, lambda v, t: _list_of(conv, v, t)
+    )
     return conv
+
+
+def _list_of(conv: cattrs.Converter, value: Any, t: Any) -> list:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {value!r}")
+    (item,) = get_args(t)
+    return [conv.structure(v, item) for v in value]
 
 
 def _plain_dict(value: Any) -> dict:

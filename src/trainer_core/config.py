@@ -1,0 +1,580 @@
+"""The one typed configuration of a training run.
+
+Sources, lowest to highest precedence: the defaults written below, a preset (the embedded demo
+sets a few), a JSON file (``--config FILE``), then the CLI (typed flags and ``--set a.b=v``).
+Only values the user actually gave override a lower layer; :func:`resolve` records where each
+value came from so ``trainer config show --explain`` can say so.
+
+Every field is documented where it is defined (``trainer config schema`` prints these docs).
+Unknown keys, wrong types and out-of-range values are rejected with their dotted path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from trainer_core.errors import ConfigError
+from trainer_core.structure import check, one_of, structure, unstructure
+
+CONFIG_VERSION = 1
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("cosine", "linear", "constant")
+ON_INVALID = ("error", "skip")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def doc(text: str, **kw: Any) -> dict[str, Any]:
+    """Field metadata: the doc string ``trainer config schema`` prints."""
+    return {"doc": text, **kw}
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+def _open_fraction(v: Any) -> bool:
+    return 0 < v < 1
+
+
+@attrs.define(frozen=True)
+class HyperParams:
+    """Optimisation settings."""
+
+    batch_size: int = attrs.field(
+        default=8,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc(
+            "Examples per micro-batch. With packing, the examples of an optimizer step "
+            "(batch_size x gradient_accumulation) are packed into micro-batches of at most "
+            "data.max_tokens_per_batch tokens."
+        ),
+    )
+    gradient_accumulation: int = attrs.field(
+        default=1,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Micro-batches per optimizer step."),
+    )
+    learning_rate: float = attrs.field(
+        default=2e-5, validator=check(_positive, "must be > 0"), metadata=doc("Peak learning rate.")
+    )
+    lr_scheduler: str = attrs.field(
+        default="cosine",
+        validator=one_of(*SCHEDULERS),
+        metadata=doc("Decay after warmup: cosine (to 10% of peak), linear (to 0) or constant."),
+    )
+    warmup_steps: int | None = attrs.field(
+        default=None,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Linear warmup length in optimizer steps; overrides warmup_ratio."),
+    )
+    warmup_ratio: float = attrs.field(
+        default=0.03,
+        validator=check(_fraction, "must be between 0 and 1"),
+        metadata=doc("Warmup as a fraction of total steps, used when warmup_steps is not set."),
+    )
+    num_epochs: float = attrs.field(
+        default=1.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Passes over the training data (fractions allowed)."),
+    )
+    max_steps: int | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Stop after this many optimizer steps; overrides num_epochs when set."),
+    )
+    max_length: int = attrs.field(
+        default=2048,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc(
+            "Longest example in tokens after templating; longer rows are dropped and counted "
+            "(or truncated with data.truncation)."
+        ),
+    )
+    precision: str = attrs.field(
+        default="auto",
+        validator=one_of(*PRECISIONS),
+        metadata=doc("Compute precision: auto (bf16 on a GPU that supports it, else fp32), "
+                     "bf16, fp16 or fp32."),
+    )
+    save_steps: int = attrs.field(
+        default=500,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Checkpoint every N optimizer steps (0: only at the end)."),
+    )
+    save_total_limit: int | None = attrs.field(
+        default=3,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Keep at most this many checkpoints (oldest deleted first); null keeps all."),
+    )
+    eval_steps: int = attrs.field(
+        default=500,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Validation loss every N optimizer steps and at the end (0: only at end)."),
+    )
+    gradient_checkpointing: bool = attrs.field(
+        default=False, metadata=doc("Recompute activations in backward to save memory.")
+    )
+    weight_decay: float = attrs.field(
+        default=0.0,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("AdamW decoupled weight decay (not applied to norms and biases)."),
+    )
+    max_grad_norm: float | None = attrs.field(
+        default=1.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Clip the global gradient norm to this; null disables clipping."),
+    )
+    seed: int = attrs.field(
+        default=42, metadata=doc("Seed for model init (tiny model), dropout and data order.")
+    )
+
+
+@attrs.define(frozen=True)
+class ProfileSection:
+    """Which data profile shapes the examples, and its options."""
+
+    name: str = attrs.field(
+        default="plain_sft", metadata=doc("Profile name, as listed by `trainer profiles`.")
+    )
+    options: dict[str, Any] = attrs.field(
+        factory=dict,
+        metadata=doc("Profile options; validated by the profile (see its README)."),
+    )
+
+
+@attrs.define(frozen=True)
+class Monitoring:
+    """Live status and generation previews during training."""
+
+    status_interval_s: float = attrs.field(
+        default=5.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Seconds between status.json updates."),
+    )
+    preview_steps: int = attrs.field(
+        default=200,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Generate previews every N optimizer steps and at the end (0: only at end)."),
+    )
+    num_preview_samples: int = attrs.field(
+        default=4,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Validation prompts per preview (0 disables previews)."),
+    )
+    max_new_tokens: int = attrs.field(
+        default=128,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Generation length limit for previews."),
+    )
+
+
+@attrs.define(frozen=True)
+class Locked:
+    """Facts about the base model that an output directory is tied to.
+
+    Left unset, they are filled from the model on the first run and written to the output
+    directory's lock file; a later run into that directory must match them.
+    """
+
+    base_model: str | None = attrs.field(
+        default=None, metadata=doc("Name or path of the base model the run started from.")
+    )
+    model_architecture: str | None = attrs.field(
+        default=None, metadata=doc("Model class, e.g. Qwen3ForCausalLM.")
+    )
+    max_context_length: int | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("The model's max_position_embeddings."),
+    )
+    vocab_size: int | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("The model's vocabulary size (embedding rows)."),
+    )
+    model_version: str | None = attrs.field(
+        default=None, metadata=doc("Free-form version tag of the base model.")
+    )
+
+
+@attrs.define(frozen=True)
+class Data:
+    """Training and validation data."""
+
+    dataset: str | None = attrs.field(
+        default=None,
+        metadata=doc("Training JSONL (chat `messages` or `prompt`/`completion` rows); "
+                     "unset: the bundled sample data."),
+    )
+    validation: str | None = attrs.field(
+        default=None, metadata=doc("Validation JSONL; unset: a seeded split of the training data.")
+    )
+    validation_split: float = attrs.field(
+        default=0.05,
+        validator=check(_fraction, "must be between 0 and 1"),
+        metadata=doc("Fraction of training rows held out when no validation file is given."),
+    )
+    shuffle: bool = attrs.field(default=True, metadata=doc("Shuffle training rows each epoch."))
+    seed: int = attrs.field(
+        default=42,
+        metadata=doc("Seed for the split, the shuffle and each example's profile transform."),
+    )
+    packing: bool = attrs.field(
+        default=True,
+        metadata=doc("Padding-free packing: examples concatenated, attention kept per example."),
+    )
+    max_tokens_per_batch: int | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Token budget of a packed micro-batch; unset: batch_size x max_length."),
+    )
+    on_invalid: str = attrs.field(
+        default="error",
+        validator=one_of(*ON_INVALID),
+        metadata=doc("Invalid rows: error (stop and report) or skip (drop and count)."),
+    )
+    truncation: bool = attrs.field(
+        default=False,
+        metadata=doc("Truncate over-long rows after their last complete assistant turn "
+                     "instead of dropping them."),
+    )
+    cache_dir: str | None = attrs.field(
+        default=None,
+        metadata=doc("Preprocessing cache; unset: $TRAINER_CACHE or ~/.cache/trainer."),
+    )
+
+
+@attrs.define(frozen=True)
+class Model:
+    """The model to fine-tune."""
+
+    path: str | None = attrs.field(
+        default=None,
+        metadata=doc("Local Hugging Face model directory; unset: the embedded tiny demo model."),
+    )
+    tokenizer: str | None = attrs.field(
+        default=None, metadata=doc("Tokenizer directory; unset: the model directory.")
+    )
+    dtype: str = attrs.field(
+        default="auto",
+        validator=one_of(*DTYPES),
+        metadata=doc("Weight dtype on load; auto follows hyperparams.precision."),
+    )
+    attn_implementation: str = attrs.field(
+        default="auto",
+        validator=one_of(*ATTN_IMPLS),
+        metadata=doc("Attention kernel; auto picks the fastest that supports packing here."),
+    )
+    chat_template: str = attrs.field(
+        default="chatml",
+        metadata=doc("chatml (plain, no <think> injection), tokenizer (its own template), "
+                     "or a path to a Jinja file."),
+    )
+    trust_remote_code: bool = attrs.field(
+        default=False, metadata=doc("Allow model code from the model directory. Off by default.")
+    )
+
+
+@attrs.define(frozen=True)
+class Output:
+    """Where results go."""
+
+    output_dir: str | None = attrs.field(
+        default=None, metadata=doc("Run directory; unset: runs/<profile>-<timestamp>.")
+    )
+    logging_dir: str | None = attrs.field(
+        default=None, metadata=doc("Where metrics.jsonl goes; unset: the output directory.")
+    )
+    resume: str | None = attrs.field(
+        default=None,
+        metadata=doc("Resume: 'latest' (newest checkpoint in output_dir) or a checkpoint path."),
+    )
+
+
+@attrs.define(frozen=True)
+class Environment:
+    """Process-level settings."""
+
+    dataloader_workers: int = attrs.field(
+        default=0,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Background workers preparing batches (0: in the training process)."),
+    )
+    report_to: list[str] = attrs.field(
+        factory=list,
+        metadata=doc("Extra metric sinks; metrics.jsonl is always written. None built in yet."),
+    )
+    logging_steps: int = attrs.field(
+        default=10,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Append a metrics.jsonl line every N optimizer steps."),
+    )
+    device: str = attrs.field(
+        default="auto", validator=one_of(*DEVICES), metadata=doc("auto: cuda if available.")
+    )
+
+
+SECTIONS = ("hyperparams", "profile", "monitoring", "locked", "data", "model", "output",
+            "environment")
+
+
+@attrs.define(frozen=True)
+class TrainerConfig:
+    """A complete, validated run configuration."""
+
+    config_version: int = attrs.field(
+        default=CONFIG_VERSION,
+        validator=check(lambda v: v == CONFIG_VERSION, f"must be {CONFIG_VERSION}"),
+        metadata=doc("Format version of this file (use `trainer config migrate` for old files)."),
+    )
+    hyperparams: HyperParams = attrs.field(factory=HyperParams, metadata=doc(HyperParams.__doc__))
+    profile: ProfileSection = attrs.field(
+        factory=ProfileSection, metadata=doc(ProfileSection.__doc__)
+    )
+    monitoring: Monitoring = attrs.field(factory=Monitoring, metadata=doc(Monitoring.__doc__))
+    locked: Locked = attrs.field(factory=Locked, metadata=doc(Locked.__doc__))
+    data: Data = attrs.field(factory=Data, metadata=doc(Data.__doc__))
+    model: Model = attrs.field(factory=Model, metadata=doc(Model.__doc__))
+    output: Output = attrs.field(factory=Output, metadata=doc(Output.__doc__))
+    environment: Environment = attrs.field(factory=Environment, metadata=doc(Environment.__doc__))
+
+    def __attrs_post_init__(self) -> None:
+        problems = cross_field_problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def cross_field_problems(cfg: TrainerConfig) -> list[str]:
+    """Checks that involve more than one field."""
+    hp, locked = cfg.hyperparams, cfg.locked
+    out = []
+    if locked.max_context_length is not None and hp.max_length > locked.max_context_length:
+        out.append(
+            f"hyperparams.max_length: must be <= locked.max_context_length "
+            f"({locked.max_context_length}), got {hp.max_length}"
+        )
+    if cfg.data.max_tokens_per_batch is not None and cfg.data.max_tokens_per_batch < hp.max_length:
+        out.append(
+            f"data.max_tokens_per_batch: must be >= hyperparams.max_length ({hp.max_length}) "
+            f"so the longest example fits, got {cfg.data.max_tokens_per_batch}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- dicts and files
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> TrainerConfig:
+    """Build a validated config from a (possibly partial) nested dict."""
+    try:
+        return structure(data, TrainerConfig, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") if source != "config" else exc from None
+
+
+def to_dict(cfg: TrainerConfig) -> dict[str, Any]:
+    """The full nested dict of ``cfg`` (JSON-serialisable); ``from_dict`` inverts it."""
+    return unstructure(cfg)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; errors name the file, line and column."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+# --------------------------------------------------------------------------- dotted overrides
+
+
+def field_paths(cls: type = TrainerConfig, prefix: str = "") -> dict[str, attrs.Attribute]:
+    """Every leaf field as ``section.field`` -> attribute (profile.options counts as a leaf)."""
+    out: dict[str, attrs.Attribute] = {}
+    for a in attrs.fields(cls):
+        path = f"{prefix}{a.name}"
+        if isinstance(a.type, type) and attrs.has(a.type):
+            out.update(field_paths(a.type, path + "."))
+        else:
+            out[path] = a
+    return out
+
+
+def _resolve_types() -> None:
+    # ``from __future__ import annotations`` leaves string types; attrs resolves them here.
+    for cls in (HyperParams, ProfileSection, Monitoring, Locked, Data, Model, Output, Environment,
+                TrainerConfig):
+        attrs.resolve_types(cls)
+
+
+_resolve_types()
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Put ``value`` at ``a.b.c`` in a nested dict, checking the path against the schema.
+
+    ``profile.options.<key>`` is free-form below ``options`` (the profile validates it).
+    """
+    parts = dotted.split(".")
+    known = field_paths()
+    is_option = parts[:2] == ["profile", "options"] and len(parts) > 2
+    if dotted not in known and not is_option:
+        hint = difflib.get_close_matches(dotted, list(known), n=1, cutoff=0.6)
+        tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{dotted}: unknown setting{tip}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse ``section.field=value`` from ``--set``; the value is JSON if it parses, else text."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected section.field=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
+            if path == "profile.options" and not value:
+                out[path] = value
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@attrs.define(frozen=True)
+class Resolved:
+    """A config plus where each leaf value came from (default, preset, file or cli)."""
+
+    config: TrainerConfig
+    sources: dict[str, str]
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(
+    file: str | Path | None = None,
+    cli: dict[str, Any] | None = None,
+    preset: dict[str, Any] | None = None,
+    file_data: dict[str, Any] | None = None,
+) -> Resolved:
+    """Layer defaults < preset < JSON file < CLI and validate the result.
+
+    ``cli`` and ``preset`` map dotted paths to values; only keys present override (callers pass
+    only what the user actually gave). ``file_data`` is an already-read file (for services).
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for name, flat in (("preset", preset or {}),):
+        tree: dict[str, Any] = {}
+        for k, v in flat.items():
+            set_dotted(tree, k, v)
+        layers.append((name, tree))
+    if file is not None:
+        file_data = read_config_file(file)
+    if file_data is not None:
+        layers.append(("file", file_data))
+    cli_tree: dict[str, Any] = {}
+    for k, v in (cli or {}).items():
+        set_dotted(cli_tree, k, v)
+    layers.append(("cli", cli_tree))
+
+    merged: dict[str, Any] = {}
+    for _, tree in layers:
+        merged = _merge(merged, tree)
+    source_label = str(file) if file is not None else "config"
+    try:
+        cfg = structure(merged, TrainerConfig, "")
+    except ConfigError as exc:
+        prefix = f"{source_label}: " if file is not None else ""
+        raise ConfigError(f"{prefix}{exc}") from None
+
+    sources = {k: "default" for k in flatten(to_dict(cfg))}
+    for name, tree in layers:
+        for k in flatten(tree):
+            sources[k] = name
+    return Resolved(cfg, sources)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
+                ) -> TrainerConfig:
+    """Programmatic API: defaults < JSON file at ``path`` < ``overrides`` (dotted keys).
+
+    >>> load_config(overrides={"hyperparams.learning_rate": 1e-4}).hyperparams.learning_rate
+    0.0001
+    """
+    return resolve(file=path, cli=overrides).config
+
+
+def config_hash(cfg: TrainerConfig) -> str:
+    """A short stable hash of the whole config (for manifests)."""
+    import hashlib
+
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def schema() -> list[dict[str, Any]]:
+    """Every field: dotted path, type, default and doc (for ``trainer config schema``)."""
+    out = []
+    defaults = flatten(to_dict(TrainerConfig()))
+    for path, a in field_paths().items():
+        tname = getattr(a.type, "__name__", None) or str(a.type).replace("typing.", "")
+        out.append({"field": path, "type": tname, "default": defaults.get(path),
+                    "doc": a.metadata.get("doc", "")})
+    return out
