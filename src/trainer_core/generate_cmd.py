@@ -1,0 +1,98 @@
+"""``trainer generate``: answer prompts with a model and its profile's logits processors.
+
+If the model directory is a trainer output (it has ``run.json``), the profile and its options
+come from there unless overridden, so generation happens in the format the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trainer_core.errors import UserError
+
+
+def run_profile(model_dir: Path) -> tuple[str | None, dict[str, Any]]:
+    """Profile name and options recorded by the run that produced ``model_dir``."""
+    manifest = model_dir / "run.json"
+    if not manifest.exists():
+        return None, {}
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{manifest}: unreadable run manifest: {exc}") from None
+    profile = data.get("profile") or {}
+    return profile.get("name"), dict(profile.get("options") or {})
+
+
+def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
+                 dataset: str | None, count: int, max_new_tokens: int | None,
+                 use_processors: bool, option_overrides: dict[str, Any], as_json: bool) -> None:
+    from trainer_core.config import load_config
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
+    recorded_name, recorded_options = run_profile(path)
+    name = profile_name or recorded_name or "plain_sft"
+    options = recorded_options if name == recorded_name else {}
+    for key, value in option_overrides.items():
+        if not key.startswith("profile.options."):
+            raise UserError(f"--set {key}: only profile.options.* can be set here")
+        options[key.removeprefix("profile.options.")] = value
+    overrides: dict[str, Any] = {"profile.name": name, "profile.options": options,
+                                 "model.path": str(path)}
+    if max_new_tokens is not None:
+        overrides["monitoring.max_new_tokens"] = max_new_tokens
+    cfg = load_config(overrides=overrides)
+
+    from trainer_core.engine import build_profile, load_model, pick_device, preview_prompts
+
+    profile = build_profile(cfg)
+    if prompt is not None:
+        rows = [{"messages": [{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": "(none)"}]}]
+        references = [None]
+    else:
+        from trainer_core.data import check_rows, read_rows
+
+        rows, problems = read_rows(dataset)
+        check_rows(problems, "error", dataset)
+        rows = rows[:count]
+        references = [None] * len(rows)
+    prompts = preview_prompts(rows, profile, len(rows), cfg.data.seed)
+    if prompt is not None:
+        prompts[0]["reference"] = None
+    else:
+        references = [p["reference"] for p in prompts]
+
+    from trainer_core.chat import render_generation_prompt
+    from trainer_core.generation import generate
+    from trainer_core.plugins import collect_logits_processors
+    from trainer_core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    device = pick_device(cfg)
+    model = load_model(path, cfg, device)
+    model.eval()
+    texts = [render_generation_prompt(p["messages"], cfg.model.chat_template, tokenizer)
+             for p in prompts]
+    processors = collect_logits_processors(profile, tokenizer, cfg) if use_processors else []
+    outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
+    for p, ref, out in zip(prompts, references, outputs):
+        scores = profile.score(out, p["example"])
+        if ref is None:  # a bare --prompt has no reference answer to compare with
+            scores = {k: v for k, v in scores.items() if "reference" not in k}
+        record = {"prompt": p["messages"][-1]["content"], "output": out, "reference": ref,
+                  "scores": scores}
+        if as_json:
+            click.echo(json.dumps(record, ensure_ascii=False))
+        else:
+            click.echo(f"> {record['prompt']}")
+            click.echo(out)
+            if scores:
+                click.echo("  " + " ".join(f"{k}={v}" for k, v in scores.items()))
+            click.echo("")

@@ -1,0 +1,70 @@
+"""The training loss: summed cross-entropy over trained positions only.
+
+We run the decoder to get hidden states, keep only the positions whose target is trained, and
+project those through the output embedding in chunks, recomputing each chunk's logits in the
+backward pass. The full ``tokens x vocab`` logits (151,936 wide for Qwen3) never exist at
+once: prompts cost no lm_head work, and peak memory is one chunk's logits.
+
+The function returns a *sum*; the engine divides by the number of trained tokens of the whole
+optimizer step, so every trained token weighs the same however the step was split into
+micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from trainer_core.batching import IGNORE
+
+#: Positions per lm_head chunk: 4096 x 151,936 fp32 logits is ~2.5 GB, recomputed in backward.
+CHUNK = 4096
+
+
+def decoder_of(model: Any) -> Any:
+    """The body of a causal LM (everything before the lm_head)."""
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if getter is not None else None
+    return decoder if decoder is not None else model.base_model
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None, targets: torch.Tensor,
+                             chunk: int = CHUNK) -> torch.Tensor:
+    """``sum(cross_entropy(hidden @ weight.T + bias, targets))`` without all logits at once."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        h, t = hidden[i : i + chunk], targets[i : i + chunk]
+        if torch.is_grad_enabled() and hidden.shape[0] > chunk:
+            total = total + checkpoint(_chunk_loss, h, weight, bias, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h, weight, bias, t)
+    return total
+
+
+def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """Summed loss of one micro-batch and its number of trained tokens."""
+    decoder = decoder_of(model)
+    out = decoder(
+        input_ids=batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        attention_mask=batch.get("attention_mask"),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    targets = batch["targets"]
+    keep = targets != IGNORE
+    head = model.get_output_embeddings()
+    n = int(keep.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    return linear_cross_entropy_sum(hidden[keep], head.weight, head.bias, targets[keep]), n
