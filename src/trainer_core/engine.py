@@ -114,9 +114,22 @@ def attention_implementation(cfg: TrainerConfig, device: Any) -> str:
     return "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
 
 
+def quiet_hf() -> None:
+    """No hub traffic and no library progress bars: ours is the one the user reads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
 def load_model(model_dir: Path, cfg: TrainerConfig, device: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
+    quiet_hf()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
@@ -143,6 +156,12 @@ def check_model_locked(model: Any, facts: dict[str, Any]) -> None:
     if diffs:
         text = "; ".join(f"{k}: locked {a!r}, model has {b!r}" for k, a, b in diffs)
         raise UserError(f"the loaded model does not match the locked fields: {text}")
+
+
+def weights_finite(model: Any) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def make_optimizer(model: Any, cfg: TrainerConfig, device: Any) -> Any:
@@ -368,13 +387,20 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     profile = build_profile(cfg)
     train_rows, val_rows, skipped = load_rows(cfg)
 
+    quiet_hf()
+
     # 2. model directory and lock (fails before anything is written)
-    from trainer_core.lock import check_and_write_lock, check_model_against_config, expected_facts
+    from trainer_core.lock import (
+        check_and_write_lock,
+        check_model_against_config,
+        expected_facts,
+        model_facts,
+    )
 
     model_dir = model_directory(cfg)
     base_model = cfg.locked.base_model or (cfg.model.path or "trainer/tiny-qwen3-demo")
+    check_model_against_config(cfg, model_facts(model_dir))
     facts = expected_facts(cfg, model_dir, base_model)
-    check_model_against_config(cfg, facts)
     output_dir = Path(cfg.output.output_dir) if cfg.output.output_dir else default_output_dir(
         cfg.profile.name)
     resume_from = None
@@ -493,15 +519,17 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
                     scaled = loss / max(n_trained, 1)
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(scaled.detach())
-            if not math.isfinite(step_loss):
-                final_state = "failed"
-                progress.line(f"error: loss is {step_loss} at step {step + 1}; stopping. The last "
-                              "good checkpoint is untouched and no final model is written.")
-                break
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-                         if hp.max_grad_norm else None)
+            # The total norm is computed either way: a non-finite one means a broken step.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                model.parameters(), hp.max_grad_norm or float("inf")))
+            if not (math.isfinite(step_loss) and (scaler or math.isfinite(grad_norm))):
+                final_state = "failed"
+                progress.line(f"error: loss {step_loss}, gradient norm {grad_norm} at step "
+                              f"{step + 1}; stopping. The last good checkpoint is untouched and "
+                              "no final model is written.")
+                break
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -531,8 +559,7 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
             record: dict[str, Any] | None = None
             if done % cfg.environment.logging_steps == 0 or done == plan.total_steps:
                 record = {"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": step_loss,
-                          "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None
-                          else None, "tokens_per_s": tok_s, "tokens_trained":
+                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens_trained":
                           state["tokens_trained"], "time": time.time()}
                 window_tokens, window_start = 0, time.time()
             at_end = done == plan.total_steps
@@ -555,6 +582,12 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
                     stop.signal is not None):
                 from trainer_core.checkpoint import save_checkpoint
 
+                if not weights_finite(model):
+                    final_state = "failed"
+                    progress.line(f"error: non-finite weights after step {done}; stopping "
+                                  "without saving. The last good checkpoint is untouched.")
+                    break
+
                 save_checkpoint(output_dir, done, model, optimizer, scheduler, scaler, state,
                                 hp.save_total_limit)
             if stop.signal is not None:
@@ -567,6 +600,9 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     # 7. outputs
     wall = time.time() - started
     train_time = time.time() - loop_start
+    if final_state == "completed" and not weights_finite(model):
+        final_state = "failed"
+        progress.line("error: non-finite weights at the end of training; no model written.")
     if final_state == "completed":
         model.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real Qwen3 tokenizer and a micro Qwen3 model directory.
+
+The micro model keeps Qwen3's real 151,936-row vocabulary (so the real tokenizer's ids are
+valid) with a 16-wide body: a training step takes tens of milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from trainer_core.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
+    import torch
+    import transformers
+
+    from trainer_core.demo import tiny_model_config
+
+    cfg = tiny_model_config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            max_position_embeddings=1024)
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("micro-qwen3")
+    model.save_pretrained(out, safe_serialization=True)
+    qwen_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_rows() -> list[dict]:
+    from trainer_core.demo import sample_dataset_path
+
+    lines = sample_dataset_path().read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture
+def small_jsonl(tmp_path, sample_rows) -> Path:
+    """48 bundled sample conversations in a fresh file."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sample_rows[:48]), encoding="utf-8")
+    return path

@@ -1,0 +1,324 @@
+"""The training engine: packing equivalence, loss normalisation, runs, resume, failure handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer_core.batching import (
+    IGNORE,
+    collate_packed,
+    collate_padded,
+    count_trained,
+    micro_batches,
+    plan_steps,
+)
+from trainer_core.chat import encode
+from trainer_core.cli import cli
+from trainer_core.config import resolve
+from trainer_core.engine import run_training
+from trainer_core.loss import loss_sum
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                attn_implementation="sdpa").train()
+
+
+def _examples(rows, tokenizer, n):
+    out = []
+    for row in rows[:n]:
+        enc = encode(row["messages"], tokenizer, "chatml")
+        out.append({"input_ids": list(enc.input_ids), "labels": list(enc.labels)})
+    return out
+
+
+def _loss_and_grads(model, batches):
+    model.zero_grad()
+    n_total = count_trained(batches)
+    total = 0.0
+    for b in batches:
+        loss, _ = loss_sum(model, b)
+        (loss / n_total).backward()
+        total += float(loss.detach())
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    return total / n_total, grads
+
+
+def test_packed_equals_unpacked_loss_and_gradients(micro_model_dir, qwen_tokenizer, sample_rows):
+    model = _load(micro_model_dir)
+    examples = _examples(sample_rows, qwen_tokenizer, 6)
+    packed_loss, packed_grads = _loss_and_grads(model, [collate_packed(examples)])
+    # one example per micro-batch: no packing, no padding, the same token weighting
+    single_loss, single_grads = _loss_and_grads(model, [collate_packed([e]) for e in examples])
+    padded_loss, padded_grads = _loss_and_grads(
+        model, [collate_padded(examples, qwen_tokenizer.pad_token_id)])
+    assert abs(packed_loss - single_loss) < 1e-5
+    assert abs(packed_loss - padded_loss) < 1e-5
+    for name in packed_grads:
+        assert torch.allclose(packed_grads[name], single_grads[name], atol=1e-5), name
+        assert torch.allclose(packed_grads[name], padded_grads[name], atol=1e-5), name
+
+
+def test_packed_examples_do_not_attend_to_each_other(micro_model_dir, qwen_tokenizer,
+                                                     sample_rows):
+    """Changing the first packed example must not change the second one's loss."""
+    model = _load(micro_model_dir).eval()
+    a, b = _examples(sample_rows, qwen_tokenizer, 2)
+    other = _examples(sample_rows[5:], qwen_tokenizer, 1)[0]
+    with torch.no_grad():
+        second_only = float(loss_sum(model, collate_packed([b]))[0])
+        with_a = float(loss_sum(model, collate_packed([a, b]))[0]) - float(
+            loss_sum(model, collate_packed([a]))[0])
+        with_other = float(loss_sum(model, collate_packed([other, b]))[0]) - float(
+            loss_sum(model, collate_packed([other]))[0])
+    assert abs(with_a - second_only) < 1e-4
+    assert abs(with_other - second_only) < 1e-4
+
+
+def test_targets_never_cross_example_boundaries():
+    exs = [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]},
+           {"input_ids": [4, 5], "labels": [IGNORE, 5]}]
+    batch = collate_packed(exs)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # the last token of example 1 must not predict the first token of example 2
+    assert batch["targets"].tolist() == [[2, 3, IGNORE, 5, IGNORE]]
+
+
+def test_step_loss_is_normalised_by_all_trained_tokens_of_the_step(micro_model_dir,
+                                                                   qwen_tokenizer, sample_rows):
+    """Splitting a step into micro-batches of unequal size must not change the loss."""
+    model = _load(micro_model_dir)
+    examples = _examples(sample_rows, qwen_tokenizer, 5)
+    whole, _ = _loss_and_grads(model, [collate_packed(examples)])
+    split, _ = _loss_and_grads(model, [collate_packed(examples[:1]), collate_packed(examples[1:])])
+    assert abs(whole - split) < 1e-5
+    # and differs from the mean of per-micro-batch means (what we must not compute)
+    means = []
+    for group in (examples[:1], examples[1:]):
+        b = collate_packed(group)
+        loss, n = loss_sum(model, b)
+        means.append(float(loss.detach()) / n)
+    assert abs(sum(means) / 2 - whole) > 1e-4
+
+
+def test_token_budget_packing_keeps_every_example():
+    exs = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 9, 4, 7, 3)]
+    batches = micro_batches(exs, packing=True, batch_size=2, token_budget=12, pad_id=0)
+    assert sum(b["input_ids"].shape[1] for b in batches) == 28
+    assert all(b["input_ids"].shape[1] <= 12 for b in batches)
+
+
+def test_data_order_is_a_function_of_the_step():
+    plan = plan_steps(10, 4, 2.0, None, seed=3, shuffle=True)
+    assert plan.total_steps == 5
+    first_epoch = [i for s in range(2) for i in plan.step_indices(s)] + plan.step_indices(2)[:2]
+    assert sorted(first_epoch) == list(range(10))
+    assert plan.step_indices(3) == plan_steps(10, 4, 2.0, None, 3, True).step_indices(3)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def _run_args(model_dir, data, out, *extra):
+    return ["run", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
+            "--profile", "plain_sft", "--batch-size", "4", "--learning-rate", "0.003",
+            "--set", "hyperparams.warmup_steps=2", "--set", "monitoring.num_preview_samples=2",
+            "--set", "monitoring.max_new_tokens=8", "--set", "environment.logging_steps=1",
+            "--set", "data.validation_split=0.1", "--set", "monitoring.preview_steps=0",
+            "--set", "hyperparams.eval_steps=0", *extra]
+
+
+def test_end_to_end_cli_run_produces_a_loadable_model(micro_model_dir, small_jsonl, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, _run_args(micro_model_dir, small_jsonl, out,
+                                               "--max-steps", "6", "--quiet", "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["state"] == "completed" and summary["steps_done"] == 6
+    assert summary["loss_end"] < summary["loss_start"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "run.json",
+                 "metrics.jsonl", "status.json", "trainer_config.json", "previews.jsonl",
+                 "trainer.lock.json"):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["state"] == "completed"
+    assert manifest["profile"]["name"] == "plain_sft"
+    assert manifest["data"]["train"]["rows_kept"] > 0
+    assert len(manifest["dataset_sha256"]) == 64
+    assert any(p["distribution"] == "trainer-core" for p in manifest["plugins"])
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 6
+    # the saved model loads and generates decodable text
+    gen = CliRunner().invoke(cli, ["generate", "--model", str(out), "--prompt", "What is 2 + 2?",
+                                   "--max-new-tokens", "5", "--json"])
+    assert gen.exit_code == 0, gen.output
+    record = json.loads(gen.output.strip().splitlines()[-1])
+    assert isinstance(record["output"], str)
+
+
+def test_dry_run_prints_plan_and_writes_nothing(micro_model_dir, small_jsonl, tmp_path,
+                                                monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, _run_args(micro_model_dir, small_jsonl, out, "--dry-run"))
+    assert result.exit_code == 0, result.output
+    assert "run plan" in result.output and "steps" in result.output
+    assert not out.exists()
+
+
+def test_locked_fields_checked_against_the_model(micro_model_dir, small_jsonl, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, _run_args(micro_model_dir, small_jsonl, out,
+                                               "--set", "locked.vocab_size=32000"))
+    assert result.exit_code == 2
+    assert "locked.vocab_size=32000" in result.output and "151936" in result.output
+    assert not out.exists()
+
+
+def test_lock_file_blocks_another_model(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    first = CliRunner().invoke(cli, _run_args(micro_model_dir, small_jsonl, out, "--max-steps",
+                                              "1", "--quiet"))
+    assert first.exit_code == 0, first.output
+    other = tmp_path / "other-model"
+    other.mkdir()
+    cfg = json.loads((micro_model_dir / "config.json").read_text())
+    cfg["max_position_embeddings"] = 512
+    (other / "config.json").write_text(json.dumps(cfg))
+    second = CliRunner().invoke(cli, _run_args(other, small_jsonl, out, "--max-steps", "1"))
+    assert second.exit_code == 2
+    assert "max_context_length: 1024 -> 512" in second.output
+    assert "--unlock" in second.output
+
+
+def test_nan_loss_stops_without_final_model(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    # An absurd learning rate blows the weights up after the first update: the loss of a later
+    # step is not finite. Step 1 is checkpointed first and must survive untouched.
+    result = CliRunner().invoke(cli, _run_args(
+        micro_model_dir, small_jsonl, out, "--max-steps", "6", "--save-steps", "1",
+        "--learning-rate", "1e30", "--set", "hyperparams.max_grad_norm=null",
+        "--set", "hyperparams.warmup_steps=0", "--quiet", "--json"))
+    assert result.exit_code == 1, result.output
+    status = json.loads((out / "status.json").read_text())
+    manifest = json.loads((out / "run.json").read_text())
+    assert status["state"] == "failed" and manifest["state"] == "failed"
+    assert not (out / "model.safetensors").exists()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    failed_at = manifest["steps_done"] + 1
+    assert ckpts and all(int(c.split("-")[1]) < failed_at for c in ckpts)
+    # the surviving checkpoints hold finite weights
+    from safetensors.torch import load_file
+
+    for c in ckpts:
+        weights = load_file(out / "checkpoints" / c / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def _subprocess_run(args, env):
+    return subprocess.Popen([sys.executable, "-m", "trainer_core.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted(micro_model_dir, small_jsonl, tmp_path):
+    env = {**os.environ, "TRAINER_CACHE": str(tmp_path / "cache")}
+    steps = ["--max-steps", "24", "--save-steps", "4", "--quiet",
+             "--set", "hyperparams.save_total_limit=null"]
+    straight = tmp_path / "straight"
+    proc = _subprocess_run(_run_args(micro_model_dir, small_jsonl, straight, *steps), env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    killed = tmp_path / "killed"
+    proc = _subprocess_run(_run_args(micro_model_dir, small_jsonl, killed, *steps), env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step-000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists()
+
+    resumed = _subprocess_run(_run_args(micro_model_dir, small_jsonl, killed, *steps,
+                                        "--resume"), env)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+
+    from safetensors.torch import load_file
+
+    a = load_file(straight / "model.safetensors")
+    b = load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    # the learning-rate schedule continued rather than restarting
+    lrs_a = [json.loads(x)["lr"] for x in (straight / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in x]
+    lrs_b = {json.loads(x)["step"]: json.loads(x)["lr"]
+             for x in (killed / "metrics.jsonl").read_text().splitlines() if '"lr"' in x}
+    assert abs(lrs_b[24] - lrs_a[-1]) < 1e-12
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_and_marks_interrupted(micro_model_dir, small_jsonl, tmp_path):
+    env = {**os.environ, "TRAINER_CACHE": str(tmp_path / "cache")}
+    out_dir = tmp_path / "run"
+    proc = _subprocess_run(_run_args(micro_model_dir, small_jsonl, out_dir, "--max-steps", "5000",
+                                     "--save-steps", "0", "--quiet"), env)
+    status = out_dir / "status.json"
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None and time.time() < deadline
+        if status.exists():
+            try:
+                if json.loads(status.read_text()).get("step", 0) >= 2:
+                    break
+            except json.JSONDecodeError:  # never happens with atomic writes; fail loudly
+                raise
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    final = json.loads(status.read_text())
+    assert final["state"] == "interrupted"
+    ckpts = list((out_dir / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and ckpts[0].name == f"step-{final['step']:06d}"
+    assert not (out_dir / "model.safetensors").exists()
+
+
+def test_resume_without_checkpoint_is_a_user_error(micro_model_dir, small_jsonl, tmp_path):
+    result = CliRunner().invoke(cli, _run_args(micro_model_dir, small_jsonl, tmp_path / "x",
+                                               "--resume"))
+    assert result.exit_code == 2
+    assert "no checkpoint" in result.output
+
+
+def test_precedence_reaches_the_engine(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+    """A JSON file's batch size is used when the CLI flag is not given."""
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"hyperparams": {"batch_size": 3, "max_steps": 2}}))
+    resolved = resolve(file=cfg_file, cli={"model.path": str(micro_model_dir),
+                                           "data.dataset": str(small_jsonl),
+                                           "output.output_dir": str(tmp_path / "o")})
+    summary = run_training(resolved, dry_run=True, stream=open(os.devnull, "w"))
+    assert summary["examples_per_step"] == 3 and summary["steps"] == 2
