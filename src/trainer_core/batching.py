@@ -136,11 +136,12 @@ def collate_padded(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str,
 
 
 def micro_batches(examples: Sequence[dict[str, Any]], packing: bool, batch_size: int,
-                  token_budget: int, pad_id: int) -> list[dict[str, Any]]:
+                  token_budget: int, pad_id: int, pad_to_multiple: int = 1
+                  ) -> list[dict[str, Any]]:
     """The micro-batches of one optimizer step."""
     if packing:
         groups = pack_greedy([len(ex["input_ids"]) for ex in examples], token_budget)
-        return [collate_packed([examples[i] for i in g]) for g in groups]
+        return [collate_packed([examples[i] for i in g], pad_to_multiple) for g in groups]
     return [
         collate_padded(examples[i : i + batch_size], pad_id)
         for i in range(0, len(examples), batch_size)

@@ -32,6 +32,7 @@ from typing import Any
 from trainer_core import __version__
 from trainer_core.config import Resolved, TrainerConfig, config_hash, to_dict
 from trainer_core.errors import UserError
+from trainer_core.speed import SpeedPlan, plan_speed
 from trainer_core.monitor import (
     Progress,
     StatusWriter,
@@ -109,11 +110,6 @@ def autocast(device: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
-def attention_implementation(cfg: TrainerConfig, device: Any) -> str:
-    """auto: sdpa (packing-aware through position ids) everywhere it works."""
-    return "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
-
-
 def quiet_hf() -> None:
     """No hub traffic and no library progress bars: ours is the one the user reads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,7 +122,7 @@ def quiet_hf() -> None:
     datasets.disable_progress_bars()
 
 
-def load_model(model_dir: Path, cfg: TrainerConfig, device: Any) -> Any:
+def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     quiet_hf()
@@ -136,7 +132,7 @@ def load_model(model_dir: Path, cfg: TrainerConfig, device: Any) -> Any:
             local_files_only=True,
             trust_remote_code=cfg.model.trust_remote_code,
             dtype=weight_dtype(cfg),
-            attn_implementation=attention_implementation(cfg, device),
+            attn_implementation=attn or plan_speed(cfg, device).attn_implementation,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {model_dir}: {exc}") from exc
@@ -260,12 +256,11 @@ def preprocess_rows(rows: list, cfg: TrainerConfig, profile: Any, tokenizer: Any
 
 
 def evaluate(model: Any, examples: list[dict[str, Any]], cfg: TrainerConfig, device: Any,
-             precision: str, pad_id: int) -> float | None:
+             precision: str, pad_id: int, speed: SpeedPlan) -> float | None:
     """Token-weighted mean loss over the validation examples."""
     import torch
 
     from trainer_core.batching import micro_batches
-    from trainer_core.loss import loss_sum
 
     if not examples:
         return None
@@ -274,8 +269,8 @@ def evaluate(model: Any, examples: list[dict[str, Any]], cfg: TrainerConfig, dev
     budget = token_budget(cfg)
     with torch.no_grad(), autocast(device, precision):
         for batch in micro_batches(examples, cfg.data.packing, cfg.hyperparams.batch_size,
-                                   budget, pad_id):
-            loss, n = loss_sum(model, to_device(batch, device))
+                                   budget, pad_id, speed.pad_to_multiple):
+            loss, n = speed.loss(model, to_device(batch, device))
             total += float(loss)
             count += n
     model.train()
@@ -297,13 +292,12 @@ def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 
 def preview_prompts(val_rows: list, profile: Any, n: int, seed: int) -> list[dict[str, Any]]:
     """Held-out examples, transformed exactly as in training, split into prompt + reference."""
-    import random
-
-    from trainer_core.preprocess import derive_seed
+    from trainer_core.data import example_of
+    from trainer_core.preprocess import example_rng
 
     out = []
     for i, row in enumerate(val_rows[:n]):
-        ex = profile.transform(row, i, random.Random(derive_seed(seed, i)))
+        ex = profile.transform(example_of(row), i, example_rng(seed, i))
         msgs = ex["messages"]
         last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
         out.append({"messages": msgs[:last], "reference": msgs[last]["content"], "example": ex})
@@ -463,12 +457,14 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     device = pick_device(cfg)
     precision = pick_precision(cfg, device)
     torch.manual_seed(hp.seed)
-    model = load_model(model_dir, cfg, device)
+    speed = plan_speed(cfg, device)
+    model = load_model(model_dir, cfg, device, speed.attn_implementation)
     check_model_locked(model, facts)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
+    model = speed.prepare(model)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan.total_steps, summary["warmup_steps"], hp.lr_scheduler))
@@ -497,8 +493,6 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
                   + (f" (resumed at step {state['step']})" if resume_from else ""))
 
     # 6. the loop
-    from trainer_core.loss import loss_sum
-
     final_state = "completed"
     last_loss = float("nan")
     window_tokens, window_start = 0, time.time()
@@ -510,12 +504,12 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
         for step in range(start_step, plan.total_steps):
             batch_examples = [train_examples[i] for i in plan.step_indices(step)]
             batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size, budget,
-                                    pad_id)
+                                    pad_id, speed.pad_to_multiple)
             n_trained = count_trained(batches)
             step_loss = 0.0
             for batch in batches:
                 with autocast(device, precision):
-                    loss, _ = loss_sum(model, to_device(batch, device))
+                    loss, _ = speed.loss(model, to_device(batch, device))
                     scaled = loss / max(n_trained, 1)
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(scaled.detach())
@@ -564,7 +558,7 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
                 window_tokens, window_start = 0, time.time()
             at_end = done == plan.total_steps
             if val_examples and ((hp.eval_steps and done % hp.eval_steps == 0) or at_end):
-                eval_loss = evaluate(model, val_examples, cfg, device, precision, pad_id)
+                eval_loss = evaluate(model, val_examples, cfg, device, precision, pad_id, speed)
                 record = {**(record or {"step": done}), "eval_loss": eval_loss}
                 progress.line(f"step {done}: eval_loss {eval_loss:.4f}")
                 status.update(eval_loss=eval_loss)

