@@ -58,10 +58,15 @@ def migrate(old: dict[str, Any]) -> Migration:
 
     def put(dotted: str, value: Any, origin: str) -> None:
         if dotted in flat and flat[dotted][0] != value:
-            notes.append(
-                f"{origin}={value!r} overrides {flat[dotted][1]}={flat[dotted][0]!r} "
-                f"for {dotted} (the nested section wins)"
-            )
+            kept_value, kept_origin = flat[dotted]
+            if "." in kept_origin and "." not in origin:
+                # A flat key met after its nested twin: the nested section still wins.
+                notes.append(f"{kept_origin}={kept_value!r} overrides {origin}={value!r} "
+                             f"for {dotted} (the nested section wins)")
+                return
+            why = "the nested section wins" if "." in origin else "the later key wins"
+            notes.append(f"{origin}={value!r} overrides {kept_origin}={kept_value!r} "
+                         f"for {dotted} ({why})")
         flat[dotted] = (value, origin)
 
     precision_flags = {k: old[k] for k in ("bf16", "fp16") if k in old}

@@ -72,7 +72,23 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(
         lambda t: get_origin(t) is list, lambda v, t: _list_of(conv, v, t)
     )
+    # A section given as a non-object (``"hyperparams": 5``) gets a clear message, not a crash.
+    conv.register_structure_hook_factory(attrs.has, lambda cl: _object_only(conv, cl))
     return conv
+
+
+def _object_only(conv: cattrs.Converter, cl: type):
+    from cattrs.gen import make_dict_structure_fn
+
+    inner: Any = make_dict_structure_fn(cl, conv, _cattrs_forbid_extra_keys=True,
+                                        _cattrs_detailed_validation=True)
+
+    def hook(value: Any, t: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {value!r}")
+        return inner(value, t)
+
+    return hook
 
 
 def _list_of(conv: cattrs.Converter, value: Any, t: Any) -> list:

@@ -1,0 +1,228 @@
+"""``trainer config migrate``: the old flat format into the current one, nothing dropped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from trainer_core.cli import cli
+from trainer_core.config import flatten, from_dict, resolve, to_dict
+from trainer_core.errors import ConfigError
+from trainer_core.migrate import migrate
+
+OLD = Path(__file__).parent / "data" / "old-config.json"
+
+#: Old key (nested ones as ``section.key``) -> new dotted path and the value expected there.
+MAPPED: dict[str, tuple[str, Any]] = {
+    "model_path": ("model.path", "/srv/models/SmolChat-360M"),
+    "tokenizer_path": ("model.tokenizer", "/srv/models/SmolChat-360M-tok"),
+    "base_model": ("locked.base_model", "acme/SmolChat-360M"),
+    "batch_size": ("hyperparams.batch_size", 4),
+    "gradient_accumulation": ("hyperparams.gradient_accumulation", 8),
+    # The flat 0.0002 conflicts with hyperparams.learning_rate; the nested section wins.
+    "learning_rate": ("hyperparams.learning_rate", 0.0003),
+    "warmup_steps": ("hyperparams.warmup_steps", 50),
+    "max_length": ("hyperparams.max_length", 1024),
+    "eval_steps": ("hyperparams.eval_steps", 250),
+    "save_steps": ("hyperparams.save_steps", 750),
+    "num_eval_samples": ("monitoring.num_preview_samples", 3),
+    "eval_max_tokens": ("monitoring.max_new_tokens", 512),
+    # fp16=true conflicts with hyperparams.fp_precision=bf16; the nested section wins.
+    "fp16": ("hyperparams.precision", "bf16"),
+    "bf16": ("hyperparams.precision", "bf16"),
+    "current_model_dir": ("output.output_dir", "work/current"),
+    "hyperparams.fp_precision": ("hyperparams.precision", "bf16"),
+    "hyperparams.learning_rate": ("hyperparams.learning_rate", 0.0003),
+    "hyperparams.batch_size": ("hyperparams.batch_size", 4),
+    "hyperparams.use_gradient_checkpointing": ("hyperparams.gradient_checkpointing", True),
+    "profile.name": ("profile.name", "plain_sft"),
+    "profile.options": ("profile.options",
+                        {"system_prompt": "You are a concise assistant. Today is {date}."}),
+    "locked.base_model": ("locked.base_model", "acme/SmolChat-360M"),
+    "locked.model_architecture": ("locked.model_architecture", "LlamaForCausalLM"),
+    "locked.max_context_length": ("locked.max_context_length", 2048),
+    "locked.vocab_size": ("locked.vocab_size", 49152),
+}
+
+UNMAPPED = {
+    "model_name": "smolchat_360m",
+    "poll_interval": 60,
+    "snapshot_time": "04:30",
+    "notify_email": "ops@example.invalid",
+    "retention": {"max_age_hours": 48, "max_total_gb": 80},
+    "hyperparams.optimizer": "adamw_torch",
+    "profile.temperature": 0.7,
+    "locked.tokenizer_hash": "ab12cd34",
+}
+
+
+def old_keys(old: dict[str, Any]) -> set[str]:
+    """Every key of an old file; the partly nested sections count key by key."""
+    out = set()
+    for key, value in old.items():
+        if key in ("hyperparams", "locked", "profile") and isinstance(value, dict):
+            out.update(f"{key}.{k}" for k in value)
+        else:
+            out.add(key)
+    return out
+
+
+@pytest.fixture
+def old() -> dict[str, Any]:
+    return json.loads(OLD.read_text(encoding="utf-8"))
+
+
+def test_sample_is_fully_accounted_for_by_this_test(old):
+    assert old_keys(old) == set(MAPPED) | set(UNMAPPED)
+
+
+def test_migrated_values(old):
+    result = migrate(old)
+    flat = flatten(result.config)
+    for old_key, (dotted, value) in MAPPED.items():
+        section, name = dotted.split(".")
+        assert result.config[section][name] == value, (old_key, dotted)
+    assert result.config["config_version"] == 1
+    # Fields the old file did not mention keep their defaults.
+    defaults = flatten(to_dict(from_dict({})))
+    touched = {dotted for dotted, _ in MAPPED.values()}
+    for dotted, value in flat.items():
+        if dotted not in touched and not dotted.startswith("profile.options"):
+            assert value == defaults[dotted], dotted
+
+
+def test_every_old_key_is_mapped_or_unmapped(old):
+    result = migrate(old)
+    assert result.unmapped == UNMAPPED
+    # Nothing that was mapped is reported as unmapped too.
+    assert not set(result.unmapped) & set(MAPPED)
+
+
+def test_unknown_keys_anywhere_are_kept_as_unmapped():
+    old = {
+        "learning_rate": 1e-4,
+        "daemon_port": 8080,
+        "hyperparams": {"lr": 1, "batch_size": 2},
+        "locked": {"sha": "x"},
+        "profile": {"name": "plain_sft", "seed": 3},
+        "auto_generate": {"enabled": False, "count": 10},
+    }
+    result = migrate(old)
+    assert result.unmapped == {
+        "daemon_port": 8080,
+        "hyperparams.lr": 1,
+        "locked.sha": "x",
+        "profile.seed": 3,
+        "auto_generate": {"enabled": False, "count": 10},
+    }
+    assert result.config["hyperparams"]["batch_size"] == 2
+    assert result.config["hyperparams"]["learning_rate"] == 1e-4
+
+
+def test_conflicts_produce_notes(old):
+    notes = migrate(old).notes
+    lr = [n for n in notes if "hyperparams.learning_rate" in n and "0.0002" in n]
+    assert len(lr) == 1 and "0.0003" in lr[0], notes
+    precision = [n for n in notes if "hyperparams.precision" in n]
+    assert len(precision) == 1 and "bf16" in precision[0] and "fp16" in precision[0], notes
+    # Agreeing values (batch_size, base_model) produce no note.
+    assert not [n for n in notes if "batch_size" in n or "base_model" in n], notes
+
+
+@pytest.mark.parametrize("nested_first", [True, False])
+def test_nested_section_wins_whatever_the_key_order(nested_first):
+    flat_part = {"learning_rate": 0.1, "max_length": 100}
+    nested_part = {"hyperparams": {"learning_rate": 0.2, "max_length": 200}}
+    old = {**nested_part, **flat_part} if nested_first else {**flat_part, **nested_part}
+    result = migrate(old)
+    assert result.config["hyperparams"]["learning_rate"] == 0.2
+    assert result.config["hyperparams"]["max_length"] == 200
+    assert len(result.notes) == 2
+    assert all("hyperparams." in n for n in result.notes)
+
+
+def test_both_precision_flags_note():
+    result = migrate({"bf16": True, "fp16": True})
+    assert result.config["hyperparams"]["precision"] == "bf16"
+    assert any("bf16" in n and "fp16" in n for n in result.notes)
+    assert migrate({"fp16": True}).config["hyperparams"]["precision"] == "fp16"
+
+
+def test_profile_as_plain_string():
+    result = migrate({"profile": "emoji_think"})
+    assert result.config["profile"]["name"] == "emoji_think"
+    assert result.unmapped == {}
+
+
+def test_invalid_old_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="hyperparams.batch_size: must be > 0"):
+        migrate({"batch_size": 0})
+
+
+def test_migrated_config_validates(old, tmp_path):
+    result = migrate(old)
+    assert from_dict(result.config) is not None
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps(result.config), encoding="utf-8")
+    assert to_dict(resolve(file=path).config) == result.config
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_migrate_writes_new_and_unmapped(tmp_path):
+    new = tmp_path / "new.json"
+    result = CliRunner().invoke(cli, ["config", "migrate", str(OLD), str(new)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(new.read_text(encoding="utf-8")) == migrate(
+        json.loads(OLD.read_text(encoding="utf-8"))).config
+    side = tmp_path / "new.unmapped.json"
+    assert json.loads(side.read_text(encoding="utf-8")) == UNMAPPED
+    assert f"wrote {new}" in result.stdout
+    # Every unmapped key is listed on stderr, and the notes are there too.
+    for key in UNMAPPED:
+        assert f"  {key} = " in result.stderr, key
+    assert f"{len(UNMAPPED)} key(s) have no place" in result.stderr
+    assert "note: " in result.stderr
+
+    validate = CliRunner().invoke(cli, ["config", "validate", str(new)])
+    assert validate.exit_code == 0, validate.output
+    assert validate.stdout.strip() == f"{new}: ok"
+
+
+def test_cli_migrate_refuses_to_overwrite(tmp_path):
+    new = tmp_path / "new.json"
+    new.write_text("precious\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "migrate", str(OLD), str(new)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "--force" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert new.read_text(encoding="utf-8") == "precious\n"
+    assert not (tmp_path / "new.unmapped.json").exists()
+
+    forced = CliRunner().invoke(cli, ["config", "migrate", "--force", str(OLD), str(new)])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(new.read_text(encoding="utf-8"))["config_version"] == 1
+
+
+def test_cli_migrate_nothing_unmapped_writes_no_side_file(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"learning_rate": 1e-4, "batch_size": 2}), encoding="utf-8")
+    new = tmp_path / "new.json"
+    result = CliRunner().invoke(cli, ["config", "migrate", str(old), str(new)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "new.unmapped.json").exists()
+    assert "no place" not in result.stderr
+
+
+def test_cli_migrate_bad_old_file(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text('{"learning_rate": }', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "migrate", str(old), str(tmp_path / "n.json")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {old}:1:")
+    assert not (tmp_path / "n.json").exists()
