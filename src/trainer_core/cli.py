@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -204,10 +206,10 @@ def plugins(as_json: bool) -> None:
     _table(rows)
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        cells = [str(c).ljust(w) for c, w in zip(r, widths)] + [str(r[-1])]
+        cells = [str(c).ljust(w) for c, w in zip(r, widths, strict=False)] + [str(r[-1])]
         click.echo("  ".join(cells).rstrip())
 
 

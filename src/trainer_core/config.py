@@ -31,9 +31,9 @@ ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def doc(text: str, **kw: Any) -> dict[str, Any]:
+def doc(text: str | None, **kw: Any) -> dict[str, Any]:
     """Field metadata: the doc string ``trainer config schema`` prints."""
-    return {"doc": text, **kw}
+    return {"doc": (text or "").strip(), **kw}
 
 
 def _positive(v: Any) -> bool:

@@ -32,7 +32,6 @@ from typing import Any
 from trainer_core import __version__
 from trainer_core.config import Resolved, TrainerConfig, config_hash, to_dict
 from trainer_core.errors import UserError
-from trainer_core.speed import SpeedPlan, plan_speed
 from trainer_core.monitor import (
     Progress,
     StatusWriter,
@@ -40,6 +39,7 @@ from trainer_core.monitor import (
     format_duration,
     write_json_atomic,
 )
+from trainer_core.speed import SpeedPlan, plan_speed
 
 RUN_MANIFEST = "run.json"
 STATUS_FILE = "status.json"
@@ -163,7 +163,8 @@ def weights_finite(model: Any) -> bool:
 def make_optimizer(model: Any, cfg: TrainerConfig, device: Any) -> Any:
     import torch
 
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -322,7 +323,7 @@ def run_previews(model: Any, tokenizer: Any, profile: Any, prompts: list[dict[st
     outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
     model.train(was_training)
     records = []
-    for p, text in zip(prompts, outputs):
+    for p, text in zip(prompts, outputs, strict=False):
         scores = profile.score(text, p["example"])
         record = {"step": step, "prompt": p["messages"][-1]["content"], "output": text,
                   "reference": p["reference"], "scores": scores}
@@ -516,7 +517,7 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
             if scaler:
                 scaler.unscale_(optimizer)
             # The total norm is computed either way: a non-finite one means a broken step.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            grad_norm: float = float(torch.nn.utils.clip_grad_norm_(
                 model.parameters(), hp.max_grad_norm or float("inf")))
             if not (math.isfinite(step_loss) and (scaler or math.isfinite(grad_norm))):
                 final_state = "failed"
@@ -529,7 +530,7 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
                 scaler.update()
             else:
                 optimizer.step()
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -629,7 +630,7 @@ def _examples(ds: Any) -> list[dict[str, Any]]:
     """Materialise a preprocessed dataset as plain lists (fast random access in the loop)."""
     cols = ds.to_dict()
     return [{"input_ids": ids, "labels": labels}
-            for ids, labels in zip(cols["input_ids"], cols["labels"])]
+            for ids, labels in zip(cols["input_ids"], cols["labels"], strict=False)]
 
 
 def _param_count(model_dir: Path) -> int | None:

@@ -59,6 +59,7 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
     else:
         from trainer_core.data import check_rows, read_rows
 
+        assert dataset is not None  # the CLI requires exactly one of prompt / dataset
         rows, problems = read_rows(dataset)
         check_rows(problems, "error", dataset)
         rows = rows[:count]
@@ -82,7 +83,7 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
              for p in prompts]
     processors = collect_logits_processors(profile, tokenizer, cfg) if use_processors else []
     outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
-    for p, ref, out in zip(prompts, references, outputs):
+    for p, ref, out in zip(prompts, references, outputs, strict=False):
         scores = profile.score(out, p["example"])
         if ref is None:  # a bare --prompt has no reference answer to compare with
             scores = {k: v for k, v in scores.items() if "reference" not in k}

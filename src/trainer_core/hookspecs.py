@@ -15,7 +15,8 @@ omitted from an implementation's signature (pluggy passes only those named).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

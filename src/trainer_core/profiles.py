@@ -65,7 +65,7 @@ class Profile:
         """Build the profile from a plain options dict, with dotted-path errors."""
         from trainer_core.structure import structure
 
-        opts = structure(dict(options or {}), cls.Options, path)
+        opts: Any = structure(dict(options or {}), cls.Options, path)
         return cls(options=opts, today=today or _dt.date.today())
 
     def options_dict(self) -> dict[str, Any]:

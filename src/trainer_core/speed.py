@@ -9,7 +9,8 @@ trained-positions loss of :mod:`trainer_core.loss`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
