@@ -321,3 +321,15 @@ def test_precedence_reaches_the_engine(micro_model_dir, small_jsonl, tmp_path, m
                                            "output.output_dir": str(tmp_path / "o")})
     summary = run_training(resolved, dry_run=True, stream=open(os.devnull, "w"))
     assert summary["examples_per_step"] == 3 and summary["steps"] == 2
+
+
+def test_preview_command_marks_trained_tokens(small_jsonl):
+    result = CliRunner().invoke(cli, ["preview", "--profile", "plain_sft", "--dataset",
+                                      str(small_jsonl), "-n", "2", "--no-color"])
+    assert result.exit_code == 0, result.output
+    first = json.loads(small_jsonl.read_text().splitlines()[0])
+    answer = first["messages"][-1]["content"]
+    # the answer and its end-of-turn token are inside the trained markers; the question is not
+    assert f"[[{answer}<|im_end|>]]" in result.output
+    assert f"[[{first['messages'][0]['content']}" not in result.output
+    assert result.output.count("trained:") == 2

@@ -114,11 +114,14 @@ def quiet_hf() -> None:
     """No hub traffic and no library progress bars: ours is the one the user reads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    try:  # only preprocessing needs datasets; loading a model (bench/throughput.py) does not
+        import datasets
+    except ImportError:
+        return
     datasets.disable_progress_bars()
 
 
@@ -740,12 +743,12 @@ def preview_text(cfg: TrainerConfig, count: int, color: bool) -> str:
     """``trainer preview``: transformed examples with trained tokens highlighted."""
     from trainer_core.preview import preview_examples
 
-    profile = build_profile(cfg)
-    train_rows, _, _ = load_rows(cfg)
-    model_dir = model_directory(cfg) if cfg.model.tokenizer is None else None
     from trainer_core.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or str(model_dir),
+    profile = build_profile(cfg)
+    train_rows, _, _ = load_rows(cfg)
+    # No model given: the demo model uses the bundled tokenizer, so there is no need to build it.
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
                                trust_remote_code=cfg.model.trust_remote_code)
     return preview_examples(train_rows, profile, tokenizer, cfg.model.chat_template, count,
                             cfg.data.seed, color=color)
