@@ -11,7 +11,13 @@ from typing import Any, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
 from trainer_core.errors import ConfigError
 
@@ -129,11 +135,11 @@ def explain_errors(exc: BaseException, path: str = "") -> list[str]:
             notes = getattr(sub, "__notes__", [])
             sub_path = path
             for note in notes:
-                name = getattr(note, "name", None)
-                if name is None:
-                    name = getattr(note, "index", None)
-                if name is not None:
-                    sub_path = _join(path, name)
+                # Plain-string notes exist too; only these two carry a location.
+                if isinstance(note, AttributeValidationNote):
+                    sub_path = _join(path, note.name)
+                elif isinstance(note, IterableValidationNote):
+                    sub_path = _join(path, note.index)
             out.extend(explain_errors(sub, sub_path))
         return out
     if isinstance(exc, FieldError):

@@ -1,0 +1,3 @@
+"""trainer-emoji-think: the ``emoji_think`` data profile for trainer."""
+
+__version__ = "0.1.0"
