@@ -29,6 +29,7 @@ ON_INVALID = ("error", "skip")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 DEVICES = ("auto", "cpu", "cuda")
+SWITCHES = ("auto", "on", "off")
 
 
 def doc(text: str | None, **kw: Any) -> dict[str, Any]:
@@ -327,6 +328,21 @@ class Environment:
     )
     device: str = attrs.field(
         default="auto", validator=one_of(*DEVICES), metadata=doc("auto: cuda if available.")
+    )
+    compile: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("torch.compile each decoder block in place (one compiled graph shared by "
+                     "all layers; fuses norms, RoPE, SwiGLU, residual adds; dynamic sequence "
+                     "length). auto: on CUDA, off on CPU. The first steps pay the compile time "
+                     "(about a minute). See docs/throughput.md."),
+    )
+    fused_loss: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("Fused lm_head + cross-entropy over trained positions, chunk by chunk, "
+                     "with the gradients computed in the forward pass (no logits recompute, "
+                     "no full logits). auto: on CUDA; off uses the chunked checkpointed loss."),
     )
 
 

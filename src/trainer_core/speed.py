@@ -2,9 +2,31 @@
 
 :func:`plan_speed` decides, from the config and the device, which attention kernel to load the
 model with, whether packed rows are padded to a fixed length (static shapes for compiled
-kernels), how the model is prepared (compilation) and which loss function runs. The CPU path
-is the plain one: sdpa with packing-aware masks from position ids, no compilation, the chunked
-trained-positions loss of :mod:`trainer_core.loss`.
+kernels), how the model is prepared (compilation) and which loss function runs.
+
+The CPU path is the plain one and stays exactly as it was: sdpa with packing-aware masks from
+position ids, no compilation, the chunked trained-positions loss of :mod:`trainer_core.loss`.
+
+On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has the numbers):
+
+* **varlen flash attention** (``model.attn_implementation: auto``; choose ``sdpa`` or
+  ``flex_attention`` there to turn it off). A packed row holds many examples; sdpa would need a
+  ``T x T`` block-diagonal mask and compute every masked block, which collapses for rows of
+  tens of thousands of tokens. Instead the loss passes each micro-batch's cumulative example
+  lengths (``cu_seqlens``, built once per micro-batch from ``seq_lens``) down to every layer,
+  and attention runs PyTorch's own FlashAttention-2 varlen kernel
+  (``aten._flash_attention_forward``): no mask at all, work proportional to
+  ``sum(len_i^2)``. Without those lengths (generation, padded batches) the same attention
+  implementation falls back to plain sdpa with transformers' masks, so nothing else changes.
+* **compiled decoder blocks** (``environment.compile``): every decoder layer is compiled in
+  place (regional compilation: one compiled graph serves all layers). Inductor fuses the
+  RMSNorms, RoPE, SwiGLU, residual adds and autocast casts; sequence length is dynamic, so
+  packed rows of any length reuse the same code.
+* **fused linear cross-entropy** (``environment.fused_loss``): the lm_head projection and the
+  cross-entropy run chunk by chunk, and the forward pass already computes the gradients of the
+  hidden states and of the output embedding (softmax minus one-hot, a compiled kernel), so the
+  backward pass only scales them. The full ``tokens x vocab`` logits never exist, prompt
+  positions cost nothing, and the logits are not recomputed as in the checkpointed CPU loss.
 """
 
 from __future__ import annotations
@@ -15,6 +37,11 @@ from typing import Any
 import attrs
 
 from trainer_core.config import TrainerConfig
+
+#: Name under which the varlen attention is registered with transformers.
+VARLEN_ATTN = "trainer_varlen"
+#: Rows per lm_head chunk in the fused loss: 8192 x 151,936 bf16 logits is ~2.5 GB.
+FUSED_CHUNK = 8192
 
 
 @attrs.define(frozen=True)
@@ -38,8 +65,419 @@ class SpeedPlan:
         return loss_sum(model, batch)
 
 
+def _on(switch: str, default: bool) -> bool:
+    return default if switch == "auto" else switch == "on"
+
+
 def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    env = cfg.environment
+    notes: list[str] = []
     attn = cfg.model.attn_implementation
+    varlen = False
     if attn == "auto":
-        attn = "sdpa"
-    return SpeedPlan(attn_implementation=attn)
+        if cuda and varlen_available():
+            attn = register_varlen_attention()
+            varlen = True
+            notes.append("attention: varlen flash (packed rows, no mask)")
+        else:
+            attn = "sdpa"
+    use_compile = _on(env.compile, cuda)
+    fused = _on(env.fused_loss, cuda)
+    if use_compile:
+        notes.append("decoder blocks compiled (torch.compile, dynamic sequence length)")
+    if fused:
+        notes.append("fused linear cross-entropy")
+    loss_fn = make_loss_fn(varlen, fused) if (varlen or fused) else None
+    prepare = compile_blocks if use_compile else (lambda model: model)
+    return SpeedPlan(attn_implementation=attn, prepare=prepare, loss_fn=loss_fn,
+                     notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], tuple[Any, int]]:
+    """``loss_fn(model, batch)`` like :func:`trainer_core.loss.loss_sum`, with the fast pieces."""
+    from trainer_core.batching import IGNORE
+    from trainer_core.loss import decoder_of, linear_cross_entropy_sum
+
+    def loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+        decoder = decoder_of(model)
+        input_ids = batch["input_ids"]
+        extra: dict[str, Any] = {}
+        packed = (varlen and batch.get("attention_mask") is None and "seq_lens" in batch
+                  and input_ids.shape[0] == 1)
+        if packed:
+            extra = varlen_kwargs(batch["seq_lens"], input_ids.device)
+        with _skip_masks(packed):
+            out = decoder(input_ids=input_ids, position_ids=batch.get("position_ids"),
+                          attention_mask=batch.get("attention_mask"), use_cache=False, **extra)
+        hidden = out.last_hidden_state
+        targets = batch["targets"]
+        keep = targets != IGNORE
+        head = model.get_output_embeddings()
+        n = int(keep.sum())
+        if n == 0:
+            return hidden.sum() * 0.0, 0
+        h, t = hidden[keep], targets[keep]
+        if fused:
+            return fused_linear_cross_entropy_sum(h, head.weight, head.bias, t), n
+        return linear_cross_entropy_sum(h, head.weight, head.bias, t), n
+
+    loss_fn.__name__ = f"loss_sum_{'varlen' if varlen else 'masked'}_{'fused' if fused else 'chunked'}"
+    return loss_fn
+
+
+def _ce_loss_and_grad(logits: Any, targets: Any) -> tuple[Any, Any]:
+    """Summed cross-entropy of one chunk and its gradient w.r.t. the logits (softmax - onehot)."""
+    import torch
+
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(1, targets.unsqueeze(1)).squeeze(1)
+    loss = (lse - target_logit).sum()
+    vocab = torch.arange(x.shape[1], device=x.device)
+    grad = torch.exp(x - lse.unsqueeze(1)) - (vocab.unsqueeze(0) == targets.unsqueeze(1)).float()
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_ce: dict[str, Callable[..., Any]] = {}
+
+
+def _ce_kernel(device_type: str) -> Callable[..., Any]:
+    """The chunk kernel: compiled on CUDA (one fused pass each way), eager elsewhere."""
+    if device_type != "cuda":
+        return _ce_loss_and_grad
+    fn = _compiled_ce.get(device_type)
+    if fn is None:
+        import torch
+
+        fn = torch.compile(_ce_loss_and_grad)
+        _compiled_ce[device_type] = fn
+    return fn
+
+
+_mm_fp32_ok: dict[str, bool] = {}
+
+
+def _even_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in near-equal pieces of at most ``chunk`` (no small remainder GEMM)."""
+    pieces = max(1, -(-n // chunk))
+    size = -(-n // pieces)
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _accumulate_grad_weight(grad_w: Any, g: Any, h: Any) -> Any:
+    """``grad_w + g.T @ h`` in float32, straight out of the matmul where supported."""
+    import torch
+
+    dev = g.device.type
+    if _mm_fp32_ok.get(dev, dev == "cuda") and g.dtype != torch.float32:
+        try:
+            if grad_w is None:
+                out = torch.mm(g.t(), h, out_dtype=torch.float32)
+            else:
+                out = torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32)
+            _mm_fp32_ok[dev] = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _mm_fp32_ok[dev] = False
+    part = torch.mm(g.t(), h).float()
+    return part if grad_w is None else grad_w.add_(part)
+
+
+def _compute_dtype(device_type: str, weight: Any) -> Any:
+    import torch
+
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _LinearCrossEntropySum:
+    """autograd.Function (built lazily so importing this module needs no torch)."""
+
+    fn: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls.fn is not None:
+            return cls.fn
+        import torch
+        import torch.nn.functional as F
+
+        class LinearCrossEntropySum(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, hidden: Any, weight: Any, bias: Any, targets: Any,
+                        chunk: int) -> Any:
+                dev = hidden.device.type
+                dtype = _compute_dtype(dev, weight)
+                kernel = _ce_kernel(dev)
+                with torch.autocast(dev, enabled=False):
+                    w = weight.to(dtype)
+                    b = bias.to(dtype) if bias is not None else None
+                    hs = hidden.to(dtype)
+                    grad_h = torch.empty_like(hs)
+                    grad_w = None
+                    grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                              if bias is not None else None)
+                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                    for i, j in _even_chunks(hs.shape[0], chunk):
+                        h = hs[i:j]
+                        logits = F.linear(h, w, b)
+                        loss, g = kernel(logits, targets[i:j])
+                        del logits
+                        total += loss
+                        torch.mm(g, w, out=grad_h[i:j])
+                        grad_w = _accumulate_grad_weight(grad_w, g, h)
+                        if grad_b is not None:
+                            grad_b += g.float().sum(0)
+                    if grad_w is None:
+                        grad_w = torch.zeros(weight.shape, dtype=torch.float32,
+                                             device=weight.device)
+                ctx.save_for_backward(grad_h, grad_w, grad_b)
+                ctx.dtypes = (hidden.dtype, weight.dtype,
+                              bias.dtype if bias is not None else None)
+                return total
+
+            @staticmethod
+            def backward(ctx: Any, grad_out: Any) -> Any:
+                grad_h, grad_w, grad_b = ctx.saved_tensors
+                h_dtype, w_dtype, b_dtype = ctx.dtypes
+                gh = (grad_h.float() * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
+                gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
+                gb = ((grad_b * grad_out).to(b_dtype)
+                      if grad_b is not None and ctx.needs_input_grad[2] else None)
+                return gh, gw, gb, None, None
+
+        cls.fn = LinearCrossEntropySum
+        return cls.fn
+
+
+def fused_linear_cross_entropy_sum(hidden: Any, weight: Any, bias: Any, targets: Any,
+                                   chunk: int = FUSED_CHUNK) -> Any:
+    """``sum(cross_entropy(hidden @ weight.T + bias, targets))``, gradients computed in forward.
+
+    Same value as :func:`trainer_core.loss.linear_cross_entropy_sum`; the logits are computed
+    in the autocast dtype (bf16 on CUDA), the softmax in float32. Without grad (evaluation) it
+    only computes the loss.
+    """
+    import torch
+
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _LinearCrossEntropySum.get().apply(hidden, weight, bias, targets, chunk)
+    import torch.nn.functional as F
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[i : i + chunk], weight, bias).float()
+        total = total + F.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
+    return total
+
+
+# --------------------------------------------------------------------------- varlen attention
+
+_state: dict[str, Any] = {"skip_masks": False, "registered": False}
+
+
+class _skip_masks:
+    """While active, the varlen attention's mask builder returns no mask (lengths are passed)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.old = False
+
+    def __enter__(self) -> None:
+        self.old = _state["skip_masks"]
+        _state["skip_masks"] = self.active or self.old
+
+    def __exit__(self, *exc: Any) -> None:
+        _state["skip_masks"] = self.old
+
+
+def varlen_kwargs(seq_lens: list[int], device: Any) -> dict[str, Any]:
+    """Per-micro-batch attention kwargs: cumulative lengths (int32) and the longest example."""
+    import torch
+
+    cu = [0]
+    for n in seq_lens:
+        cu.append(cu[-1] + int(n))
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    if getattr(device, "type", str(device)) == "cuda":
+        cu_t = cu_t.pin_memory().to(device, non_blocking=True)
+    else:
+        cu_t = cu_t.to(device)
+    return {"trainer_cu_seqlens": cu_t, "trainer_max_seqlen": max(int(n) for n in seq_lens)}
+
+
+def varlen_available() -> bool:
+    """FlashAttention varlen kernels in this torch build, on a CUDA device (sm80+)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        if torch.cuda.get_device_capability()[0] < 8:
+            return False
+        return hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(
+            torch.ops.aten, "_flash_attention_backward")
+    except Exception:  # pragma: no cover - odd builds
+        return False
+
+
+_flash_op: dict[str, Any] = {}
+
+
+def _flash_varlen_op() -> Any:
+    """A custom op around aten's FlashAttention-2 varlen forward, with its backward registered.
+
+    A custom op keeps the kernel opaque to torch.compile (compiled blocks call it as is) and
+    works the same eagerly.
+    """
+    if "fwd" in _flash_op:
+        return _flash_op["fwd"]
+    import torch
+
+    def window(left: int) -> dict[str, Any]:
+        if left < 0:
+            return {}
+        return {"window_size_left": left, "window_size_right": 0}
+
+    # The schema is spelled out: this module's annotations are strings (no torch at import).
+    @torch.library.custom_op(
+        "trainer::flash_varlen", mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale, "
+               "int window_left) -> (Tensor, Tensor, Tensor, Tensor)")
+    def flash_varlen(q, k, v, cu, max_len, scale, window_left):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale,
+            **window(window_left))
+        return out, lse, seed.clone(), offset.clone()
+
+    @flash_varlen.register_fake
+    def _(q, k, v, cu, max_len, scale, window_left):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale,
+            **window(window_left))
+        return out, lse, torch.empty_like(seed), torch.empty_like(offset)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu, max_len, scale, window_left = inputs
+        out, lse, seed, offset = output
+        ctx.save_for_backward(q, k, v, cu, out, lse, seed, offset)
+        ctx.max_len, ctx.scale, ctx.window_left = max_len, scale, window_left
+
+    def backward(ctx, grad_out, _g_lse, _g_seed, _g_offset):
+        q, k, v, cu, out, lse, seed, offset = ctx.saved_tensors
+        wl = ctx.window_left
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0,
+            True, seed, offset, scale=ctx.scale, **window(wl))
+        return dq, dk, dv, None, None, None, None
+
+    flash_varlen.register_autograd(backward, setup_context=setup_context)
+    _flash_op["fwd"] = flash_varlen
+    return flash_varlen
+
+
+def varlen_reference(q: Any, k: Any, v: Any, cu: Any, scale: float) -> Any:
+    """Per-example causal sdpa over ``[T, H, D]`` tensors (CPU path and correctness reference)."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    bounds = cu.tolist()
+    groups = q.shape[1] // k.shape[1]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b == a:
+            continue
+        qi, ki, vi = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        if groups > 1:
+            ki = ki.repeat_interleave(groups, dim=1)
+            vi = vi.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                             dropout: float = 0.0, scaling: float | None = None,
+                             sliding_window: int | None = None, **kwargs: Any
+                             ) -> tuple[Any, None]:
+    """transformers attention interface: ``[B, H, T, D]`` in, ``[B, T, H, D]`` out."""
+    import torch
+
+    cu = kwargs.get("trainer_cu_seqlens")
+    if cu is None or query.shape[0] != 1:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, **kwargs)
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    dev = q.device.type
+    if dev == "cuda":
+        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype)
+        if dtype not in (torch.float16, torch.bfloat16):
+            dtype = torch.bfloat16
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+        window_left = int(sliding_window) - 1 if sliding_window else -1
+        out = _flash_varlen_op()(q, k, v, cu, kwargs["trainer_max_seqlen"], scale,
+                                 window_left)[0]
+    else:
+        if sliding_window:
+            raise NotImplementedError("varlen reference attention: no sliding window")
+        out = varlen_reference(q, k, v, cu, scale)
+    return out.unsqueeze(0), None
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
+    """Masks for the varlen attention: none when lengths are passed, else what sdpa uses."""
+    if _state["skip_masks"]:
+        return None
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register the varlen attention (and its mask builder) with transformers; idempotent."""
+    if not _state["registered"]:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
+        AttentionMaskInterface.register(VARLEN_ATTN, _varlen_mask)
+        _flash_varlen_op()  # create the op now: defining it inside a compiled block breaks it
+        _state["registered"] = True
+    return VARLEN_ATTN
+
+
+# --------------------------------------------------------------------------- compilation
+
+
+def compile_blocks(model: Any) -> Any:
+    """Compile each decoder layer in place (state-dict names and saving are unchanged)."""
+    import torch
+
+    from trainer_core.loss import decoder_of
+
+    dyn = torch._dynamo.config
+    # All layers share one compiled graph; allow room for the dynamic-shape recompile and for
+    # models whose layers differ (e.g. sliding/full alternation).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dyn, name):
+            setattr(dyn, name, max(getattr(dyn, name), 64))
+    if hasattr(dyn, "accumulated_recompile_limit"):
+        dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 512)
+    layers = getattr(decoder_of(model), "layers", None)
+    if layers is None:
+        return model
+    for layer in layers:
+        layer.compile()
+    return model

@@ -1,0 +1,114 @@
+"""The speed seam: CPU defaults unchanged, and the GPU pieces equal the plain path.
+
+The fast pieces (varlen attention, fused linear cross-entropy) also run on the CPU when asked
+(the attention through a per-example sdpa reference), so their plumbing and arithmetic are
+checked here against :func:`trainer_core.loss.loss_sum`; bench/throughput.py checks the CUDA
+kernels themselves on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer_core.batching import collate_packed, count_trained
+from trainer_core.config import load_config
+from trainer_core.loss import linear_cross_entropy_sum, loss_sum
+from trainer_core.speed import (
+    VARLEN_ATTN,
+    fused_linear_cross_entropy_sum,
+    make_loss_fn,
+    plan_speed,
+    register_varlen_attention,
+)
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(5, 40, (1,), generator=g))
+        ids = torch.randint(0, 1000, (length,), generator=g).tolist()
+        cut = max(1, int(0.3 * length))
+        out.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return out
+
+
+def _load(model_dir, attn):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                attn_implementation=attn).train()
+
+
+def _loss_and_grads(model, fn, batches):
+    model.zero_grad()
+    n = count_trained(batches)
+    total = 0.0
+    for b in batches:
+        loss, _ = fn(model, b)
+        (loss / n).backward()
+        total += float(loss.detach())
+    return total / n, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def test_cpu_plan_is_the_plain_path():
+    plan = plan_speed(load_config(), torch.device("cpu"))
+    assert plan.attn_implementation == "sdpa"
+    assert plan.loss_fn is None and plan.pad_to_multiple == 1
+    model = torch.nn.Linear(2, 2)
+    assert plan.prepare(model) is model
+
+
+def test_switches_validate_and_turn_pieces_on_cpu():
+    cfg = load_config(overrides={"environment.fused_loss": "on", "environment.compile": "off"})
+    plan = plan_speed(cfg, torch.device("cpu"))
+    assert plan.loss_fn is not None and plan.attn_implementation == "sdpa"
+    import pytest
+
+    from trainer_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="environment.compile"):
+        load_config(overrides={"environment.compile": "yes"})
+
+
+def test_fused_linear_cross_entropy_matches_chunked():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    ref = linear_cross_entropy_sum(h, w, None, t, chunk=8)
+    gh, gw = torch.autograd.grad(ref * 0.37, (h, w))
+    out = fused_linear_cross_entropy_sum(h, w, None, t, chunk=8)
+    fh, fw = torch.autograd.grad(out * 0.37, (h, w))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fh, gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy_sum(h, w, None, t, chunk=8), ref)
+
+
+def test_varlen_and_fused_loss_equal_plain_loss(micro_model_dir):
+    register_varlen_attention()
+    examples = _examples(7)
+    batches = [collate_packed(examples[:4]), collate_packed(examples[4:], pad_to_multiple=16)]
+    plain = _load(micro_model_dir, "sdpa")
+    fast = _load(micro_model_dir, VARLEN_ATTN)
+    ref_loss, ref_grads = _loss_and_grads(plain, loss_sum, batches)
+    loss, grads = _loss_and_grads(fast, make_loss_fn(varlen=True, fused=True), batches)
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_varlen_attention_without_lengths_falls_back_to_masked_sdpa(micro_model_dir):
+    """Generation and padded batches carry no lengths: same outputs as sdpa, masks honoured."""
+    register_varlen_attention()
+    plain = _load(micro_model_dir, "sdpa").eval()
+    fast = _load(micro_model_dir, VARLEN_ATTN).eval()
+    ids = torch.randint(0, 1000, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=mask).logits
+        b = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b)
