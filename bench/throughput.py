@@ -210,9 +210,7 @@ def _shape(model: Any) -> dict[str, int]:
 def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, steps: int,
                 warmup: int, overrides: dict[str, Any], name: str, profile: bool = False
                 ) -> dict[str, Any]:
-    """The engine's own setup and loop (engine.run_training steps 5 and 6, minus I/O)."""
-    import torch
-
+    """The engine's own setup and step (``prepare_training`` / ``train_step``), minus I/O."""
     from trainer_core import engine
     from trainer_core.batching import count_trained, micro_batches, plan_steps
     from trainer_core.config import load_config
@@ -229,24 +227,12 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     }
     cfg = load_config(overrides={**base, **overrides})
     hp = cfg.hyperparams
-    device = engine.pick_device(cfg)
-    precision = engine.pick_precision(cfg, device)
-    torch.manual_seed(hp.seed)
-    speed = engine.plan_speed(cfg, device)
-    print(f"  [{name}] attn={speed.attn_implementation} notes={list(speed.notes)} "
-          f"precision={precision}", flush=True)
-    model = engine.load_model(model_dir, cfg, device, speed.attn_implementation)
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    model = speed.prepare(model)
-    optimizer = engine.make_optimizer(model, cfg, device)
     plan = plan_steps(len(examples), hp.batch_size * hp.gradient_accumulation, hp.num_epochs,
                       hp.max_steps, cfg.data.seed, cfg.data.shuffle)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, engine.lr_lambda(plan.total_steps, engine.warmup_steps(cfg, plan.total_steps),
-                                    hp.lr_scheduler))
+    setup = engine.prepare_training(cfg, model_dir, plan.total_steps)
+    model, speed = setup.model, setup.speed
+    print(f"  [{name}] attn={speed.attn_implementation} notes={list(speed.notes)} "
+          f"precision={setup.precision}", flush=True)
     budget = engine.token_budget(cfg)
     pad_id = 151_643
     n_params, shape = _n_params(model), _shape(model)
@@ -267,20 +253,9 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         n_trained = count_trained(batches)
         collate_s += time.time() - t0 if step >= warmup else 0.0
         micro_counts.append(len(batches))
-        step_loss = 0.0
-        for batch in batches:
-            with engine.autocast(device, precision):
-                loss, _ = speed.loss(model, engine.to_device(batch, device))
-                scaled = loss / max(n_trained, 1)
-            scaled.backward()
-            step_loss += float(scaled.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            model.parameters(), hp.max_grad_norm or float("inf")))
+        step_loss, grad_norm, _ = engine.train_step(setup, batches, n_trained, hp.max_grad_norm)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         processed = sum(int(b["input_ids"].numel()) for b in batches)
         meter.step(step_loss, batch_examples, processed, n_params, shape)
     out = meter.result()

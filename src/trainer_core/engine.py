@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from trainer_core import __version__
 from trainer_core.config import Resolved, TrainerConfig, config_hash, to_dict
 from trainer_core.errors import UserError
@@ -214,6 +216,89 @@ def dataset_path(cfg: TrainerConfig) -> Path:
     from trainer_core.demo import sample_dataset_path
 
     return sample_dataset_path()
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@attrs.define
+class TrainingSetup:
+    """Everything one optimizer step needs, built by :func:`prepare_training`."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # a GradScaler for fp16, else None
+    device: Any
+    precision: str
+    speed: SpeedPlan
+
+
+def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
+                     facts: dict[str, Any] | None = None) -> TrainingSetup:
+    """Device, precision, speed plan, model, AdamW and the LR schedule, as ``trainer run`` does.
+
+    ``bench/throughput.py`` builds its "trainer" variant with this too, so it measures exactly
+    what a run would do.
+    """
+    import torch
+
+    hp = cfg.hyperparams
+    device = pick_device(cfg)
+    precision = pick_precision(cfg, device)
+    torch.manual_seed(hp.seed)
+    speed = plan_speed(cfg, device)
+    model = load_model(model_dir, cfg, device, speed.attn_implementation)
+    if facts is not None:
+        check_model_locked(model, facts)
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    model = speed.prepare(model)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps(cfg, total_steps), hp.lr_scheduler))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed)
+
+
+def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
+               max_grad_norm: float | None) -> tuple[float, float, float]:
+    """One optimizer step over ``batches``; returns ``(loss, grad_norm, lr)``.
+
+    The loss of each micro-batch is a sum divided by the trained tokens of the whole step, so
+    gradients accumulate to the token-weighted mean. A non-finite loss or gradient norm skips
+    the update (the caller stops the run); fp16's scaler handles its own overflow steps.
+    """
+    import torch
+
+    model, optimizer, scaler = setup.model, setup.optimizer, setup.scaler
+    step_loss = 0.0
+    for batch in batches:
+        with autocast(setup.device, setup.precision):
+            loss, _ = setup.speed.loss(model, to_device(batch, setup.device))
+            scaled = loss / max(n_trained, 1)
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        step_loss += float(scaled.detach())
+    if scaler:
+        scaler.unscale_(optimizer)
+    # The total norm is computed either way: a non-finite one means a broken step.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                     max_grad_norm or float("inf")))
+    lr = float(setup.scheduler.get_last_lr()[0])
+    if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm, lr
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+        grad_norm = grad_norm if math.isfinite(grad_norm) else 0.0  # skipped by the scaler
+    else:
+        optimizer.step()
+    setup.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, lr
 
 
 # --------------------------------------------------------------------------- data
@@ -456,23 +541,10 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
         return summary
 
     # 5. model, optimizer, schedule, resume
-    import torch
-
-    device = pick_device(cfg)
-    precision = pick_precision(cfg, device)
-    torch.manual_seed(hp.seed)
-    speed = plan_speed(cfg, device)
-    model = load_model(model_dir, cfg, device, speed.attn_implementation)
-    check_model_locked(model, facts)
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    model = speed.prepare(model)
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(plan.total_steps, summary["warmup_steps"], hp.lr_scheduler))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    setup = prepare_training(cfg, model_dir, plan.total_steps, facts)
+    model, optimizer, scheduler, scaler = (setup.model, setup.optimizer, setup.scheduler,
+                                           setup.scaler)
+    device, precision, speed = setup.device, setup.precision, setup.speed
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))
 
@@ -510,32 +582,13 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
             batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size, budget,
                                     pad_id, speed.pad_to_multiple)
             n_trained = count_trained(batches)
-            step_loss = 0.0
-            for batch in batches:
-                with autocast(device, precision):
-                    loss, _ = speed.loss(model, to_device(batch, device))
-                    scaled = loss / max(n_trained, 1)
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss += float(scaled.detach())
-            if scaler:
-                scaler.unscale_(optimizer)
-            # The total norm is computed either way: a non-finite one means a broken step.
-            grad_norm: float = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), hp.max_grad_norm or float("inf")))
-            if not (math.isfinite(step_loss) and (scaler or math.isfinite(grad_norm))):
+            step_loss, grad_norm, lr = train_step(setup, batches, n_trained, hp.max_grad_norm)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 final_state = "failed"
                 progress.line(f"error: loss {step_loss}, gradient norm {grad_norm} at step "
                               f"{step + 1}; stopping. The last good checkpoint is untouched and "
                               "no final model is written.")
                 break
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = float(scheduler.get_last_lr()[0])
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             tokens = sum(int(b["input_ids"].numel()) for b in batches)
@@ -742,7 +795,6 @@ def _print_summary(s: dict[str, Any], stream: Any) -> None:
 def preview_text(cfg: TrainerConfig, count: int, color: bool) -> str:
     """``trainer preview``: transformed examples with trained tokens highlighted."""
     from trainer_core.preview import preview_examples
-
     from trainer_core.tokenizer import load_tokenizer
 
     profile = build_profile(cfg)
