@@ -1,4 +1,6 @@
-"""Shared fixtures: the real Qwen3 tokenizer and a micro Qwen3 model directory.
+"""Shared fixtures: a micro Qwen3 model directory and the bundled sample data.
+
+(``qwen_tokenizer`` comes from ``trainer_core.testing``, a pytest plugin of trainer-core.)
 
 The micro model keeps Qwen3's real 151,936-row vocabulary (so the real tokenizer's ids are
 valid) with a 16-wide body: a training step takes tens of milliseconds on a CPU.
@@ -10,13 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def qwen_tokenizer():
-    from trainer_core.tokenizer import load_tokenizer
-
-    return load_tokenizer(None)
 
 
 @pytest.fixture(scope="session")

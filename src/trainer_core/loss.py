@@ -51,14 +51,21 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
     return total
 
 
-def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """Summed loss of one micro-batch and its number of trained tokens."""
+def loss_sum(model: Any, batch: dict[str, Any], ce: Any = None, **decoder_kwargs: Any
+             ) -> tuple[torch.Tensor, int]:
+    """Summed loss of one micro-batch and its number of trained tokens.
+
+    ``ce(hidden, weight, bias, targets)`` computes the summed cross-entropy of the kept
+    positions (default :func:`linear_cross_entropy_sum`); ``decoder_kwargs`` go to the decoder
+    (the CUDA path passes varlen boundaries this way).
+    """
     decoder = decoder_of(model)
     out = decoder(
         input_ids=batch["input_ids"],
         position_ids=batch.get("position_ids"),
         attention_mask=batch.get("attention_mask"),
         use_cache=False,
+        **decoder_kwargs,
     )
     hidden = out.last_hidden_state
     targets = batch["targets"]
@@ -67,4 +74,5 @@ def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     n = int(keep.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    return linear_cross_entropy_sum(hidden[keep], head.weight, head.bias, targets[keep]), n
+    ce = ce or linear_cross_entropy_sum
+    return ce(hidden[keep], head.weight, head.bias, targets[keep]), n

