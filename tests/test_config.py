@@ -24,7 +24,7 @@ from trainer_core.config import (
     resolve,
     to_dict,
 )
-from trainer_core.demo_preset import DEMO_PRESET
+from trainer_core.demo import DEMO_HYPERPARAMS as DEMO_PRESET
 from trainer_core.errors import ConfigError
 
 # --------------------------------------------------------------------------- helpers

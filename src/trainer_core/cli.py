@@ -129,9 +129,9 @@ def resolve_run_config(config_file: str | None, overrides: dict[str, Any]):
 
     resolved = resolve(file=config_file, cli=overrides)
     if resolved.config.model.path is None:
-        from trainer_core.demo_preset import DEMO_PRESET
+        from trainer_core.demo import DEMO_HYPERPARAMS
 
-        resolved = resolve(file=config_file, cli=overrides, preset=DEMO_PRESET)
+        resolved = resolve(file=config_file, cli=overrides, preset=DEMO_HYPERPARAMS)
     return resolved
 
 

@@ -41,7 +41,7 @@ from trainer_core.monitor import (
     format_duration,
     write_json_atomic,
 )
-from trainer_core.speed import SpeedPlan, plan_speed
+from trainer_core.speed import SpeedPlan, plan_speed, tune_cpu_allocator
 
 RUN_MANIFEST = "run.json"
 STATUS_FILE = "status.json"
@@ -69,7 +69,7 @@ def model_directory(cfg: TrainerConfig) -> Path:
         return path
     from trainer_core.demo import ensure_tiny_model
 
-    return ensure_tiny_model(seed=0)
+    return ensure_tiny_model(seed=cfg.hyperparams.seed)
 
 
 def pick_device(cfg: TrainerConfig) -> Any:
@@ -248,6 +248,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     precision = pick_precision(cfg, device)
     torch.manual_seed(hp.seed)
     speed = plan_speed(cfg, device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     model = load_model(model_dir, cfg, device, speed.attn_implementation)
     if facts is not None:
         check_model_locked(model, facts)
