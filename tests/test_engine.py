@@ -333,3 +333,53 @@ def test_preview_command_marks_trained_tokens(small_jsonl):
     assert f"[[{answer}<|im_end|>]]" in result.output
     assert f"[[{first['messages'][0]['content']}" not in result.output
     assert result.output.count("trained:") == 2
+
+
+def test_profile_previews_scores_and_generate_follow_the_run(micro_model_dir, small_jsonl,
+                                                             tmp_path, monkeypatch):
+    """emoji_think previews are scored and logged; `trainer generate` reuses the run's profile."""
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = _run_args(micro_model_dir, small_jsonl, out, "--max-steps", "2", "--quiet")
+    args[args.index("plain_sft")] = "emoji_think"
+    result = CliRunner().invoke(cli, [*args, "--set", "profile.options.think_min=3",
+                                      "--set", "profile.options.think_max=3"])
+    assert result.exit_code == 0, result.output
+    previews = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
+    assert len(previews) == 2 and all(p["step"] == 2 for p in previews)
+    assert all({"has_think_prefix", "stopped_after_stop"} <= set(p["scores"]) for p in previews)
+    # the prompt is the training prompt: the user turn carries the profile's instructions
+    assert all("/three/ times" in p["prompt"] for p in previews)
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "preview/has_think_prefix" in last
+    assert json.loads((out / "status.json").read_text())["previews"][0]["scores"]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["profile"]["options"]["think_min"] == 3
+    assert any(p["distribution"] == "trainer-emoji-think" for p in manifest["plugins"])
+
+    gen = CliRunner().invoke(cli, ["generate", "--model", str(out), "--dataset", str(small_jsonl),
+                                   "-n", "2", "--max-new-tokens", "4", "--json"])
+    assert gen.exit_code == 0, gen.output
+    records = [json.loads(x) for x in gen.output.strip().splitlines() if x.startswith("{")]
+    assert len(records) == 2
+    assert all("/three/ times" in r["prompt"] for r in records)
+    assert all("think_matches_instruction" in r["scores"] for r in records)
+
+
+def test_invalid_rows_error_or_skip_with_counts(micro_model_dir, small_jsonl, tmp_path,
+                                                monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    lines = small_jsonl.read_text().splitlines()
+    lines[2] = json.dumps({"messages": [{"role": "bot", "content": "hi"}]})
+    lines[5] = "{not json"
+    small_jsonl.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    failed = CliRunner().invoke(cli, _run_args(micro_model_dir, small_jsonl, out, "--dry-run"))
+    assert failed.exit_code == 2
+    assert 'train.jsonl:3: messages[0].role: unknown role "bot"' in failed.output
+    assert "train.jsonl:6:" in failed.output
+    resolved = resolve(cli={"model.path": str(micro_model_dir), "data.dataset": str(small_jsonl),
+                            "output.output_dir": str(out), "data.on_invalid": "skip"})
+    summary = run_training(resolved, dry_run=True, stream=open(os.devnull, "w"))
+    assert sum(summary["data"]["skipped_invalid"].values()) == 2
+    assert summary["data"]["train_rows"] + summary["data"]["validation_rows"] == len(lines) - 2
