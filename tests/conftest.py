@@ -34,6 +34,26 @@ def micro_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def loss_and_grads():
+    """``f(model, batches, fn=loss_sum) -> (step loss, {name: grad})``, as one optimizer step
+    sees it: each micro-batch's summed loss divided by the trained tokens of all of them."""
+    from trainer_core.batching import count_trained
+    from trainer_core.loss import loss_sum
+
+    def run(model, batches, fn=loss_sum):
+        model.zero_grad()
+        n = count_trained(batches)
+        total = 0.0
+        for b in batches:
+            loss, _ = fn(model, b)
+            (loss / n).backward()
+            total += float(loss.detach())
+        return total / n, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def sample_rows() -> list[dict]:
     from trainer_core.demo import sample_dataset_path
 

@@ -17,7 +17,6 @@ from trainer_core.batching import (
     IGNORE,
     collate_packed,
     collate_padded,
-    count_trained,
     micro_batches,
     plan_steps,
 )
@@ -43,25 +42,14 @@ def _examples(rows, tokenizer, n):
     return out
 
 
-def _loss_and_grads(model, batches):
-    model.zero_grad()
-    n_total = count_trained(batches)
-    total = 0.0
-    for b in batches:
-        loss, _ = loss_sum(model, b)
-        (loss / n_total).backward()
-        total += float(loss.detach())
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    return total / n_total, grads
-
-
-def test_packed_equals_unpacked_loss_and_gradients(micro_model_dir, qwen_tokenizer, sample_rows):
+def test_packed_equals_unpacked_loss_and_gradients(micro_model_dir, qwen_tokenizer, sample_rows,
+                                                   loss_and_grads):
     model = _load(micro_model_dir)
     examples = _examples(sample_rows, qwen_tokenizer, 6)
-    packed_loss, packed_grads = _loss_and_grads(model, [collate_packed(examples)])
+    packed_loss, packed_grads = loss_and_grads(model, [collate_packed(examples)])
     # one example per micro-batch: no packing, no padding, the same token weighting
-    single_loss, single_grads = _loss_and_grads(model, [collate_packed([e]) for e in examples])
-    padded_loss, padded_grads = _loss_and_grads(
+    single_loss, single_grads = loss_and_grads(model, [collate_packed([e]) for e in examples])
+    padded_loss, padded_grads = loss_and_grads(
         model, [collate_padded(examples, qwen_tokenizer.pad_token_id)])
     assert abs(packed_loss - single_loss) < 1e-5
     assert abs(packed_loss - padded_loss) < 1e-5
@@ -96,12 +84,13 @@ def test_targets_never_cross_example_boundaries():
 
 
 def test_step_loss_is_normalised_by_all_trained_tokens_of_the_step(micro_model_dir,
-                                                                   qwen_tokenizer, sample_rows):
+                                                                   qwen_tokenizer, sample_rows,
+                                                                   loss_and_grads):
     """Splitting a step into micro-batches of unequal size must not change the loss."""
     model = _load(micro_model_dir)
     examples = _examples(sample_rows, qwen_tokenizer, 5)
-    whole, _ = _loss_and_grads(model, [collate_packed(examples)])
-    split, _ = _loss_and_grads(model, [collate_packed(examples[:1]), collate_packed(examples[1:])])
+    whole, _ = loss_and_grads(model, [collate_packed(examples)])
+    split, _ = loss_and_grads(model, [collate_packed(examples[:1]), collate_packed(examples[1:])])
     assert abs(whole - split) < 1e-5
     # and differs from the mean of per-micro-batch means (what we must not compute)
     means = []

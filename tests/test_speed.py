@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer_core.batching import collate_packed, count_trained
+from trainer_core.batching import collate_packed
 from trainer_core.config import load_config
-from trainer_core.loss import linear_cross_entropy_sum, loss_sum
+from trainer_core.loss import linear_cross_entropy_sum
 from trainer_core.speed import (
     VARLEN_ATTN,
     fused_linear_cross_entropy_sum,
@@ -38,17 +38,6 @@ def _load(model_dir, attn):
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                 attn_implementation=attn).train()
-
-
-def _loss_and_grads(model, fn, batches):
-    model.zero_grad()
-    n = count_trained(batches)
-    total = 0.0
-    for b in batches:
-        loss, _ = fn(model, b)
-        (loss / n).backward()
-        total += float(loss.detach())
-    return total / n, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
 
 def test_cpu_plan_is_the_plain_path():
@@ -87,14 +76,14 @@ def test_fused_linear_cross_entropy_matches_chunked():
         torch.testing.assert_close(fused_linear_cross_entropy_sum(h, w, None, t, chunk=8), ref)
 
 
-def test_varlen_and_fused_loss_equal_plain_loss(micro_model_dir):
+def test_varlen_and_fused_loss_equal_plain_loss(micro_model_dir, loss_and_grads):
     register_varlen_attention()
     examples = _examples(7)
     batches = [collate_packed(examples[:4]), collate_packed(examples[4:], pad_to_multiple=16)]
     plain = _load(micro_model_dir, "sdpa")
     fast = _load(micro_model_dir, VARLEN_ATTN)
-    ref_loss, ref_grads = _loss_and_grads(plain, loss_sum, batches)
-    loss, grads = _loss_and_grads(fast, make_loss_fn(varlen=True, fused=True), batches)
+    ref_loss, ref_grads = loss_and_grads(plain, batches)
+    loss, grads = loss_and_grads(fast, batches, make_loss_fn(varlen=True, fused=True))
     assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
     for k, g in ref_grads.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6)
