@@ -372,3 +372,13 @@ def test_invalid_rows_error_or_skip_with_counts(micro_model_dir, small_jsonl, tm
     summary = run_training(resolved, dry_run=True, stream=open(os.devnull, "w"))
     assert sum(summary["data"]["skipped_invalid"].values()) == 2
     assert summary["data"]["train_rows"] + summary["data"]["validation_rows"] == len(lines) - 2
+
+
+def test_loaded_model_is_checked_against_the_lock(micro_model_dir):
+    from trainer_core.engine import check_model_locked
+    from trainer_core.errors import UserError
+
+    model = _load(micro_model_dir)
+    check_model_locked(model, {"vocab_size": 151936, "model_architecture": "Qwen3ForCausalLM"})
+    with pytest.raises(UserError, match="vocab_size: locked 1000, model has 151936"):
+        check_model_locked(model, {"vocab_size": 1000, "max_context_length": 1024})

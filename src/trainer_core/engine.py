@@ -146,14 +146,15 @@ def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | Non
 
 def check_model_locked(model: Any, facts: dict[str, Any]) -> None:
     """The loaded model must be what the lock says (architecture, vocab, context)."""
+    from trainer_core.lock import mismatches
+
     mc = model.config
     actual = {
         "model_architecture": (mc.architectures or [type(model).__name__])[0],
         "vocab_size": model.get_input_embeddings().weight.shape[0],
         "max_context_length": getattr(mc, "max_position_embeddings", None),
     }
-    diffs = [(k, facts.get(k), v) for k, v in actual.items()
-             if facts.get(k) is not None and v is not None and facts[k] != v]
+    diffs = mismatches(facts, actual)
     if diffs:
         text = "; ".join(f"{k}: locked {a!r}, model has {b!r}" for k, a, b in diffs)
         raise UserError(f"the loaded model does not match the locked fields: {text}")
