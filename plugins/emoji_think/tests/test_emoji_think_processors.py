@@ -12,6 +12,7 @@ from trainer_emoji_think.processors import StopRunTrigger, build_processors
 from trainer_emoji_think.profile import STOP_EMOJIS, STOP_WORDS, EmojiThink, Run, stop_instruction
 
 from trainer_core.generation import ForceEndAfterTrigger, TokenPenalty, generate
+from trainer_core.testing import feed_processor as feed
 
 IM_END, EOT = 151645, 151643
 VOCAB = 151936
@@ -22,17 +23,6 @@ PROFILE = EmojiThink.from_options({}, today=dt.date(2025, 3, 14))
 def chatml_prompt(user: str) -> str:
     return (f"<|im_start|>system\nToday is 2025-03-14.<|im_end|>\n"
             f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-
-
-def feed(processor, prompts: list[list[int]], generated: list[list[int]]) -> list[torch.Tensor]:
-    """Call ``processor`` step by step as ``generate`` would (left-padded prompts, zero scores)."""
-    width = max(map(len, prompts))
-    rows = [[EOT] * (width - len(p)) + p for p in prompts]
-    outs = []
-    for step in range(len(generated[0]) + 1):
-        ids = torch.tensor([r + g[:step] for r, g in zip(rows, generated, strict=True)])
-        outs.append(processor(ids, torch.zeros(len(rows), VOCAB)))
-    return outs
 
 
 def first_forced(outs: list[torch.Tensor]) -> list[int | None]:

@@ -6,6 +6,7 @@ import torch
 from trainer_regime3.plugin import END, START, Regime3, second_start_sequences
 
 from trainer_core.generation import generate
+from trainer_core.testing import feed_processor
 
 IM_END, EOT = 151645, 151643
 VOCAB = 151936
@@ -13,11 +14,8 @@ PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
 
 
 def feed(processor, prompt: list[int], generated: list[list[int]]) -> list[torch.Tensor]:
-    outs = []
-    for step in range(len(generated[0]) + 1):
-        ids = torch.tensor([prompt + g[:step] for g in generated])
-        outs.append(processor(ids, torch.zeros(len(generated), VOCAB)))
-    return outs
+    """Every row continues the same ``prompt``."""
+    return feed_processor(processor, [prompt] * len(generated), generated)
 
 
 def test_second_start_sequences(qwen_tokenizer):
