@@ -12,6 +12,7 @@ one example never learns to predict the first token of the next.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,9 @@ class StepPlan:
     seed: int
     shuffle: bool
 
+    # Every step of an epoch asks for the same order: compute each permutation once, not per
+    # step (a frozen attrs instance is hashable, so the cache is keyed on the plan too).
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - plans are few and short-lived
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_examples)
