@@ -39,10 +39,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="cached-load repeats (median)")
     args = ap.parse_args()
 
-    from trainer_core.engine import quiet_hf
-    from trainer_core.plugins import get_profile_class
-    from trainer_core.preprocess import preprocess
-    from trainer_core.tokenizer import load_tokenizer
+    from trainer_core.data.preprocess import preprocess
+    from trainer_core.data.tokenizer import load_tokenizer
+    from trainer_core.model.loading import quiet_hf
+    from trainer_core.plugins.registry import get_profile_class
 
     quiet_hf()
     tok = load_tokenizer(None)

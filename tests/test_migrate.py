@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from trainer_core.cli import cli
 from trainer_core.config import flatten, from_dict, resolve, to_dict
+from trainer_core.config.migrate import migrate
 from trainer_core.errors import ConfigError
-from trainer_core.migrate import migrate
 
 OLD = Path(__file__).parent / "data" / "old-config.json"
 

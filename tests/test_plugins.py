@@ -16,7 +16,8 @@ from trainer_core import Profile, hookimpl
 from trainer_core.cli import TrainerGroup, _add_plugin_commands, cli, main
 from trainer_core.config import TrainerConfig
 from trainer_core.errors import UserError
-from trainer_core.plugins import (
+from trainer_core.plugins.profile import PlainSFT
+from trainer_core.plugins.registry import (
     ALLOW_ENV,
     BUILTIN_NAME,
     collect_logits_processors,
@@ -24,7 +25,6 @@ from trainer_core.plugins import (
     get_registry,
     reset_registry,
 )
-from trainer_core.profiles import PlainSFT
 from trainer_core.testing import registered_plugin
 
 # --------------------------------------------------------------------------- fixtures, helpers

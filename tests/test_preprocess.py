@@ -16,17 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import attrs
 import pytest
 
-from trainer_core.chat import IGNORE_INDEX, encode
-from trainer_core.data import read_rows
-from trainer_core.errors import UserError
-from trainer_core.preprocess import (
+from trainer_core.data.chat import IGNORE_INDEX, encode
+from trainer_core.data.preprocess import (
     PreprocessStats,
     default_cache_dir,
     derive_seed,
     preprocess,
 )
-from trainer_core.profiles import PlainSFT, Profile
-from trainer_core.tokenizer import end_of_turn_id, load_tokenizer
+from trainer_core.data.rows import read_rows
+from trainer_core.data.tokenizer import end_of_turn_id, load_tokenizer
+from trainer_core.errors import UserError
+from trainer_core.plugins.profile import PlainSFT, Profile
 
 CHATML_JINJA = str(Path(__file__).parent / "data" / "chatml.jinja")
 DAY = dt.date(2024, 5, 1)
@@ -224,7 +224,7 @@ def test_transform_rng_is_per_seed_and_index_and_global_random_untouched(tok, tm
 
 
 def test_derive_seed_is_stable_across_processes():
-    code = "from trainer_core.preprocess import derive_seed; print(derive_seed(42, 7))"
+    code = "from trainer_core.data.preprocess import derive_seed; print(derive_seed(42, 7))"
     outs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -12,11 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import attrs
 import pytest
 
-from trainer_core.chat import IGNORE_INDEX, encode
-from trainer_core.preprocess import preprocess
-from trainer_core.preview import preview_examples, render_preview
-from trainer_core.profiles import PlainSFT, Profile
-from trainer_core.tokenizer import load_tokenizer
+from trainer_core.data.chat import IGNORE_INDEX, encode
+from trainer_core.data.preprocess import preprocess
+from trainer_core.data.preview import preview_examples, render_preview
+from trainer_core.data.tokenizer import load_tokenizer
+from trainer_core.plugins.profile import PlainSFT, Profile
 
 TRAINED = re.compile(r"\[\[(.*?)\]\]", re.S)
 

@@ -2,7 +2,7 @@
 
 The fast pieces (varlen attention, fused linear cross-entropy) also run on the CPU when asked
 (the attention through a per-example sdpa reference), so their plumbing and arithmetic are
-checked here against :func:`trainer_core.loss.loss_sum`; bench/throughput.py checks the CUDA
+checked here against :func:`trainer_core.model.loss.loss_sum`; bench/throughput.py checks the CUDA
 kernels themselves on a GPU.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from trainer_core.batching import collate_packed
 from trainer_core.config import load_config
-from trainer_core.loss import linear_cross_entropy_sum
-from trainer_core.speed import (
+from trainer_core.data.batching import collate_packed
+from trainer_core.model.loss import linear_cross_entropy_sum
+from trainer_core.model.speed import (
     VARLEN_ATTN,
     fused_linear_cross_entropy_sum,
     make_loss_fn,

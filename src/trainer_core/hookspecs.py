@@ -55,3 +55,16 @@ def register_commands(cli: Any) -> None:
 
     Keep module-level imports light: the CLI is built on every ``trainer`` invocation.
     """
+
+
+@hookspec
+def run_listeners(config: Any, output_dir: Any) -> list[Any] | None:
+    """Return objects that watch a training run (experiment trackers, notifiers, exporters).
+
+    Called once per ``trainer run`` (on the process that writes the run's files, rank 0 under
+    several processes) with the resolved ``TrainerConfig`` and the run's output directory
+    (a ``pathlib.Path``). Return ``None`` or a list of ``trainer_core.monitor.events.RunListener``
+    subclasses' instances: their ``on_start``, ``on_step_end``, ``on_evaluation``, ``on_preview``,
+    ``on_checkpoint`` and ``on_end`` methods receive the run's events in order, then ``close()``.
+    Listeners run on the training thread after the built-in ones: keep them cheap.
+    """

@@ -27,7 +27,22 @@ from typing import Any
 
 import pytest
 
-from trainer_core.plugins import get_registry, register_plugin, unregister_plugin
+from trainer_core.plugins.registry import (
+    ALLOW_ENV,
+    build_registry,
+    collect_logits_processors,
+    get_profile_class,
+    get_registry,
+    register_plugin,
+    reset_registry,
+    unregister_plugin,
+)
+
+# Re-exported so plugin tests need only the public modules (trainer_core, .generation, .testing).
+__all__ = [
+    "ALLOW_ENV", "build_registry", "collect_logits_processors", "feed_processor", "get_profile_class", "get_registry",
+    "qwen_tokenizer", "registered_plugin", "reset_registry", "tiny_qwen3", "trainer_plugin",
+]
 
 
 @contextlib.contextmanager
@@ -55,7 +70,7 @@ def trainer_plugin():
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     """The real Qwen3 tokenizer (shared and cached: do not mutate it)."""
-    from trainer_core.tokenizer import load_tokenizer
+    from trainer_core.data.tokenizer import load_tokenizer
 
     return load_tokenizer(None)
 

@@ -9,15 +9,15 @@ from trainer_emoji_think import plugin
 from trainer_emoji_think.profile import EmojiThink
 
 from trainer_core.generation import ForceEndAfterTrigger, TokenPenalty
-from trainer_core.plugins import (
+from trainer_core.testing import (
     ALLOW_ENV,
     build_registry,
     collect_logits_processors,
     get_profile_class,
     get_registry,
+    registered_plugin,
     reset_registry,
 )
-from trainer_core.testing import registered_plugin
 
 
 @pytest.fixture(autouse=True)

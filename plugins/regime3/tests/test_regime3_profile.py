@@ -13,8 +13,13 @@ from trainer_regime3 import plugin
 from trainer_regime3.plugin import END, START, Regime3, extract_answer, wrap_answer
 
 from trainer_core import UserError
-from trainer_core.plugins import ALLOW_ENV, build_registry, get_profile_class, reset_registry
-from trainer_core.testing import registered_plugin
+from trainer_core.testing import (
+    ALLOW_ENV,
+    build_registry,
+    get_profile_class,
+    registered_plugin,
+    reset_registry,
+)
 
 TODAY = dt.date(2025, 3, 14)
 

@@ -16,9 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import attrs
 
-from trainer_core import Example, Profile
-from trainer_core.profiles import SYSTEM_PROMPT_MODES, apply_system_prompt
-from trainer_core.structure import check, one_of
+from trainer_core import SYSTEM_PROMPT_MODES, Example, Profile, apply_system_prompt, check, one_of
 
 THINKING_EMOJIS = ("🤔", "💭", "🧠", "💡", "🎯", "🔍", "🤨", "🧐", "⚡", "✨")
 STOP_EMOJIS = ("🛑", "⛔", "🚫", "❌", "🔴", "⏹️", "🔚", "✋", "🚦", "🛡️")  # ⏹️ 🛡️: + U+FE0F

@@ -18,9 +18,15 @@ from typing import Any, ClassVar
 
 import attrs
 
-from trainer_core import Example, Profile, hookimpl
-from trainer_core.profiles import SYSTEM_PROMPT_MODES, apply_system_prompt
-from trainer_core.structure import check, one_of
+from trainer_core import (
+    SYSTEM_PROMPT_MODES,
+    Example,
+    Profile,
+    apply_system_prompt,
+    check,
+    hookimpl,
+    one_of,
+)
 
 START = "<<ANS_START>>"
 END = "<<ANS_END>>"

@@ -28,8 +28,8 @@ from typing import Any
 
 import attrs
 
-from trainer_core.chat import ChatTemplate, encode, resolve_template, truncate
-from trainer_core.data import LINE_KEY, example_of, example_problems
+from trainer_core.data.chat import ChatTemplate, encode, resolve_template, truncate
+from trainer_core.data.rows import LINE_KEY, example_of, example_problems
 from trainer_core.errors import UserError
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
@@ -89,7 +89,7 @@ def cache_key(
     truncation: bool,
 ) -> str:
     """sha256 over everything that changes the preprocessed result."""
-    from trainer_core.tokenizer import tokenizer_fingerprint
+    from trainer_core.data.tokenizer import tokenizer_fingerprint
 
     digest = hashlib.sha256()
     header = {

@@ -5,7 +5,7 @@ model with, whether packed rows are padded to a fixed length (static shapes for 
 kernels), how the model is prepared (compilation) and which loss function runs.
 
 The CPU path is the plain one and stays exactly as it was: sdpa with packing-aware masks from
-position ids, no compilation, the chunked trained-positions loss of :mod:`trainer_core.loss`.
+position ids, no compilation, the chunked trained-positions loss of :mod:`trainer_core.model.loss`.
 
 On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has the numbers):
 
@@ -60,7 +60,7 @@ class SpeedPlan:
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         if self.loss_fn is not None:
             return self.loss_fn(model, batch)
-        from trainer_core.loss import loss_sum
+        from trainer_core.model.loss import loss_sum
 
         return loss_sum(model, batch)
 
@@ -98,8 +98,8 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
 
 
 def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], tuple[Any, int]]:
-    """``loss_fn(model, batch)`` like :func:`trainer_core.loss.loss_sum`, with the fast pieces."""
-    from trainer_core.loss import linear_cross_entropy_sum, loss_sum
+    """``loss_fn(model, batch)`` like :func:`trainer_core.model.loss.loss_sum`, with the fast pieces."""
+    from trainer_core.model.loss import linear_cross_entropy_sum, loss_sum
 
     ce = fused_linear_cross_entropy_sum if fused else linear_cross_entropy_sum
 
@@ -453,7 +453,7 @@ def compile_blocks(model: Any) -> Any:
     """Compile each decoder layer in place (state-dict names and saving are unchanged)."""
     import torch
 
-    from trainer_core.loss import decoder_of
+    from trainer_core.model.loss import decoder_of
 
     dyn = torch._dynamo.config
     # All layers share one compiled graph; allow room for the dynamic-shape recompile and for

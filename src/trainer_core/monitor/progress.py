@@ -1,29 +1,10 @@
-"""What a run tells the outside world while it trains: status.json, metrics.jsonl, the console.
-
-``status.json`` is rewritten atomically (temp file + rename) so a dashboard or the future
-daemon never reads half a file.
-"""
+"""The console progress bar (a TTY) or log lines (a pipe or file)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Any
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
 
 
 def format_duration(seconds: float) -> str:
@@ -33,24 +14,6 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-class StatusWriter:
-    """Keeps ``status.json`` current, writing at most every ``interval`` seconds."""
-
-    def __init__(self, path: Path, interval: float, base: dict[str, Any]):
-        self.path = path
-        self.interval = interval
-        self.data: dict[str, Any] = dict(base)
-        self._last = 0.0
-
-    def update(self, force: bool = False, **fields: Any) -> None:
-        self.data.update(fields)
-        now = time.monotonic()
-        if force or now - self._last >= self.interval:
-            self.data["updated_at"] = time.time()
-            write_json_atomic(self.path, self.data)
-            self._last = now
 
 
 class Progress:

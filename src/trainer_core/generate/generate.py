@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import click
-
 from trainer_core.errors import UserError
 
 
@@ -30,7 +28,10 @@ def run_profile(model_dir: Path) -> tuple[str | None, dict[str, Any]]:
 
 def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
                  dataset: str | None, count: int, max_new_tokens: int | None,
-                 use_processors: bool, option_overrides: dict[str, Any], as_json: bool) -> None:
+                 use_processors: bool, option_overrides: dict[str, Any]
+                 ) -> list[dict[str, Any]]:
+    """Generate for ``--prompt`` or the first ``count`` rows of ``--dataset``; returns records
+    (prompt, output, reference, scores)."""
     from trainer_core.config import load_config
 
     path = Path(model_dir)
@@ -49,7 +50,9 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
         overrides["monitoring.max_new_tokens"] = max_new_tokens
     cfg = load_config(overrides=overrides)
 
-    from trainer_core.engine import build_profile, load_model, pick_device, preview_prompts
+    from trainer_core.generate.previews import preview_prompts
+    from trainer_core.model.loading import load_model, pick_device
+    from trainer_core.plugins.registry import build_profile
 
     profile = build_profile(cfg)
     if prompt is not None:
@@ -57,7 +60,7 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
                               {"role": "assistant", "content": "(none)"}]}]
         references = [None]
     else:
-        from trainer_core.data import check_rows, read_rows
+        from trainer_core.data.rows import check_rows, read_rows
 
         assert dataset is not None  # the CLI requires exactly one of prompt / dataset
         rows, problems = read_rows(dataset)
@@ -70,10 +73,10 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
     else:
         references = [p["reference"] for p in prompts]
 
-    from trainer_core.chat import render_generation_prompt
-    from trainer_core.generation import generate
-    from trainer_core.plugins import collect_logits_processors
-    from trainer_core.tokenizer import load_tokenizer
+    from trainer_core.data.chat import render_generation_prompt
+    from trainer_core.data.tokenizer import load_tokenizer
+    from trainer_core.generate.processors import generate
+    from trainer_core.plugins.registry import collect_logits_processors
 
     tokenizer = load_tokenizer(str(path), trust_remote_code=cfg.model.trust_remote_code)
     device = pick_device(cfg)
@@ -83,17 +86,11 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
              for p in prompts]
     processors = collect_logits_processors(profile, tokenizer, cfg) if use_processors else []
     outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
+    records = []
     for p, ref, out in zip(prompts, references, outputs, strict=False):
         scores = profile.score(out, p["example"])
         if ref is None:  # a bare --prompt has no reference answer to compare with
             scores = {k: v for k, v in scores.items() if "reference" not in k}
-        record = {"prompt": p["messages"][-1]["content"], "output": out, "reference": ref,
-                  "scores": scores}
-        if as_json:
-            click.echo(json.dumps(record, ensure_ascii=False))
-        else:
-            click.echo(f"> {record['prompt']}")
-            click.echo(out)
-            if scores:
-                click.echo("  " + " ".join(f"{k}={v}" for k, v in scores.items()))
-            click.echo("")
+        records.append({"prompt": p["messages"][-1]["content"], "output": out,
+                        "reference": ref, "scores": scores})
+    return records

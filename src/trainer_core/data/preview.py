@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from trainer_core.chat import IGNORE_INDEX, ChatTemplate, Encoded, encode, resolve_template
-from trainer_core.data import LINE_KEY, example_of, example_problems
-from trainer_core.preprocess import example_rng
+from trainer_core.data.chat import IGNORE_INDEX, ChatTemplate, Encoded, encode, resolve_template
+from trainer_core.data.preprocess import example_rng
+from trainer_core.data.rows import LINE_KEY, example_of, example_problems
 
 TRAINED_ON = "\x1b[1;32m"  # bold green
 TRAINED_OFF = "\x1b[0m"

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from trainer_core.structure import one_of
+from trainer_core.config.structure import one_of
 
 Example = dict[str, Any]
 
@@ -63,13 +63,13 @@ class Profile:
         today: _dt.date | None = None,
     ):
         """Build the profile from a plain options dict, with dotted-path errors."""
-        from trainer_core.structure import structure
+        from trainer_core.config.structure import structure
 
         opts: Any = structure(dict(options or {}), cls.Options, path)
         return cls(options=opts, today=today or _dt.date.today())
 
     def options_dict(self) -> dict[str, Any]:
-        from trainer_core.structure import unstructure
+        from trainer_core.config.structure import unstructure
 
         return unstructure(self.options)
 

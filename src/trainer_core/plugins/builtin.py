@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer_core import hookimpl
-from trainer_core.profiles import PlainSFT
+from trainer_core.plugins.profile import PlainSFT
 
 
 @hookimpl

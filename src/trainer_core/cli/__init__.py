@@ -1,0 +1,56 @@
+"""The ``trainer`` command line (the top layer: it may import every other layer; nothing imports it).
+
+One module per command family; this module builds the group. Startup must stay fast: nothing
+here imports torch or transformers at module level; commands import them inside their bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from trainer_core import __version__
+from trainer_core.cli.config_cmds import config_group
+from trainer_core.cli.generate_cmd import generate
+from trainer_core.cli.options import TrainerGroup
+from trainer_core.cli.plugin_cmds import plugins, profiles
+from trainer_core.cli.run_cmds import preview, run
+
+# --------------------------------------------------------------------------- the group
+
+
+@click.group(cls=TrainerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trainer")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """trainer: supervised fine-tuning of chat models with pluggable data profiles."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+for _command in (run, preview, generate, profiles, plugins, config_group):
+    cli.add_command(_command)
+
+
+# --------------------------------------------------------------------------- plugin commands
+
+
+def _add_plugin_commands(group: click.Group) -> None:
+    from trainer_core.plugins.registry import get_registry
+
+    registry = get_registry()
+    for impl in registry.pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=group)
+        except Exception as exc:  # a broken plugin must not break the CLI
+            info = registry.plugins.get(impl.plugin_name)
+            if info is not None:
+                info.status, info.error = "broken", f"register_commands: {exc}"
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    _add_plugin_commands(cli)
+    return cli.main(args=argv, prog_name="trainer")

@@ -1,0 +1,56 @@
+"""Previews: generate for held-out prompts with the profile's processors, and score them.
+
+Used during training (every ``monitoring.preview_steps``) and by ``trainer generate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer_core.config import TrainerConfig
+
+
+def preview_prompts(val_rows: list, profile: Any, n: int, seed: int) -> list[dict[str, Any]]:
+    """Held-out examples, transformed exactly as in training, split into prompt + reference."""
+    from trainer_core.data.preprocess import example_rng
+    from trainer_core.data.rows import example_of
+
+    out = []
+    for i, row in enumerate(val_rows[:n]):
+        ex = profile.transform(example_of(row), i, example_rng(seed, i))
+        msgs = ex["messages"]
+        last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+        out.append({"messages": msgs[:last], "reference": msgs[last]["content"], "example": ex})
+    return out
+
+
+def run_previews(model: Any, tokenizer: Any, profile: Any, prompts: list[dict[str, Any]],
+                 cfg: TrainerConfig, step: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate for the preview prompts with the profile's processors and score each output.
+
+    Returns the records (step, prompt, output, reference, scores) and the scores averaged over
+    them as ``preview/<score>``; writing and printing them is the listeners' job.
+    """
+    from trainer_core.data.chat import render_generation_prompt
+    from trainer_core.generate.processors import generate
+    from trainer_core.plugins.registry import collect_logits_processors
+
+    if not prompts:
+        return [], {}
+    texts = [render_generation_prompt(p["messages"], cfg.model.chat_template, tokenizer)
+             for p in prompts]
+    processors = collect_logits_processors(profile, tokenizer, cfg)
+    was_training = model.training
+    model.eval()
+    outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
+    model.train(was_training)
+    records = []
+    for p, text in zip(prompts, outputs, strict=False):
+        scores = profile.score(text, p["example"])
+        record = {"step": step, "prompt": p["messages"][-1]["content"], "output": text,
+                  "reference": p["reference"], "scores": scores}
+        records.append(record)
+    keys = sorted({k for r in records for k in r["scores"]})
+    aggregate = {f"preview/{k}": sum(float(r["scores"].get(k, 0)) for r in records) / len(records)
+                 for k in keys}
+    return records, aggregate

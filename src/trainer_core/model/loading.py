@@ -1,0 +1,122 @@
+"""The model on a device: which model directory, device, precision, loading (local only).
+
+May import: config, plugins, data, demo, errors. Used by generation and training alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from trainer_core.config import TrainerConfig
+from trainer_core.errors import UserError
+from trainer_core.model.speed import plan_speed
+
+
+def model_directory(cfg: TrainerConfig) -> Path:
+    """The configured model directory, or the embedded tiny model (built once, cached)."""
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model.path: {path} is not a directory (models are loaded from "
+                            "local directories only; nothing is downloaded)")
+        return path
+    from trainer_core.demo import ensure_tiny_model
+
+    return ensure_tiny_model(seed=cfg.hyperparams.seed)
+
+
+def pick_device(cfg: TrainerConfig) -> Any:
+    import torch
+
+    want = cfg.environment.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("environment.device: cuda requested but no CUDA device is available")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def pick_precision(cfg: TrainerConfig, device: Any) -> str:
+    """auto: bf16 on a GPU that has it, else fp32 (CPU autocast is slower than fp32 here)."""
+    import torch
+
+    p = cfg.hyperparams.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise UserError("hyperparams.precision: fp16 needs a CUDA device; use bf16 or fp32")
+    return p
+
+
+def weight_dtype(cfg: TrainerConfig) -> Any:
+    """Master weights stay fp32 unless model.dtype says otherwise (mixed precision via autocast)."""
+    import torch
+
+    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[cfg.model.dtype]
+
+
+def autocast(device: Any, precision: str) -> Any:
+    import torch
+
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def quiet_hf() -> None:
+    """No hub traffic and no library progress bars: ours is the one the user reads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:  # only preprocessing needs datasets; loading a model (bench/throughput.py) does not
+        import datasets
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+
+
+def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    quiet_hf()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            local_files_only=True,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=weight_dtype(cfg),
+            attn_implementation=attn or plan_speed(cfg, device).attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model from {model_dir}: {exc}") from exc
+    return model.to(device)
+
+
+def check_model_locked(model: Any, facts: dict[str, Any]) -> None:
+    """The loaded model must be what the lock says (architecture, vocab, context)."""
+    from trainer_core.config.lock import mismatches
+
+    mc = model.config
+    actual = {
+        "model_architecture": (mc.architectures or [type(model).__name__])[0],
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "max_context_length": getattr(mc, "max_position_embeddings", None),
+    }
+    diffs = mismatches(facts, actual)
+    if diffs:
+        text = "; ".join(f"{k}: locked {a!r}, model has {b!r}" for k, a, b in diffs)
+        raise UserError(f"the loaded model does not match the locked fields: {text}")
+
+
+def weights_finite(model: Any) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

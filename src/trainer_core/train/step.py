@@ -1,0 +1,155 @@
+"""One optimizer step, as ``trainer run`` and ``bench/throughput.py`` both take it.
+
+:func:`prepare_training` builds the model, AdamW and the learning-rate schedule;
+:func:`train_step` runs the micro-batches of one step and updates the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from trainer_core.config import TrainerConfig
+from trainer_core.model.loading import (
+    autocast,
+    check_model_locked,
+    load_model,
+    pick_device,
+    pick_precision,
+)
+from trainer_core.model.speed import SpeedPlan, plan_speed, tune_cpu_allocator
+
+
+def make_optimizer(model: Any, cfg: TrainerConfig, device: Any) -> Any:
+    import torch
+
+    decay: list[Any] = []
+    no_decay: list[Any] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.hyperparams.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # fused AdamW is one kernel for all parameters on CUDA; the foreach path elsewhere.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.hyperparams.learning_rate, betas=(0.9, 0.999),
+                             eps=1e-8, fused=fused)
+
+
+def lr_lambda(total_steps: int, warmup: int, kind: str):
+    """Multiplier of the peak LR at step ``s`` (a pure function: resume continues the curve)."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def warmup_steps(cfg: TrainerConfig, total_steps: int) -> int:
+    hp = cfg.hyperparams
+    if hp.warmup_steps is not None:
+        return min(hp.warmup_steps, total_steps)
+    return int(round(hp.warmup_ratio * total_steps))
+
+
+@attrs.define
+class TrainingSetup:
+    """Everything one optimizer step needs, built by :func:`prepare_training`."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # a GradScaler for fp16, else None
+    device: Any
+    precision: str
+    speed: SpeedPlan
+
+
+def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
+                     facts: dict[str, Any] | None = None) -> TrainingSetup:
+    """Device, precision, speed plan, model, AdamW and the LR schedule, as ``trainer run`` does.
+
+    ``bench/throughput.py`` builds its "trainer" variant with this too, so it measures exactly
+    what a run would do.
+    """
+    import torch
+
+    hp = cfg.hyperparams
+    device = pick_device(cfg)
+    precision = pick_precision(cfg, device)
+    torch.manual_seed(hp.seed)
+    speed = plan_speed(cfg, device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    model = load_model(model_dir, cfg, device, speed.attn_implementation)
+    if facts is not None:
+        check_model_locked(model, facts)
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    model = speed.prepare(model)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps(cfg, total_steps), hp.lr_scheduler))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed)
+
+
+def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
+               max_grad_norm: float | None) -> tuple[float, float, float]:
+    """One optimizer step over ``batches``; returns ``(loss, grad_norm, lr)``.
+
+    The loss of each micro-batch is a sum divided by the trained tokens of the whole step, so
+    gradients accumulate to the token-weighted mean. A non-finite loss or gradient norm skips
+    the update (the caller stops the run); fp16's scaler handles its own overflow steps.
+    """
+    import torch
+
+    model, optimizer, scaler = setup.model, setup.optimizer, setup.scaler
+    step_loss = 0.0
+    for batch in batches:
+        with autocast(setup.device, setup.precision):
+            loss, _ = setup.speed.loss(model, to_device(batch, setup.device))
+            scaled = loss / max(n_trained, 1)
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        step_loss += float(scaled.detach())
+    if scaler:
+        scaler.unscale_(optimizer)
+    # The total norm is computed either way: a non-finite one means a broken step.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                     max_grad_norm or float("inf")))
+    lr = float(setup.scheduler.get_last_lr()[0])
+    if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm, lr
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+        grad_norm = grad_norm if math.isfinite(grad_norm) else 0.0  # skipped by the scaler
+    else:
+        optimizer.step()
+    setup.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, lr
+
+
+def token_budget(cfg: TrainerConfig) -> int:
+    hp = cfg.hyperparams
+    return cfg.data.max_tokens_per_batch or hp.batch_size * hp.max_length
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v)
+            for k, v in batch.items()}
