@@ -1,4 +1,6 @@
-"""Assets of the zero-setup demo: the bundled sample dataset and a tiny Qwen3 model.
+"""Layer 4, the zero-setup demo: the bundled sample dataset and a tiny Qwen3 model.
+
+May import: data, plugins, config, errors.
 
 ``trainer run --profile emoji_think`` with no model and no dataset trains a tiny,
 randomly-initialised Qwen3-architecture model (built here from a config in code, never
