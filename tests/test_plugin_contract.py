@@ -428,6 +428,46 @@ def test_new_profile_template_imports_only_the_public_api():
             assert not private_imports(text), (path, private_imports(text))
 
 
+def readme_example(dest: Path) -> dict[str, Path]:
+    """The files of README's plugin example (fenced blocks opening with a ``# path`` comment;
+    noxfile.py's ``readme_plugin_example`` reads them the same way to pip-install them)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Writing a profile plugin", 1)[1].split("\n## ", 1)[0]
+    files = {}
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
+        match = re.fullmatch(r"# ([\w./-]+\.(?:py|toml))", block.splitlines()[0])
+        if match:
+            files[match[1]] = dest / match[1]
+            files[match[1]].parent.mkdir(parents=True, exist_ok=True)
+            files[match[1]].write_text(block, encoding="utf-8")
+    return files
+
+
+def test_readme_plugin_example_works(tmp_path, monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    files = readme_example(tmp_path)
+    assert sorted(files) == ["pyproject.toml", "trainer_shout/__init__.py"]
+    project = tomllib.loads(files["pyproject.toml"].read_text())["project"]
+    assert project["version"] and project["name"] == "trainer-shout"  # pip-installable as is
+    assert project["entry-points"]["trainer"] == {"shout": "trainer_shout"}
+    assert not private_imports(files["trainer_shout/__init__.py"].read_text())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import trainer_shout  # type: ignore[import-not-found]
+
+    try:
+        check_profile(trainer_shout.Shout)
+        with registered_plugin(trainer_shout):
+            shown = run_trainer("preview", "--profile", "shout", "-n", "1", "--no-color",
+                                "--set", "profile.options.repeat=2")
+        assert shown.exit_code == 0, shown.output
+        assert "Answer loudly." in shown.stdout
+        answer = re.search(r"\[\[(.*?)<\|im_end\|>", shown.stdout, re.DOTALL)[1]
+        assert answer == answer.upper() and len(answer.split()) >= 2
+    finally:
+        del sys.modules["trainer_shout"]
+
+
 # --------------------------------------------------------------------------- public API only
 
 PUBLIC = {"trainer_core", "trainer_core.generation", "trainer_core.testing"}

@@ -35,7 +35,7 @@ from trainer_core.data.rows import LINE_KEY, ON_INVALID, example_of, example_pro
 from trainer_core.errors import DataError, UserError
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: the core applies Profile.system_prompt
 COLUMNS = ("input_ids", "labels", "length", "num_trained", "line")
 MAX_REPORTED = 20
 
