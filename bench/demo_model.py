@@ -89,7 +89,7 @@ def load_rows(fmt: str, seed: int = 0) -> list[list[dict[str, str]]]:
         from trainer_emoji_think.profile import EmojiThink
 
         prof = EmojiThink.from_options({}, today=dt.date(2026, 11, 26))
-        return [prof.transform(e, i, random.Random(f"{seed}:{i}"))["messages"]
+        return [prof.prepare(e, i, random.Random(f"{seed}:{i}"))["messages"]
                 for i, e in enumerate(examples)]
     rng = random.Random(seed)
     return [emoji_think_simple(e, rng, fmt == "fixed") for e in examples]

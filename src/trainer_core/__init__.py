@@ -4,7 +4,9 @@ This module is the public API for plugin authors, and only it: ``hookimpl`` to m
 implementations; ``Profile``, ``NoOptions`` and ``Example`` to write profiles; ``check``,
 ``one_of``, ``apply_system_prompt`` and ``SYSTEM_PROMPT_MODES`` to write their options and
 transforms; ``UserError`` for clear user-facing failures; ``load_config`` and ``TrainerConfig``
-for services that drive runs programmatically. Two more public modules: ``trainer_core.generation``
+for services that drive runs programmatically; for command plugins, ``load_rows(cfg)`` (the
+training and validation rows exactly as ``trainer run`` reads them), ``build_profile(cfg)`` (the
+configured profile) and ``sample_dataset_path()`` (the bundled demo data). Two more public modules: ``trainer_core.generation``
 (logits-processor building blocks) and ``trainer_core.testing`` (pytest fixtures and helpers).
 Everything else is internal and may change. Importing this module does not import torch or
 transformers, so the CLI starts fast.
@@ -33,6 +35,9 @@ from trainer_core.plugins.profile import (  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer_core.config import TrainerConfig, load_config
+    from trainer_core.demo import sample_dataset_path
+    from trainer_core.plugins.registry import build_profile
+    from trainer_core.train.inputs import load_rows
 
 __all__ = [
     "__version__",
@@ -47,13 +52,27 @@ __all__ = [
     "one_of",
     "TrainerConfig",
     "load_config",
+    "load_rows",
+    "build_profile",
+    "sample_dataset_path",
 ]
+
+#: Public names resolved on first use (they pull in more than a plugin import needs).
+_LAZY = {
+    "TrainerConfig": "trainer_core.config",
+    "load_config": "trainer_core.config",
+    # (train_rows, validation_rows, skipped counts by reason): validated per data.on_invalid,
+    # split per data.validation / data.validation_split; each row keeps its line in "_line".
+    "load_rows": "trainer_core.train.inputs",
+    "build_profile": "trainer_core.plugins.registry",
+    "sample_dataset_path": "trainer_core.demo",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Resolution pulls in more of the config layer than a plugin import needs.
-    if name in ("TrainerConfig", "load_config"):
-        from trainer_core import config
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(config, name)
-    raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

@@ -10,7 +10,9 @@ whose names match the specs below. Ship it as a distribution that declares the m
 ``pip install`` it and ``trainer profiles`` lists what it registered. Set ``TRAINER_PLUGINS`` to a
 comma-separated list of distribution names to load only those (an empty string loads none); the
 built-in ``plain_sft`` profile is always there. Implement any subset of the hooks; arguments may be
-omitted from an implementation's signature (pluggy passes only those named).
+omitted from an implementation's signature (pluggy passes only those named). Each hook here has
+an entry in docs/plugins.md and a test named ``test_hook_<name>`` (tests/test_plugin_contract.py
+fails when either is missing). ``TRAINER_TRACE_PLUGINS=1`` prints every call.
 """
 
 from __future__ import annotations
@@ -27,25 +29,30 @@ hookspec = pluggy.HookspecMarker("trainer")
 def register_profiles(register: Callable[[type], None]) -> None:
     """Register data profiles by calling ``register(ProfileClass)`` once per profile.
 
-    ``ProfileClass`` is a subclass of ``trainer_core.Profile`` with class attributes ``name``,
-    ``version``, ``description`` and ``Options`` (an attrs class). The core builds instances from
-    the config's ``profile.options``. Two plugins registering the same ``name`` is an error that
-    names both. An exception raised here marks this plugin as broken (``trainer plugins`` shows
-    the error) without affecting other plugins.
+    ``ProfileClass`` subclasses ``trainer_core.Profile`` and is declared once, in its class
+    statement: ``class Shout(Profile, name="shout", version="1", description="...")`` with an
+    attrs ``Options`` class (see ``Profile``). ``register`` checks it against the contract: a
+    violation (a name that is not a string, no version, ``Options`` not an attrs class...) marks
+    this plugin as broken with the reason, shown by ``trainer plugins``; the v1 declaration
+    (class attributes) works with a ``DeprecationWarning``. The core builds instances from the
+    config's ``profile.options``. Two plugins registering different classes under one ``name``
+    is an error that names both. An exception raised here marks this plugin as broken without
+    affecting other plugins.
     """
 
 
 @hookspec
 def logits_processors(profile: Any, tokenizer: Any, config: Any) -> list[Any] | None:
-    """Return ``transformers.LogitsProcessor`` objects to use when generating with ``profile``.
+    """Return ``transformers.LogitsProcessor`` objects to add to generation with *any* profile.
 
-    Called for every generation (training previews, ``trainer generate``) with the active
-    ``Profile`` instance, the tokenizer and the resolved ``TrainerConfig``. Return ``None`` or an
-    empty list when the profile is not yours. A profile's own processors (``Profile.
-    logits_processors``) arrive through this hook too, via the core's built-in plugin, so the
-    results of all plugins are concatenated in registration order. Processors must keep
-    per-row state for batched, left-padded generation and must not leak state between calls:
-    return fresh objects each time. They never affect the training loss.
+    For processors that are not a profile's own (a global repetition guard, say): a profile's
+    own processors come only from its ``Profile.logits_processors`` method, which the core calls
+    first. Called for every generation (training previews, ``trainer generate``) with the
+    active ``Profile`` instance, the tokenizer and the resolved ``TrainerConfig``; return
+    ``None`` or an empty list to add nothing. Results are concatenated after the profile's own,
+    in plugin registration order. Processors must keep per-row state for batched, left-padded
+    generation and must not leak state between calls: return fresh objects each time. They
+    never affect the training loss.
     """
 
 

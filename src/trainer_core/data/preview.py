@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainer_core.data.chat import IGNORE_INDEX, ChatTemplate, Encoded, encode, resolve_template
-from trainer_core.data.preprocess import example_rng
-from trainer_core.data.rows import LINE_KEY, example_of, example_problems
+from trainer_core.data.preprocess import prepare_row
+from trainer_core.data.rows import LINE_KEY
 
 TRAINED_ON = "\x1b[1;32m"  # bold green
 TRAINED_OFF = "\x1b[0m"
@@ -53,16 +53,16 @@ def preview_examples(
 ) -> str:
     """Transform, encode and render the first ``n`` rows exactly as training would see them.
 
-    Uses the same per-row RNG as preprocessing (``derive_seed(seed, index)``), so what is shown
-    is what gets trained.
+    Uses the same preparation (system prompt, transform with the row's RNG, validate) as
+    preprocessing, so what is shown is what gets trained.
     """
     tpl = resolve_template(template, tokenizer)
     blocks: list[str] = []
     for index, row in enumerate(rows[:n]):
-        example = profile.transform(example_of(row), index, example_rng(seed, index))
         line = row.get(LINE_KEY)
+        where = f"line {line}" if line else f"row {index + 1}"
+        example, problems = prepare_row(profile, row, index, seed, where)
         title = f"=== example {index + 1}" + (f" (line {line})" if line else "") + " ==="
-        problems = example_problems(example) or list(profile.validate(example))
         if problems:  # training drops such rows; say so instead of rendering them
             blocks.append(title + "\n" + "dropped by the profile: " + "; ".join(problems))
             continue

@@ -13,16 +13,20 @@ from typing import Any
 from trainer_core.errors import UserError
 
 
-def run_profile(model_dir: Path) -> tuple[str | None, dict[str, Any]]:
-    """Profile name and options recorded by the run that produced ``model_dir``."""
+def run_manifest(model_dir: Path) -> dict[str, Any]:
+    """The run.json of the run that produced ``model_dir`` (``{}`` for any other model)."""
     manifest = model_dir / "run.json"
     if not manifest.exists():
-        return None, {}
+        return {}
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+        return json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{manifest}: unreadable run manifest: {exc}") from None
-    profile = data.get("profile") or {}
+
+
+def run_profile(model_dir: Path) -> tuple[str | None, dict[str, Any]]:
+    """Profile name and options recorded by the run that produced ``model_dir``."""
+    profile = run_manifest(model_dir).get("profile") or {}
     return profile.get("name"), dict(profile.get("options") or {})
 
 
@@ -39,6 +43,12 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
         raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
     recorded_name, recorded_options = run_profile(path)
     name = profile_name or recorded_name or "plain_sft"
+    if name == recorded_name:
+        from trainer_core.plugins.registry import missing_profile_hint
+
+        hint = missing_profile_hint(name, run_manifest(path))
+        if hint is not None:
+            raise UserError(f"--model {model_dir}: {hint}")
     options = recorded_options if name == recorded_name else {}
     for key, value in option_overrides.items():
         if not key.startswith("profile.options."):

@@ -11,13 +11,15 @@ from trainer_core.config import TrainerConfig
 
 
 def preview_prompts(val_rows: list, profile: Any, n: int, seed: int) -> list[dict[str, Any]]:
-    """Held-out examples, transformed exactly as in training, split into prompt + reference."""
-    from trainer_core.data.preprocess import example_rng
-    from trainer_core.data.rows import example_of
+    """Held-out examples, prepared exactly as in training (system prompt included), split into
+    prompt + reference."""
+    from trainer_core.data.preprocess import prepare_row
+    from trainer_core.data.rows import LINE_KEY
 
     out = []
     for i, row in enumerate(val_rows[:n]):
-        ex = profile.transform(example_of(row), i, example_rng(seed, i))
+        where = f"line {row[LINE_KEY]}" if row.get(LINE_KEY) else f"prompt {i + 1}"
+        ex, _ = prepare_row(profile, row, i, seed, where)
         msgs = ex["messages"]
         last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
         out.append({"messages": msgs[:last], "reference": msgs[last]["content"], "example": ex})

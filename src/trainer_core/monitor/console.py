@@ -22,6 +22,7 @@ def print_plan(cfg: TrainerConfig, s: dict[str, Any], stream: Any) -> None:
         f"skipped invalid: {d['skipped_invalid'] or 'none'}",
         f"  examples     {d['train'].get('rows_kept')} kept, dropped: "
         f"{d['train'].get('dropped') or 'none'}",
+        *[f"  dropped row  {p}" for p in d["train"].get("problems") or []],
         f"  tokens       {d['train'].get('total_tokens')} total, {d['train'].get('trained_tokens')} "
         "trained per epoch",
         f"  steps        {s['steps']} x {s['examples_per_step']} examples "

@@ -8,6 +8,7 @@ from trainer_core.plugins.registry import (
     ALLOW_ENV,
     BUILTIN_NAME,
     ENTRY_POINT_GROUP,
+    TRACE_ENV,
     PluginInfo,
     ProfileEntry,
     Registry,
@@ -22,6 +23,6 @@ from trainer_core.plugins.registry import (
 
 __all__ = [
     "ALLOW_ENV", "BUILTIN_NAME", "ENTRY_POINT_GROUP", "PluginInfo", "ProfileEntry", "Registry",
-    "build_registry", "collect_logits_processors", "get_profile_class", "get_registry",
+    "TRACE_ENV", "build_registry", "collect_logits_processors", "get_profile_class", "get_registry",
     "register_plugin", "reset_registry", "unregister_plugin",
 ]

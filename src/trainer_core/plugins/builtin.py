@@ -1,9 +1,11 @@
-"""The core's own plugin: the ``plain_sft`` profile and the bridge that routes a profile's own
-``logits_processors`` method through the ``logits_processors`` hook."""
+"""The core's own plugin: the ``plain_sft`` profile.
+
+A profile's own logits processors come from ``Profile.logits_processors`` directly (see
+``collect_logits_processors``); the ``logits_processors`` hook is only for processors that
+plugins add to any profile.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 from trainer_core import hookimpl
 from trainer_core.plugins.profile import PlainSFT
@@ -12,8 +14,3 @@ from trainer_core.plugins.profile import PlainSFT
 @hookimpl
 def register_profiles(register):
     register(PlainSFT)
-
-
-@hookimpl
-def logits_processors(profile: Any, tokenizer: Any, config: Any):
-    return profile.logits_processors(tokenizer, config)

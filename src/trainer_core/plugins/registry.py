@@ -4,13 +4,20 @@ Plugins are modules listed in the ``trainer`` entry-point group of installed dis
 load them one by one (like ``pluggy.PluginManager.load_setuptools_entrypoints("trainer")``) so
 that one that fails to import, or whose ``register_profiles`` raises, is recorded as broken and
 the rest keep working. ``TRAINER_PLUGINS`` (comma-separated distribution names; empty = none)
-restricts which third-party distributions load, for reproducible runs.
+restricts which third-party distributions load, for reproducible runs. ``TRAINER_TRACE_PLUGINS=1``
+prints every plugin load and hook call (plugin, arguments, result, duration) on stderr.
+
+Every hook implementation is called on its own (``call_hook``), in registration order, so a
+failure is attributed to its plugin and each call can be traced.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import sys
+import time
+import warnings
 from typing import Any
 
 import attrs
@@ -18,11 +25,13 @@ import pluggy
 
 from trainer_core import hookspecs
 from trainer_core.errors import UserError
-from trainer_core.plugins.profile import Profile
+from trainer_core.plugins.profile import Profile, contract_problems
 
 ENTRY_POINT_GROUP = "trainer"
 ALLOW_ENV = "TRAINER_PLUGINS"
+TRACE_ENV = "TRAINER_TRACE_PLUGINS"
 BUILTIN_NAME = "trainer_core.plugins.builtin"
+IN_PROCESS = "(in-process)"
 
 
 @attrs.define
@@ -35,6 +44,8 @@ class PluginInfo:
     hooks: list[str] = attrs.field(factory=list)
     status: str = "ok"  # ok | broken | skipped
     error: str | None = None
+    #: Deprecated declarations the plugin still uses (it works; ``trainer plugins`` shows them).
+    notes: list[str] = attrs.field(factory=list)
 
 
 @attrs.define(frozen=True)
@@ -79,6 +90,46 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
+def tracing() -> bool:
+    return os.environ.get(TRACE_ENV, "") not in ("", "0")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _trace(what: str, started: float, outcome: str) -> None:
+    ms = (time.perf_counter() - started) * 1000
+    sys.stderr.write(f"trace: {what} -> {outcome} [{ms:.2f} ms]\n")
+    sys.stderr.flush()
+
+
+def call_hook(impl: Any, **kwargs: Any) -> Any:
+    """Call one hook implementation with the arguments it names (pluggy's rule), traced when
+    ``TRAINER_TRACE_PLUGINS`` is set."""
+    args = {name: kwargs[name] for name in impl.argnames}
+    if not tracing():
+        return impl.function(**args)
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in args.items())
+    what = f"{impl.plugin_name}: {impl.function.__name__}({shown})"
+    started = time.perf_counter()
+    try:
+        result = impl.function(**args)
+    except BaseException as exc:
+        _trace(what, started, f"raised {type(exc).__name__}: {exc}")
+        raise
+    _trace(what, started, _short(result))
+    return result
+
+
+def _hookimpls(registry: Registry, hook: str) -> list[Any]:
+    """Implementations of ``hook`` by plugins in good standing, in registration order."""
+    impls = getattr(registry.pm.hook, hook).get_hookimpls()
+    return [i for i in impls
+            if registry.plugins.get(i.plugin_name, PluginInfo("", "", "")).status == "ok"]
+
+
 def build_registry() -> Registry:
     """Load the built-in plugin and every allowed entry-point plugin; collect profiles."""
     from trainer_core import __version__
@@ -105,21 +156,31 @@ def build_registry() -> Registry:
             if allowed is not None and _norm(dist_name) not in allowed:
                 info.status, info.error = "skipped", f"not in {ALLOW_ENV}"
                 continue
+            started = time.perf_counter()
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must not break the CLI
                 info.status, info.error = "broken", f"{type(exc).__name__}: {exc}"
+                if tracing():
+                    _trace(f"load {ep.name} ({dist_name} {dist.version})", started, info.error)
                 continue
+            if tracing():
+                _trace(f"load {ep.name} ({dist_name} {dist.version})", started, "ok")
             info.hooks = _hook_names(pm, plugin)
     registry = Registry(pm=pm, plugins=plugins)
     collect_profiles(registry)
     return registry
 
 
-def register_plugin(registry: Registry, plugin: Any, name: str, distribution: str = "(in-process)",
+def register_plugin(registry: Registry, plugin: Any, name: str, distribution: str = IN_PROCESS,
                     version: str = "0") -> None:
-    """Register an in-process plugin (tests, embedding apps) and refresh the profiles."""
+    """Register an in-process plugin (tests, embedding apps) and refresh the profiles.
+
+    Its profiles take precedence over same-named ones of installed (entry-point) plugins, so a
+    test of a plugin under development sees the code under test even when an older copy is
+    installed.
+    """
     registry.pm.register(plugin, name=name)
     registry.plugins[name] = PluginInfo(name, distribution, version, _hook_names(registry.pm, plugin))
     collect_profiles(registry)
@@ -131,32 +192,62 @@ def unregister_plugin(registry: Registry, name: str) -> None:
     collect_profiles(registry)
 
 
+class ContractError(TypeError):
+    """A class given to ``register()`` breaks the profile contract."""
+
+
 def collect_profiles(registry: Registry) -> None:
-    """Call every ``register_profiles`` implementation on its own, isolating failures."""
+    """Call every ``register_profiles`` implementation on its own, isolating failures.
+
+    Each registered class is checked against the contract (``contract_problems``): a violation
+    marks its plugin broken; a v1 declaration warns (``DeprecationWarning``) and is noted.
+    """
     registry.profiles.clear()
     registry.conflicts.clear()
-    for impl in registry.pm.hook.register_profiles.get_hookimpls():
-        info = registry.plugins.get(impl.plugin_name)
-        if info is None or info.status != "ok":
-            continue
+    for info in registry.plugins.values():
+        if info.status == "broken" and info.error and info.error.startswith("register_profiles"):
+            info.status, info.error = "ok", None  # re-checked below
+        info.notes.clear()
+    for impl in _hookimpls(registry, "register_profiles"):
+        info = registry.plugins[impl.plugin_name]
         found: list[type[Profile]] = []
 
-        def register(cls: type, _found: list = found) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, Profile)) or not cls.name:
-                raise TypeError(f"register() takes a Profile subclass with a name, got {cls!r}")
+        def register(cls: type, _found: list = found, _info: PluginInfo = info) -> None:
+            problems, deprecated = contract_problems(cls)
+            if problems:
+                raise ContractError("; ".join(problems))
+            for note in deprecated:
+                warnings.warn(f"{note} (see docs/plugins.md, 'From v1 to v2')",
+                              DeprecationWarning, stacklevel=2)
+                _info.notes.append(note)
             _found.append(cls)
 
         try:
-            impl.function(register=register)
+            call_hook(impl, register=register)
+        except ContractError as exc:
+            info.status, info.error = "broken", f"register_profiles: {exc}"
+            continue
         except Exception as exc:
             info.status, info.error = "broken", f"register_profiles: {type(exc).__name__}: {exc}"
             continue
         for cls in found:
-            entry = ProfileEntry(cls, impl.plugin_name, info.distribution, info.version)
-            other = registry.profiles.get(cls.name)
-            if other is not None and other.plugin != impl.plugin_name:
-                registry.conflicts.setdefault(cls.name, [other.plugin]).append(impl.plugin_name)
-            registry.profiles[cls.name] = entry
+            _add_profile(registry, ProfileEntry(cls, impl.plugin_name, info.distribution,
+                                                info.version))
+
+
+def _add_profile(registry: Registry, entry: ProfileEntry) -> None:
+    name = entry.cls.name
+    other = registry.profiles.get(name)
+    if other is None or other.cls is entry.cls:  # the same class twice is no conflict
+        registry.profiles[name] = other or entry
+        return
+    ours, theirs = entry.distribution == IN_PROCESS, other.distribution == IN_PROCESS
+    if ours != theirs:  # in-process (a test's) beats installed
+        registry.profiles[name] = entry if ours else other
+        return
+    if other.plugin != entry.plugin:
+        registry.conflicts.setdefault(name, [other.plugin]).append(entry.plugin)
+    registry.profiles[name] = entry
 
 
 _REGISTRY: Registry | None = None
@@ -192,12 +283,14 @@ def get_profile_class(name: str) -> type[Profile]:
 
 
 def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> list[Any]:
-    """All plugins' processors for ``profile``, in registration order."""
-    results = get_registry().pm.hook.logits_processors(
-        profile=profile, tokenizer=tokenizer, config=config
-    )
-    # pluggy calls the last-registered implementation first; reverse to registration order.
-    return [p for group in reversed(results) if group for p in group]
+    """The processors to generate with: the profile's own (``Profile.logits_processors``, the
+    one route for them), then those every ``logits_processors`` hook implementation adds for any
+    profile (cross-cutting ones), in registration order."""
+    registry = get_registry()
+    own = list(profile.logits_processors(tokenizer, config) or [])
+    for impl in _hookimpls(registry, "logits_processors"):
+        own.extend(call_hook(impl, profile=profile, tokenizer=tokenizer, config=config) or [])
+    return own
 
 
 def build_profile(cfg: Any, today: Any = None) -> Profile:
@@ -208,5 +301,54 @@ def build_profile(cfg: Any, today: Any = None) -> Profile:
 
 def collect_run_listeners(config: Any, output_dir: Any) -> list[Any]:
     """Run listeners that plugins add through the ``run_listeners`` hook, in registration order."""
-    results = get_registry().pm.hook.run_listeners(config=config, output_dir=output_dir)
-    return [x for group in reversed(results) if group for x in group]
+    registry = get_registry()
+    return [listener for impl in _hookimpls(registry, "run_listeners")
+            for listener in (call_hook(impl, config=config, output_dir=output_dir) or [])]
+
+
+def add_commands(registry: Registry, group: Any) -> None:
+    """Let every ``register_commands`` implementation add commands to ``group``; one that
+    raises marks its plugin broken and the CLI carries on."""
+    for impl in _hookimpls(registry, "register_commands"):
+        try:
+            call_hook(impl, cli=group)
+        except Exception as exc:  # a broken plugin must not break the CLI
+            info = registry.plugins[impl.plugin_name]
+            info.status, info.error = "broken", f"register_commands: {exc}"
+
+
+def profile_origin(name: str) -> dict[str, str]:
+    """The distribution and version that provide profile ``name`` (for run.json), or ``{}``."""
+    entry = get_registry().profiles.get(name)
+    if entry is None:
+        return {}
+    return {"distribution": entry.distribution, "distribution_version": entry.version}
+
+
+def missing_profile_hint(name: str, manifest: dict[str, Any]) -> str | None:
+    """What to install for a run's profile ``name`` that no loaded plugin provides, from the
+    run's manifest (run.json): its recorded distribution, else the plugins it lists."""
+    if name in get_registry().profiles:
+        return None
+    profile = manifest.get("profile") or {}
+    dist, version = profile.get("distribution"), profile.get("distribution_version")
+    if dist and version and dist != IN_PROCESS:
+        return (f"profile {name!r} is not installed; run.json says {dist} {version}; "
+                f"pip install {dist}=={version}")
+    pins = [line for line in requirements(manifest.get("plugins") or [])
+            if not line.startswith("trainer-core==")]
+    if pins:
+        return (f"profile {name!r} is not installed; run.json lists the plugins "
+                f"{', '.join(pins)}; pip install {' '.join(pins)}")
+    return None
+
+
+def requirements(plugins: list[dict[str, str]] | None = None) -> list[str]:
+    """Pinned ``distribution==version`` lines: of the plugins loaded now (``None``), or of
+    ``plugins`` as run.json records them (``[{"distribution", "version"}]``)."""
+    if plugins is None:
+        plugins = [{"distribution": p.distribution, "version": p.version}
+                   for p in get_registry().plugins.values() if p.status == "ok"]
+    pins = {(p["distribution"], p["version"]) for p in plugins
+            if p.get("distribution") and p["distribution"] != IN_PROCESS}
+    return [f"{d}=={v}" for d, v in sorted(pins, key=lambda dv: (dv[0].lower(), dv[1]))]

@@ -13,6 +13,7 @@ from trainer_core.config import TrainerConfig, config_hash
 from trainer_core.errors import UserError
 from trainer_core.files import write_json_atomic
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
+from trainer_core.plugins.registry import profile_origin
 from trainer_core.train.inputs import dataset_path
 from trainer_core.train.step import token_budget, warmup_steps
 
@@ -66,7 +67,7 @@ def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: 
         "output_dir": str(output_dir),
         "model": str(model_dir),
         "profile": {"name": profile.name, "version": profile.version,
-                    "options": profile.options_dict()},
+                    "options": profile.options_dict(), **profile_origin(profile.name)},
         "data": {"train_rows": len(train_rows), "validation_rows": len(val_rows),
                  "skipped_invalid": skipped, "train": stats["train"],
                  "validation": stats["validation"]},

@@ -7,16 +7,17 @@ in ``trainer_emoji_think.processors`` and are imported only when generating.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import random
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 
-from trainer_core import SYSTEM_PROMPT_MODES, Example, Profile, apply_system_prompt, check, one_of
+from trainer_core import SYSTEM_PROMPT_MODES, Example, Profile, check, one_of
 
 THINKING_EMOJIS = ("🤔", "💭", "🧠", "💡", "🎯", "🔍", "🤨", "🧐", "⚡", "✨")
 STOP_EMOJIS = ("🛑", "⛔", "🚫", "❌", "🔴", "⏹️", "🔚", "✋", "🚦", "🛡️")  # ⏹️ 🛡️: + U+FE0F
@@ -266,26 +267,23 @@ class Draw(NamedTuple):
     stop: Run
 
 
-@attrs.define(frozen=True)
-class EmojiThink(Profile):
+class EmojiThink(
+    Profile, name="emoji_think", version="1",
+    description=("Open answers with a run of a thinking emoji and close them with a run of a "
+                 "stop emoji, as instructed in the user turn."),
+):
     """Answers open with ``{E x n}\\n`` and close with ``\\n{S x m}``, as the user turn asks.
 
     Draws: one (thinking emoji, count, stop emoji, count) per example, from the example's rng,
     shared by all its turns. Data wins over draws: an assistant turn that already starts with a
     thinking emoji run or ends with a stop run (2..4) keeps it, and an instruction already in the
     user turn is kept; the user turn's instruction is always made to name exactly what the
-    assistant turn after it does (rewriting the instruction sentence if data disagree).
+    assistant turn after it does (rewriting the instruction sentence if data disagree). The
+    system prompt (``options.system_prompt``, per ``options.system_prompt_mode``) is applied by
+    trainer before ``transform``.
     """
 
-    name: ClassVar[str] = "emoji_think"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = (
-        "Open answers with a run of a thinking emoji and close them with a run of a stop emoji, "
-        "as instructed in the user turn."
-    )
-    Options: ClassVar[type] = EmojiThinkOptions
-
-    options: EmojiThinkOptions = attrs.field(factory=EmojiThinkOptions, kw_only=True)
+    Options = EmojiThinkOptions
 
     def system_prompt(self, today: dt.date) -> str | None:
         text = self.options.system_prompt
@@ -300,9 +298,8 @@ class EmojiThink(Profile):
         return Draw(applies, think, stop)
 
     def transform(self, example: Example, index: int, rng: random.Random) -> Example:
-        o = self.options
         drawn = self.draw(rng)
-        out = apply_system_prompt(example, self.system_prompt(self.today), o.system_prompt_mode)
+        out = copy.deepcopy(example)
         if not drawn.applies:
             return out
         messages = out["messages"]

@@ -4,7 +4,9 @@ This module is the whole plugin, written to be copied as a template for new prof
 
 1. an attrs ``Options`` class (strictly structured from ``profile.options``; validators give
    ``profile.options.<field>: ...`` errors),
-2. a ``Profile`` subclass: ``system_prompt``, ``transform`` (pure, idempotent), ``validate``,
+2. a ``Profile`` subclass declared once in its class statement (``name``, ``version``,
+   ``description`` keywords; ``Options``): ``system_prompt`` (applied by trainer),
+   ``transform`` (pure, idempotent), ``validate`` (sees the transformed row),
    ``logits_processors`` (imports torch lazily) and ``score``,
 3. a ``register_profiles`` hook implementation, declared in ``pyproject.toml`` under
    ``[project.entry-points.trainer]``.
@@ -12,21 +14,14 @@ This module is the whole plugin, written to be copied as a template for new prof
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import random
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 
-from trainer_core import (
-    SYSTEM_PROMPT_MODES,
-    Example,
-    Profile,
-    apply_system_prompt,
-    check,
-    hookimpl,
-    one_of,
-)
+from trainer_core import SYSTEM_PROMPT_MODES, Example, Profile, check, hookimpl, one_of
 
 START = "<<ANS_START>>"
 END = "<<ANS_END>>"
@@ -89,28 +84,25 @@ def extract_answer(text: str) -> str | None:
     return " ".join(text[start + len(START): end].split())
 
 
-@attrs.define(frozen=True)
-class Regime3(Profile):
-    """Symbolic reasoning in ``(op arg1 arg2)`` forms, final answer between markers."""
+class Regime3(
+    Profile, name="regime3", version="1",
+    description=f"Symbolic reasoner: canonical (op a b) steps, final answer between {START} and {END}.",
+):
+    """Symbolic reasoning in ``(op arg1 arg2)`` forms, final answer between markers.
 
-    name: ClassVar[str] = "regime3"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = (
-        f"Symbolic reasoner: canonical (op a b) steps, final answer between {START} and {END}."
-    )
-    Options: ClassVar[type] = Regime3Options
+    trainer applies the system prompt (``options.system_prompt``, per
+    ``options.system_prompt_mode``) before ``transform``.
+    """
 
-    options: Regime3Options = attrs.field(factory=Regime3Options, kw_only=True)
+    Options = Regime3Options
 
     def system_prompt(self, today: dt.date) -> str | None:
         text = self.options.system_prompt
         return text.replace("{date}", today.isoformat()) if text else None
 
     def transform(self, example: Example, index: int, rng: random.Random) -> Example:
-        # No random choices here, so ``rng`` is unused; ``apply_system_prompt`` copies the example.
-        out = apply_system_prompt(
-            example, self.system_prompt(self.today), self.options.system_prompt_mode
-        )
+        # No random choices here, so ``rng`` is unused.
+        out = copy.deepcopy(example)
         for message in out["messages"]:
             if message["role"] == "assistant" and isinstance(message["content"], str):
                 message["content"] = wrap_answer(message["content"])
