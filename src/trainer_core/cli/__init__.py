@@ -44,7 +44,7 @@ def _add_plugin_commands(group: click.Group) -> None:
     for impl in registry.pm.hook.register_commands.get_hookimpls():
         try:
             impl.function(cli=group)
-        except Exception as exc:  # a broken plugin must not break the CLI
+        except (Exception, SystemExit) as exc:  # a broken plugin must not break the CLI
             info = registry.plugins.get(impl.plugin_name)
             if info is not None:
                 info.status, info.error = "broken", f"register_commands: {exc}"

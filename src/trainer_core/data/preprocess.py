@@ -30,7 +30,7 @@ import attrs
 
 from trainer_core.data.chat import ChatTemplate, encode, resolve_template, truncate
 from trainer_core.data.rows import LINE_KEY, example_of, example_problems
-from trainer_core.errors import UserError
+from trainer_core.errors import DataError, UserError
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
 PREPROCESS_VERSION = "1"
@@ -87,6 +87,8 @@ def cache_key(
     max_length: int,
     seed: int,
     truncation: bool,
+    special_tokens: str = "reject",
+    on_invalid: str = "error",
 ) -> str:
     """sha256 over everything that changes the preprocessed result."""
     from trainer_core.data.tokenizer import tokenizer_fingerprint
@@ -106,6 +108,8 @@ def cache_key(
         "max_length": max_length,
         "seed": seed,
         "truncation": truncation,
+        "special_tokens": special_tokens,
+        "on_invalid": on_invalid,
     }
     digest.update(json.dumps(header, sort_keys=True, default=repr).encode())
     for row in rows:  # line numbers included: they are stored in the "line" column
@@ -126,6 +130,8 @@ def preprocess(
     *,
     use_cache: bool = True,
     source: str = "data",
+    special_tokens: str = "reject",
+    on_invalid: str = "error",
 ) -> tuple[Any, PreprocessStats]:
     """Transform, validate, encode and filter ``rows`` (from ``data.read_rows``); cached.
 
@@ -133,18 +139,28 @@ def preprocess(
     ``num_trained`` and ``line`` (source line, 0 when unknown), in row order. ``cache_dir``
     defaults to ``default_cache_dir()``; ``source`` names the data in problem messages.
     ``stats.cache_hit`` tells whether the result came from the cache (no transform ran).
+
+    ``special_tokens`` is the ``data.special_tokens_in_content`` policy: ``reject`` treats a
+    message whose content contains one of the tokenizer's control tokens (``<|im_end|>``...)
+    as an invalid row (``on_invalid``: ``error`` raises ``DataError`` naming each line and
+    token, ``skip`` drops it as ``special_token``); ``allow`` tokenizes them as control tokens.
     """
     if max_length <= 0:
         raise UserError(f"max_length: must be > 0, got {max_length}")
     tpl = resolve_template(template, tokenizer)
-    key = cache_key(rows, profile, tokenizer, tpl, max_length, seed, truncation)
+    if special_tokens not in ("reject", "allow"):
+        raise UserError(f"data.special_tokens_in_content: must be reject or allow, got "
+                        f"{special_tokens!r}")
+    key = cache_key(rows, profile, tokenizer, tpl, max_length, seed, truncation, special_tokens,
+                    on_invalid)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / key
     if use_cache:
         cached = _load(entry)
         if cached is not None:
             return cached
-    columns, stats = _compute(rows, profile, tokenizer, tpl, max_length, seed, truncation, source)
+    columns, stats = _compute(rows, profile, tokenizer, tpl, max_length, seed, truncation, source,
+                              special_tokens, on_invalid)
     stats.cache_key = key
     dataset = _to_dataset(columns)
     if use_cache:
@@ -164,7 +180,13 @@ def _compute(
     seed: int,
     truncation: bool,
     source: str,
+    special_tokens: str = "reject",
+    on_invalid: str = "error",
 ) -> tuple[dict[str, list], PreprocessStats]:
+    from trainer_core.data.tokenizer import special_token_texts
+
+    controls = special_token_texts(tokenizer) if special_tokens == "reject" else []
+    smuggled: list[str] = []
     stats = PreprocessStats(rows_in=len(rows))
     dropped: Counter[str] = Counter()
     columns: dict[str, list] = {name: [] for name in COLUMNS}
@@ -179,11 +201,16 @@ def _compute(
             raise UserError(
                 f"{where}: profile {profile.name!r} failed to transform the row: {exc!r}"
             ) from exc
-        problems = example_problems(example) or list(profile.validate(example))
+        problems = example_problems(example) or _validate(profile, example, where)
         if problems:
             dropped["profile_invalid"] += 1
             room = MAX_REPORTED - len(stats.problems)
             stats.problems.extend(f"{where}: {p}" for p in problems[: max(room, 0)])
+            continue
+        found = _control_tokens(example["messages"], controls) if controls else []
+        if found:
+            dropped["special_token"] += 1
+            smuggled.extend(f"{where}: {f}" for f in found)
             continue
         try:
             encoded = encode(example["messages"], tokenizer, tpl)
@@ -207,9 +234,44 @@ def _compute(
         columns["line"].append(line)
         stats.total_tokens += encoded.length
         stats.trained_tokens += trained
+    if smuggled and on_invalid == "error":
+        shown = smuggled[:MAX_REPORTED]
+        more = len(smuggled) - len(shown)
+        raise DataError("\n".join([
+            f"{source}: {dropped['special_token']} row(s) contain the tokenizer's control tokens "
+            "in message content, where they would act as real turn markers (remove them, set "
+            "data.on_invalid: skip to drop these rows, or data.special_tokens_in_content: allow):",
+            *shown, *([f"... and {more} more"] if more else [])]))
     stats.rows_kept = len(columns["input_ids"])
     stats.dropped = dict(dropped)
+    room = MAX_REPORTED - len(stats.problems)
+    stats.problems.extend(smuggled[: max(room, 0)])
     return columns, stats
+
+
+def _validate(profile: Any, example: dict[str, Any], where: str) -> list[str]:
+    """The profile's ``validate``; a plugin bug there is one line naming the profile."""
+    try:
+        return list(profile.validate(example))
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from exc
+    except Exception as exc:
+        raise UserError(f"{where}: profile {profile.name!r} ({type(profile).__module__}) failed "
+                        f"to validate the row: {exc!r}") from exc
+
+
+def _control_tokens(messages: list[dict[str, Any]], controls: list[str]) -> list[str]:
+    """``messages[i].content: contains the control token '<|im_end|>'`` for each hit."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, str):
+            continue
+        for token in controls:
+            if token in content:
+                out.append(f"messages[{i}].content: contains the control token {token!r}")
+                break
+    return out
 
 
 def _to_dataset(columns: dict[str, list]) -> Any:

@@ -108,7 +108,8 @@ def build_registry() -> Registry:
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
-            except Exception as exc:  # a broken plugin must not break the CLI
+            # SystemExit too: a plugin calling sys.exit at import must not take --help with it.
+            except (Exception, SystemExit) as exc:  # a broken plugin must not break the CLI
                 info.status, info.error = "broken", f"{type(exc).__name__}: {exc}"
                 continue
             info.hooks = _hook_names(pm, plugin)
@@ -148,7 +149,7 @@ def collect_profiles(registry: Registry) -> None:
 
         try:
             impl.function(register=register)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             info.status, info.error = "broken", f"register_profiles: {type(exc).__name__}: {exc}"
             continue
         for cls in found:
@@ -192,12 +193,36 @@ def get_profile_class(name: str) -> type[Profile]:
 
 
 def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> list[Any]:
-    """All plugins' processors for ``profile``, in registration order."""
-    results = get_registry().pm.hook.logits_processors(
-        profile=profile, tokenizer=tokenizer, config=config
-    )
-    # pluggy calls the last-registered implementation first; reverse to registration order.
-    return [p for group in reversed(results) if group for p in group]
+    """All plugins' processors for ``profile``, in registration order.
+
+    A plugin whose hook raises (or whose profile's ``logits_processors`` does, through the
+    built-in bridge) becomes a :class:`~trainer_core.errors.PluginError` naming that plugin.
+    """
+    from trainer_core.errors import PluginError
+
+    kwargs = {"profile": profile, "tokenizer": tokenizer, "config": config}
+    out: list[Any] = []
+    # get_hookimpls() lists implementations in registration order, the order we promise.
+    for impl in get_registry().pm.hook.logits_processors.get_hookimpls():
+        name = impl.plugin_name
+        if name == BUILTIN_NAME:  # the bridge: the profile's own method, from its plugin
+            name = _profile_plugin(profile) or name
+        try:
+            group = impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception as exc:
+            raise PluginError(name, "logits_processors", exc) from exc
+        out.extend(group or [])
+    return out
+
+
+def _profile_plugin(profile: Any) -> str | None:
+    entry = get_registry().profiles.get(getattr(profile, "name", ""))
+    return entry.distribution if entry is not None else None
+
+
+def profile_plugin_name(profile: Any) -> str:
+    """The distribution that registered ``profile`` (for messages), else its module."""
+    return _profile_plugin(profile) or type(profile).__module__
 
 
 def build_profile(cfg: Any, today: Any = None) -> Profile:
