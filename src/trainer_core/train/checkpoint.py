@@ -353,8 +353,20 @@ def resume_differences(old: dict[str, Any], new: dict[str, Any]
     out = []
     for key in sorted(set(old) & set(new)):
         if old[key] != new[key]:
-            out.append((key, FACT_KINDS.get(key, key), old[key], new[key]))
+            kind = FACT_KINDS.get(key, key)
+            out.extend((name, kind, a, b) for name, a, b in _leaf_diffs(key, old[key], new[key]))
     return out
+
+
+def _leaf_diffs(name: str, a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    # Nested facts (profile options) are compared leaf by leaf so the message names the option.
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = []
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                found.extend(_leaf_diffs(f"{name}.{k}", a.get(k), b.get(k)))
+        return found
+    return [(name, a, b)]
 
 
 def _short(value: Any) -> str:

@@ -46,6 +46,7 @@ from trainer_core.train.rundir import (
     locate_output,
     plan_summary,
     record_outcome,
+    release_claim,
     resume_facts,
     run_manifest,
     truncate_logs,
@@ -115,10 +116,11 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     cfg = fit_to_model(resolved, model_dir)
     target = locate_output(cfg, model_dir, dry_run, unlock, note)
     lock = None if dry_run else claim_output(target, cfg, unlock)
+    began: list[bool] = []  # set once the run starts training (RunStart emitted)
     try:
         with StopRequested(deferred=False):
             return _train(cfg, target, profile, model_dir, train_rows, val_rows, skipped,
-                          dry_run, quiet, stream, listeners, started, note)
+                          dry_run, quiet, stream, listeners, started, note, began)
     except RunInterrupted as exc:
         reason = (f"interrupted by signal {exc.signum} before the run could checkpoint; "
                   + (f"{resume_hint(cfg, target)}" if lock is not None else "nothing written"))
@@ -128,7 +130,13 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
         _record(lock, target, "failed", str(exc))
         raise
     except UserError as exc:
-        _record(lock, target, "failed", str(exc).splitlines()[0])
+        if began:
+            _record(lock, target, "failed", str(exc).splitlines()[0])
+        elif lock is not None and not target.resume:
+            # Bad data or settings found before training: the directory goes back to empty,
+            # so fixing the mistake and rerunning the same command works.
+            lock.release()
+            release_claim(target.output_dir)
         raise
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
@@ -157,7 +165,8 @@ def resume_hint(cfg: TrainerConfig, target: Any) -> str:
 
 def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train_rows: list,
            val_rows: list, skipped: dict[str, int], dry_run: bool, quiet: bool, stream: Any,
-           listeners: list[RunListener] | None, started: float, note: Any) -> dict[str, Any]:
+           listeners: list[RunListener] | None, started: float, note: Any, began: list[bool]
+           ) -> dict[str, Any]:
     from trainer_core.data.tokenizer import check_tokenizer, load_tokenizer
 
     output_dir = target.output_dir
@@ -196,6 +205,7 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
                    device_type=setup.device.type,
                    resumed_from=str(checkpoint.path) if checkpoint is not None else None,
                    accepted_changes=[f"{k}: {a} -> {b}" for k, _, a, b in accepted])
+    began.append(True)
     events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
                           checkpoint is not None, started, summary, to_dict(cfg),
                           run_manifest(cfg, profile, summary)))

@@ -357,7 +357,8 @@ def _describe(info: RunDirInfo) -> str:
     n = len(info.checkpoints)
     state = {"stopped": "killed", None: "unfinished"}.get(info.state, info.state)
     ckpts = f"{n} checkpoint{'s' if n != 1 else ''}" if n else "no checkpoint"
-    return f"a {state} run ({ckpts})"
+    article = "an" if state[0] in "aeiou" else "a"
+    return f"{article} {state} run ({ckpts})"
 
 
 def _newest_resumable(profile: str, note: Callable[[str], None] | None) -> Path:
@@ -410,6 +411,20 @@ def claim_output(target: OutputTarget, cfg: TrainerConfig, unlock: bool) -> RunD
         lock.release()
         raise
     return lock
+
+
+def release_claim(output_dir: Path) -> None:
+    """Undo :func:`claim_output` for a fresh directory whose run never started (bad data found
+    during preprocessing): remove the lock files it wrote, and the directory if now empty.
+    Call after releasing the lock."""
+    from trainer_core.config.lock import LOCK_FILE
+
+    for name in (LOCK_FILE, CONFIG_FILE, RUN_LOCK_FILE):
+        (Path(output_dir) / name).unlink(missing_ok=True)
+    try:
+        Path(output_dir).rmdir()
+    except OSError:
+        pass
 
 
 def update_latest(output_dir: Path) -> None:
@@ -502,8 +517,14 @@ class ManifestListener(RunListener):
 
 
 def default_output_dir(profile_name: str) -> Path:
+    """``runs/<profile>-<timestamp>``, with a ``-N`` suffix when that name is taken."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{profile_name}-{stamp}"
+    path = RUNS_ROOT / f"{profile_name}-{stamp}"
+    n = 2
+    while os.path.lexists(path):
+        path = RUNS_ROOT / f"{profile_name}-{stamp}-{n}"
+        n += 1
+    return path
 
 
 def _param_count(model_dir: Path) -> int | None:
