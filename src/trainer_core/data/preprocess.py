@@ -256,8 +256,11 @@ def _validate(profile: Any, example: dict[str, Any], where: str) -> list[str]:
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from exc
     except Exception as exc:
-        raise UserError(f"{where}: profile {profile.name!r} ({type(profile).__module__}) failed "
-                        f"to validate the row: {exc!r}") from exc
+        from trainer_core.plugins.registry import profile_plugin_name
+
+        raise UserError(f"{where}: profile {profile.name!r} (plugin "
+                        f"{profile_plugin_name(profile)!r}) failed to validate the row: "
+                        f"{exc!r}") from exc
 
 
 def _control_tokens(messages: list[dict[str, Any]], controls: list[str]) -> list[str]:

@@ -217,7 +217,10 @@ def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> 
 
 def _profile_plugin(profile: Any) -> str | None:
     entry = get_registry().profiles.get(getattr(profile, "name", ""))
-    return entry.distribution if entry is not None else None
+    if entry is None:
+        return None
+    # In-process plugins (tests, embedding apps) have no distribution; their name says more.
+    return entry.plugin if entry.distribution.startswith("(") else entry.distribution
 
 
 def profile_plugin_name(profile: Any) -> str:

@@ -74,6 +74,12 @@ def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_row
         raise UserError("no training examples left after preprocessing; see the drop counts: "
                         f"{train_stats}")
     check_drop_fraction(cfg, skipped or {}, train_stats, val_stats)
+    per_step = cfg.hyperparams.batch_size * cfg.hyperparams.gradient_accumulation
+    if per_step > len(train_examples):
+        # Refused before the plan lists a step's examples (a 10**9 batch would allocate them).
+        raise UserError(f"hyperparams.batch_size x gradient_accumulation = {per_step} examples "
+                        f"per step, but there are only {len(train_examples)} training examples; "
+                        "lower them")
     return train_examples, val_examples, {"train": train_stats, "validation": val_stats}
 
 
