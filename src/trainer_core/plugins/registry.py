@@ -208,7 +208,7 @@ def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> 
         if name == BUILTIN_NAME:  # the bridge: the profile's own method, from its plugin
             name = _profile_plugin(profile) or name
         try:
-            group = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            group: Any = impl.function(**{k: kwargs[k] for k in impl.argnames})
         except Exception as exc:
             raise PluginError(name, "logits_processors", exc) from exc
         out.extend(group or [])

@@ -108,7 +108,10 @@ def clean_partial(output_dir: Path) -> list[Path]:
         return []
     removed = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 
@@ -350,7 +353,7 @@ def resume_differences(old: dict[str, Any], new: dict[str, Any]
                        ) -> list[tuple[str, str, Any, Any]]:
     """Recorded facts that differ: ``(fact, kind, old, new)``; a fact missing on one side
     (an older checkpoint) is not a difference."""
-    out = []
+    out: list[tuple[str, str, Any, Any]] = []
     for key in sorted(set(old) & set(new)):
         if old[key] != new[key]:
             kind = FACT_KINDS.get(key, key)
@@ -395,7 +398,8 @@ def check_resume(old: dict[str, Any] | None, new: dict[str, Any],
         raise UserError(
             f"cannot resume: the run changed since the checkpoint ({listed}). Resume with the "
             f"original settings, accept the changes with --allow-changes {kinds}, or start a "
-            "fresh run in another --output-dir (its --model may be a checkpoint directory)")
+            "fresh run in another --output-dir from the checkpoint's weights (--model CHECKPOINT "
+            "--tokenizer THE_MODEL)")
     return diffs
 
 

@@ -355,7 +355,7 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
 
 def _describe(info: RunDirInfo) -> str:
     n = len(info.checkpoints)
-    state = {"stopped": "killed", None: "unfinished"}.get(info.state, info.state)
+    state = {"stopped": "killed", None: "unfinished"}.get(info.state, info.state) or "unfinished"
     ckpts = f"{n} checkpoint{'s' if n != 1 else ''}" if n else "no checkpoint"
     article = "an" if state[0] in "aeiou" else "a"
     return f"{article} {state} run ({ckpts})"
@@ -397,7 +397,10 @@ def claim_output(target: OutputTarget, cfg: TrainerConfig, unlock: bool) -> RunD
             for child in target.output_dir.iterdir():
                 if child.name == RUN_LOCK_FILE:
                     continue
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         clean_partial(target.output_dir)
         if target.restart:
             truncate_logs(target.output_dir, cfg, 0)
