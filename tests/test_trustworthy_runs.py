@@ -469,3 +469,28 @@ def test_disk_full_while_writing_the_lock(micro_model_dir, small_jsonl, tmp_path
                           1)
     assert "cannot write the run lock" in line and "No space left on device" in line
     assert not (out / "model.safetensors").exists()
+
+
+def test_inspect_run_dir_classifies_directories(interrupted_run, tmp_path):
+    """The state detection the daemon reuses: what each kind of directory is."""
+    from trainer_core.train.rundir import find_resumable_runs
+
+    out, _ = interrupted_run
+    info = inspect_run_dir(out)
+    assert (info.kind, info.state, info.resumable, info.completed) == (
+        "run", "interrupted", True, False)
+    assert info.profile == "plain_sft" and len(info.checkpoints) == 3
+    assert inspect_run_dir(tmp_path / "nothing").kind == "missing"
+    (tmp_path / "empty").mkdir()
+    assert inspect_run_dir(tmp_path / "empty").kind == "empty"
+    assert inspect_run_dir(tmp_path).kind == "foreign"  # train.jsonl, cache...
+    # a run whose process died without recording an end: "stopped", still resumable
+    status = json.loads((out / "status.json").read_text())
+    (out / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "state": "running"}))
+    assert inspect_run_dir(out).state == "stopped" and inspect_run_dir(out).resumable
+    with RunDirLock(out):
+        assert inspect_run_dir(out).kind == "locked"
+        assert find_resumable_runs("plain_sft", root=tmp_path) == []
+    assert [i.path for i in find_resumable_runs("plain_sft", root=tmp_path)] == [out]

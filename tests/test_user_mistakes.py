@@ -357,3 +357,26 @@ def test_special_token_policy_reaches_the_run(micro_model_dir, small_jsonl, tmp_
                            "data.on_invalid=skip", "--json"))
     assert skip.exit_code == 0, skip.output
 
+
+
+def test_tokenizer_that_cannot_drive_the_model(qwen_tokenizer):
+    from trainer_core.data.tokenizer import check_tokenizer
+    from trainer_core.errors import UserError
+
+    check_tokenizer(qwen_tokenizer, 151936, chatml=True)
+    with pytest.raises(UserError, match=r"has 151669 tokens but the model only 1000 embedding"):
+        check_tokenizer(qwen_tokenizer, 1000, chatml=True)
+
+    class NoChatML:
+        trainer_source_dir = "/models/gpt2ish"
+        unk_token_id = 0
+
+        def __len__(self):
+            return 50
+
+        def convert_tokens_to_ids(self, token):
+            return self.unk_token_id
+
+    with pytest.raises(UserError, match=r"/models/gpt2ish has no <\|im_start\|> token"):
+        check_tokenizer(NoChatML(), 100, chatml=True)
+    check_tokenizer(NoChatML(), 100, chatml=False)  # its own template may not need them
