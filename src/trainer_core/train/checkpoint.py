@@ -423,3 +423,22 @@ def apply_allowed_changes(diffs: list[tuple[str, str, Any, Any]], optimizer: Any
         optimizer.param_groups[0]["weight_decay"] = new["weight_decay"]
     if "seed" in changed:
         torch.manual_seed(new["seed"])
+
+
+def checkpoint_to_resume(output_dir: Path, explicit: Path | None, facts: dict[str, Any],
+                         total_steps: int, allowed: Iterable[str],
+                         note: Callable[[str], None]) -> tuple[CheckpointData, list]:
+    """The checkpoint a resume continues from, read and checked against the run's ``facts``
+    (see :func:`check_resume`), and the accepted differences. ``UserError`` when there is
+    none, when it is past ``total_steps``, or when settings changed without being allowed."""
+    data = choose_checkpoint(output_dir, explicit, note)
+    if data is None:
+        raise UserError(f"--resume: no checkpoint in {checkpoint_root(output_dir)}")
+    if data.step > total_steps:
+        raise UserError(f"{data.path.name} is at step {data.step} but this run has only "
+                        f"{total_steps} steps; give --max-steps above {data.step} (or more "
+                        "--epochs) to continue it")
+    if data.facts is None:
+        note(f"warning: {data.path} records no run facts (written by an older trainer); "
+             "changed settings cannot be detected")
+    return data, check_resume(data.facts, facts, allowed)

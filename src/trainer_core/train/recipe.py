@@ -24,7 +24,6 @@ from typing import Any
 import attrs
 
 from trainer_core.config import Resolved, TrainerConfig, to_dict
-from trainer_core.errors import RunFailure, UserError
 from trainer_core.files import write_json_atomic
 from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf, weights_finite
 from trainer_core.monitor.console import print_plan
@@ -44,14 +43,14 @@ from trainer_core.train.rundir import (
     CONFIG_FILE,
     claim_output,
     locate_output,
+    outcome_recorded,
     plan_summary,
-    record_outcome,
-    release_claim,
     resume_facts,
+    resume_hint,
     run_manifest,
     truncate_logs,
 )
-from trainer_core.train.signals import RunInterrupted, StopRequested
+from trainer_core.train.signals import StopRequested
 from trainer_core.train.step import TrainingSetup, prepare_training, token_budget, train_step
 
 
@@ -116,58 +115,20 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     cfg = fit_to_model(resolved, model_dir)
     target = locate_output(cfg, model_dir, dry_run, unlock, note)
     lock = None if dry_run else claim_output(target, cfg, unlock)
-    began: list[bool] = []  # set once the run starts training (RunStart emitted)
-    try:
+    with outcome_recorded(target, lock, resume_hint(cfg, target)) as began:
         with StopRequested(deferred=False):
             return _train(cfg, target, profile, model_dir, train_rows, val_rows, skipped,
                           dry_run, quiet, stream, listeners, started, note, began)
-    except RunInterrupted as exc:
-        reason = (f"interrupted by signal {exc.signum} before the run could checkpoint; "
-                  + (f"{resume_hint(cfg, target)}" if lock is not None else "nothing written"))
-        _record(lock, target, "interrupted", reason)
-        raise RunFailure(reason) from None
-    except RunFailure as exc:
-        _record(lock, target, "failed", str(exc))
-        raise
-    except UserError as exc:
-        if began:
-            _record(lock, target, "failed", str(exc).splitlines()[0])
-        elif lock is not None and not target.resume:
-            # Bad data or settings found before training: the directory goes back to empty,
-            # so fixing the mistake and rerunning the same command works.
-            lock.release()
-            release_claim(target.output_dir)
-        raise
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        reason = f"{exc.strerror or exc}{where}; the last good checkpoint is kept"
-        _record(lock, target, "failed", reason)
-        raise RunFailure(reason) from exc
-    except Exception as exc:  # a bug: keep the traceback, but never leave "running" behind
-        _record(lock, target, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _record(lock: Any, target: Any, state: str, reason: str) -> None:
-    if lock is not None:
-        record_outcome(target.output_dir, state, reason)
-
-
-def resume_hint(cfg: TrainerConfig, target: Any) -> str:
-    """How to continue: works as printed (the default output dir is named explicitly)."""
-    extra = f" --output-dir {target.output_dir}" if target.default_dir else ""
-    without = " (without --overwrite)" if cfg.output.overwrite else ""
-    return f"continue with the same command{without} plus --resume{extra}"
 
 
 def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train_rows: list,
            val_rows: list, skipped: dict[str, int], dry_run: bool, quiet: bool, stream: Any,
            listeners: list[RunListener] | None, started: float, note: Any, began: list[bool]
            ) -> dict[str, Any]:
+    """Tokenizer and data -> plan (``--dry-run`` stops here) -> model and resume state ->
+    listeners -> the loop -> final model -> end event, in a claimed output directory."""
     from trainer_core.data.tokenizer import check_tokenizer, load_tokenizer
+    from trainer_core.train.checkpoint import checkpoint_to_resume
 
     output_dir = target.output_dir
     tokenizer = load_tokenizer(cfg.model.tokenizer or str(model_dir),
@@ -183,14 +144,17 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
     summary = plan_summary(cfg, profile, model_dir, output_dir, plan, train_rows, val_rows,
                            skipped, stats)
     facts = resume_facts(cfg, profile, tokenizer, plan.total_steps)
-    checkpoint, accepted = resume_checkpoint(target, cfg, facts, plan.total_steps, note)
+    checkpoint, accepted = (checkpoint_to_resume(output_dir, target.resume_from, facts,
+                                                 plan.total_steps, cfg.output.allow_changes,
+                                                 note)
+                            if target.resume and not target.restart else (None, []))
     if dry_run:
         print_plan(cfg, summary, stream or sys.stderr)
         return summary
 
     setup = prepare_training(cfg, model_dir, plan.total_steps, target.facts)
-    write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))
     state = resume_state(checkpoint, setup, accepted, facts)
+    write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))  # only once the run can go on
     if checkpoint is not None:
         truncate_logs(output_dir, cfg, state["step"])
     from trainer_core.generate.previews import preview_prompts
@@ -217,27 +181,6 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
     finally:
         events.close()
     return summary
-
-
-def resume_checkpoint(target: Any, cfg: TrainerConfig, facts: dict[str, Any], total_steps: int,
-                      note: Any) -> tuple[Any, list]:
-    """The checkpoint to resume from (read, checked against this run's facts) and the accepted
-    differences; ``(None, [])`` for a fresh start."""
-    if not target.resume or target.restart:
-        return None, []
-    from trainer_core.train.checkpoint import check_resume, choose_checkpoint
-
-    data = choose_checkpoint(target.output_dir, target.resume_from, note)
-    if data is None:
-        raise UserError(f"--resume: no checkpoint in {target.output_dir}")
-    if data.step > total_steps:
-        raise UserError(f"{data.path.name} is at step {data.step} but this run has only "
-                        f"{total_steps} steps; give --max-steps above {data.step} (or more "
-                        "--epochs) to continue it")
-    if data.facts is None:
-        note(f"warning: {data.path} records no run facts (written by an older trainer); "
-             "changed settings cannot be detected")
-    return data, check_resume(data.facts, facts, cfg.output.allow_changes)
 
 
 def train_loop(run: Run) -> tuple[str, str | None]:

@@ -16,6 +16,7 @@ What trainer guarantees about an output directory (README, "What trainer guarant
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +480,65 @@ def record_outcome(output_dir: Path, state: str, reason: str | None) -> None:
             write_json_atomic(path, data)
         except OSError:
             pass
+
+
+def resume_hint(cfg: TrainerConfig, target: OutputTarget) -> str:
+    """How to continue an interrupted run, working as printed (a default output directory is
+    named, since the same command would otherwise pick a new one)."""
+    extra = f" --output-dir {target.output_dir}" if target.default_dir else ""
+    without = " (without --overwrite)" if cfg.output.overwrite else ""
+    return f"continue with the same command{without} plus --resume{extra}"
+
+
+@contextlib.contextmanager
+def outcome_recorded(target: OutputTarget, lock: RunDirLock | None, hint: str
+                     ) -> Iterator[list[bool]]:
+    """Make every way a claimed run can end outside its event stream a recorded final state,
+    and release the lock at the end.
+
+    Yields a list the run appends ``True`` to once it starts training. Then: a signal
+    (``RunInterrupted``) becomes state ``interrupted`` and ``RunFailure`` (exit 1); an
+    ``OSError`` (disk full) becomes ``failed`` and ``RunFailure``; a ``UserError`` after the
+    start is recorded as ``failed``; one before it leaves a resumed run's record as it was, and
+    gives a fresh directory back empty (so fixing the mistake and rerunning works). An
+    unexpected exception (a bug) is recorded as ``failed`` and propagates with its traceback.
+    """
+    from trainer_core.train.signals import RunInterrupted
+
+    began: list[bool] = []
+
+    def record(state: str, reason: str) -> None:
+        if lock is not None:
+            record_outcome(target.output_dir, state, reason)
+
+    try:
+        yield began
+    except RunInterrupted as exc:
+        reason = (f"interrupted by signal {exc.signum} before the run could checkpoint; "
+                  + (hint if lock is not None else "nothing written"))
+        record("interrupted", reason)
+        raise RunFailure(reason) from None
+    except RunFailure as exc:
+        record("failed", str(exc))
+        raise
+    except UserError as exc:
+        if began:
+            record("failed", str(exc).splitlines()[0])
+        elif lock is not None and not target.resume:
+            lock.release()
+            release_claim(target.output_dir)
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = f"{exc.strerror or exc}{where}; the last good checkpoint is kept"
+        record("failed", reason)
+        raise RunFailure(reason) from exc
+    except Exception as exc:
+        record("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: Path, plan: Any,
