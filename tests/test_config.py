@@ -173,7 +173,7 @@ def test_profile_options_merge_file_and_cli(tmp_path):
 # --------------------------------------------------------------------------- round trip
 
 ENUM_CHOICES = sorted(set(C.PRECISIONS + C.SCHEDULERS + C.ON_INVALID + C.DTYPES + C.ATTN_IMPLS
-                          + C.DEVICES))
+                          + C.DEVICES + C.SWITCHES + C.SPECIAL_TOKEN_POLICIES))
 
 json_leaf = (st.none() | st.booleans() | st.integers()
              | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
@@ -219,7 +219,7 @@ def strategy_for_type(tp: Any, a: attrs.Attribute) -> st.SearchStrategy:
             lo = None if ok(-1.0) else 0.0
             return st.floats(min_value=lo, exclude_min=not ok(0.0) and lo is not None,
                              **finite).filter(ok)
-        assert ok(0.5) and ok(1.0) and ok(0.0), a.name  # a fraction in [0, 1]
+        assert ok(0.5) and ok(0.0), a.name  # a fraction in [0, 1] or [0, 1)
         return st.floats(0.0, 1.0).filter(ok)
     if tp is str:
         if a.validator is not None:  # an enum
@@ -228,6 +228,8 @@ def strategy_for_type(tp: Any, a: attrs.Attribute) -> st.SearchStrategy:
             return st.sampled_from(choices)
         return st.text(max_size=20)
     if origin is list and typing.get_args(tp) == (str,):
+        if a.validator is not None:  # a list of choices (output.allow_changes)
+            return st.lists(st.sampled_from(C.CHANGE_KINDS), max_size=3)
         return st.lists(st.text(max_size=8), max_size=3)
     if origin is dict:
         return st.dictionaries(st.text(max_size=10), json_value, max_size=4)
@@ -322,7 +324,7 @@ def test_error_range():
     assert config_error({"hyperparams": {"batch_size": 0}}) == (
         "hyperparams.batch_size: must be > 0, got 0")
     assert config_error({"data": {"validation_split": 1.5}}) == (
-        "data.validation_split: must be between 0 and 1, got 1.5")
+        "data.validation_split: must be >= 0 and < 1, got 1.5")
     assert config_error({"hyperparams": {"save_steps": -1}}) == (
         "hyperparams.save_steps: must be >= 0, got -1")
 

@@ -72,6 +72,11 @@ def config_options(func: Callable) -> Callable:
                      help="Resume from the newest checkpoint in the output directory."),
         click.option("--resume-from", "flag_resume_from", type=click.Path(),
                      help="Resume from this checkpoint directory."),
+        click.option("--overwrite", "flag_overwrite", is_flag=True, default=None,
+                     help="Replace what the output directory holds (output.overwrite)."),
+        click.option("--allow-changes", "flag_allow_changes", metavar="KINDS",
+                     help="On resume, accept these changed settings, e.g. lr,data "
+                          "(output.allow_changes)."),
         click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
                      help="Set any config field (value parsed as JSON, else text). Repeatable."),
     ]
@@ -109,6 +114,11 @@ def cli_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
         out["output.resume"] = resume_from
     elif resume:
         out["output.resume"] = "latest"
+    if kwargs.pop("flag_overwrite"):
+        out["output.overwrite"] = True
+    changes = kwargs.pop("flag_allow_changes")
+    if changes is not None:
+        out["output.allow_changes"] = [c.strip() for c in changes.split(",") if c.strip()]
     for item in kwargs.pop("sets"):
         key, value = parse_set(item)
         out[key] = value

@@ -31,6 +31,10 @@ def run(config_file: str | None, overrides: dict[str, Any], dry_run: bool, unloc
     if json_summary:
         click.echo(json.dumps(summary, indent=2, default=str))
     if summary.get("state") not in (None, "completed", "planned"):
+        if quiet:  # the console listener printed the reason otherwise
+            from trainer_core.errors import RunFailure
+
+            raise RunFailure(summary.get("reason") or f"run {summary.get('state')}")
         sys.exit(1)
 
 

@@ -65,9 +65,10 @@ def check_model_against_config(cfg: TrainerConfig, facts: dict[str, Any]) -> Non
         raise UserError(f"the model does not match the locked config: {lines}")
 
 
-def check_and_write_lock(output_dir: str | Path, facts: dict[str, Any], unlock: bool = False
-                         ) -> None:
-    """Compare ``facts`` with the directory's lock file (writing it on the first run)."""
+def check_and_write_lock(output_dir: str | Path, facts: dict[str, Any], unlock: bool = False,
+                         write: bool = True) -> None:
+    """Compare ``facts`` with the directory's lock file (writing it on the first run; with
+    ``write=False`` only compare)."""
     out = Path(output_dir)
     lock = out / LOCK_FILE
     if lock.exists() and not unlock:
@@ -82,6 +83,8 @@ def check_and_write_lock(output_dir: str | Path, facts: dict[str, Any], unlock: 
                 f"{out} is locked to another model ({changes}). Use a new --output-dir, or pass "
                 f"--unlock to continue in this directory with the new model."
             )
+        return
+    if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
     tmp = lock.with_suffix(".tmp")

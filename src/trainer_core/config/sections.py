@@ -50,6 +50,31 @@ def _open_fraction(v: Any) -> bool:
     return 0 < v < 1
 
 
+def _half_open_fraction(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+#: Seeds feed numpy and torch generators, which take unsigned 32-/64-bit values; bounding them
+#: here turns "negative seed" and "1e26" crashes deep in a run into a config error.
+MAX_SEED = 2**32 - 1
+SPECIAL_TOKEN_POLICIES = ("reject", "allow")
+CHANGE_KINDS = ("lr", "schedule", "steps", "batch", "data", "profile", "tokenizer", "template",
+                "seed", "world_size")
+
+
+def _seed(v: Any) -> bool:
+    return 0 <= v <= MAX_SEED
+
+
+def _change_kinds(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from trainer_core.config.structure import FieldError
+
+    bad = [v for v in value if v not in CHANGE_KINDS]
+    if bad:
+        raise FieldError(attribute, f"unknown change kind {bad[0]!r}; known: "
+                                    + ", ".join(CHANGE_KINDS))
+
+
 @attrs.define(frozen=True)
 class HyperParams:
     """Optimisation settings."""
@@ -101,7 +126,8 @@ class HyperParams:
         validator=check(_positive, "must be > 0"),
         metadata=doc(
             "Longest example in tokens after templating; longer rows are dropped and counted "
-            "(or truncated with data.truncation)."
+            "(or truncated with data.truncation). Must not exceed the model's "
+            "max_position_embeddings; left at its default it is lowered to that."
         ),
     )
     precision: str = attrs.field(
@@ -113,7 +139,9 @@ class HyperParams:
     save_steps: int = attrs.field(
         default=500,
         validator=check(_non_negative, "must be >= 0"),
-        metadata=doc("Checkpoint every N optimizer steps (0: only at the end)."),
+        metadata=doc("Checkpoint every N optimizer steps (0: no periodic checkpoints). A run "
+                     "stopped by Ctrl-C or SIGTERM always writes one, so it can be resumed; a "
+                     "completed run has its final model instead."),
     )
     save_total_limit: int | None = attrs.field(
         default=3,
@@ -139,7 +167,9 @@ class HyperParams:
         metadata=doc("Clip the global gradient norm to this; null disables clipping."),
     )
     seed: int = attrs.field(
-        default=42, metadata=doc("Seed for model init (tiny model), dropout and data order.")
+        default=42,
+        validator=check(_seed, f"must be between 0 and {MAX_SEED}"),
+        metadata=doc("Seed for model init (tiny model), dropout and data order."),
     )
 
 
@@ -225,12 +255,13 @@ class Data:
     )
     validation_split: float = attrs.field(
         default=0.05,
-        validator=check(_fraction, "must be between 0 and 1"),
+        validator=check(_half_open_fraction, "must be >= 0 and < 1"),
         metadata=doc("Fraction of training rows held out when no validation file is given."),
     )
     shuffle: bool = attrs.field(default=True, metadata=doc("Shuffle training rows each epoch."))
     seed: int = attrs.field(
         default=42,
+        validator=check(_seed, f"must be between 0 and {MAX_SEED}"),
         metadata=doc("Seed for the split, the shuffle and each example's profile transform."),
     )
     packing: bool = attrs.field(
@@ -255,6 +286,21 @@ class Data:
     cache_dir: str | None = attrs.field(
         default=None,
         metadata=doc("Preprocessing cache; unset: $TRAINER_CACHE or ~/.cache/trainer."),
+    )
+    special_tokens_in_content: str = attrs.field(
+        default="reject",
+        validator=one_of(*SPECIAL_TOKEN_POLICIES),
+        metadata=doc("Message content containing the tokenizer's special (control) tokens, "
+                     "e.g. <|im_end|> or <|im_start|>: reject (an invalid row, handled by "
+                     "data.on_invalid) or allow (they become real control tokens, so an answer "
+                     "can smuggle a fake turn into training)."),
+    )
+    max_invalid_fraction: float = attrs.field(
+        default=0.5,
+        validator=check(_fraction, "must be between 0 and 1"),
+        metadata=doc("Stop before training when more than this fraction of the rows was "
+                     "dropped (invalid rows skipped, profile rejections, too long, nothing to "
+                     "train); 1 never stops."),
     )
 
 
@@ -301,7 +347,20 @@ class Output:
     )
     resume: str | None = attrs.field(
         default=None,
-        metadata=doc("Resume: 'latest' (newest checkpoint in output_dir) or a checkpoint path."),
+        metadata=doc("Resume: 'latest' (newest checkpoint in output_dir; without output_dir "
+                     "the newest resumable run of the profile under runs/) or a checkpoint "
+                     "path."),
+    )
+    overwrite: bool = attrs.field(
+        default=False,
+        metadata=doc("Replace whatever output_dir holds (a finished run, other files). "
+                     "Without it a non-empty output_dir is refused."),
+    )
+    allow_changes: list[str] = attrs.field(
+        factory=list,
+        validator=_change_kinds,
+        metadata=doc("On resume, accept these differences from what the checkpoint was trained "
+                     "with (the new values are used): " + ", ".join(CHANGE_KINDS) + "."),
     )
 
 

@@ -30,9 +30,34 @@ def read_json(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read: {exc}") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{p}: invalid JSON: {exc}") from None
+    if nesting_depth(data) > MAX_DEPTH:
+        raise ConfigError(f"{p}: nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+#: No config needs more; deeper values would only reach recursion limits further down.
+MAX_DEPTH = 32
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (iterative: safe on any input)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -75,6 +100,11 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"--set {key.strip()}: value not accepted: "
+                          f"{exc if isinstance(exc, ValueError) else 'nested too deeply'}") from None
+    if nesting_depth(value) > MAX_DEPTH:
+        raise ConfigError(f"--set {key.strip()}: nested more than {MAX_DEPTH} levels deep")
     return key.strip(), value
 
 

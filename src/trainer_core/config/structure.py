@@ -7,6 +7,7 @@ are rejected with a "did you mean" hint, and every problem is reported with its 
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, TypeVar, get_args, get_origin
 
 import attrs
@@ -57,7 +58,12 @@ def _strict(kind: type, name: str):
         if isinstance(value, bool) and kind is not bool:
             raise TypeError(f"expected {name}, got {value!r}")
         if kind is float and isinstance(value, int):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise TypeError(f"expected {name}, got an integer too large for a number") from None
+        if kind is float and isinstance(value, float) and not math.isfinite(value):
+            raise TypeError(f"expected a finite number, got {value!r}")
         if not isinstance(value, kind):
             raise TypeError(f"expected {name}, got {value!r}")
         return value

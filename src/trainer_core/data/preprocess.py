@@ -89,6 +89,8 @@ def cache_key(
     max_length: int,
     seed: int,
     truncation: bool,
+    special_tokens: str = "reject",
+    on_invalid: str = "error",
 ) -> str:
     """sha256 over everything that changes the preprocessed result."""
     from trainer_core.data.tokenizer import tokenizer_fingerprint
@@ -108,6 +110,8 @@ def cache_key(
         "max_length": max_length,
         "seed": seed,
         "truncation": truncation,
+        "special_tokens": special_tokens,
+        "on_invalid": on_invalid,
     }
     digest.update(json.dumps(header, sort_keys=True, default=repr).encode())
     for row in rows:  # line numbers included: they are stored in the "line" column
@@ -129,6 +133,7 @@ def preprocess(
     use_cache: bool = True,
     source: str = "data",
     on_invalid: str = "skip",
+    special_tokens: str = "reject",
 ) -> tuple[Any, PreprocessStats]:
     """Transform, validate, encode and filter ``rows`` (from ``data.read_rows``); cached.
 
@@ -138,6 +143,11 @@ def preprocess(
     ``stats.cache_hit`` tells whether the result came from the cache (no transform ran).
     ``on_invalid="error"`` raises ``DataError`` listing the rows the profile rejected (the
     run passes ``data.on_invalid``); ``"skip"`` drops them.
+
+    ``special_tokens`` is the ``data.special_tokens_in_content`` policy: ``reject`` treats a
+    message whose content contains one of the tokenizer's control tokens (``<|im_end|>``...)
+    as an invalid row (``on_invalid``: ``error`` raises ``DataError`` naming each line and
+    token, ``skip`` drops it as ``special_token``); ``allow`` tokenizes them as control tokens.
     """
     if max_length <= 0:
         raise UserError(f"max_length: must be > 0, got {max_length}")
@@ -145,7 +155,11 @@ def preprocess(
         raise UserError(f"data.on_invalid: must be one of {', '.join(ON_INVALID)}, "
                         f"got {on_invalid!r}")
     tpl = resolve_template(template, tokenizer)
-    key = cache_key(rows, profile, tokenizer, tpl, max_length, seed, truncation)
+    if special_tokens not in ("reject", "allow"):
+        raise UserError(f"data.special_tokens_in_content: must be reject or allow, got "
+                        f"{special_tokens!r}")
+    key = cache_key(rows, profile, tokenizer, tpl, max_length, seed, truncation, special_tokens,
+                    on_invalid)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / key
     if use_cache:
@@ -153,7 +167,8 @@ def preprocess(
         if cached is not None:
             _check_rejected(cached[1], on_invalid, profile, source)
             return cached
-    columns, stats = _compute(rows, profile, tokenizer, tpl, max_length, seed, truncation, source)
+    columns, stats = _compute(rows, profile, tokenizer, tpl, max_length, seed, truncation, source,
+                              special_tokens, on_invalid)
     stats.cache_key = key
     dataset = _to_dataset(columns)
     if use_cache:  # stored either way: the policy is applied to the stats, cached or not
@@ -201,10 +216,12 @@ def prepare_row(profile: Any, row: dict[str, Any], index: int, seed: int, where:
         found = profile.validate(example)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from exc
-    except Exception as exc:
-        raise UserError(
-            f"{where}: profile {profile.name!r} failed to validate the row: {exc!r}"
-        ) from exc
+    except Exception as exc:  # a plugin bug: one line naming the row, the profile and its plugin
+        from trainer_core.plugins.registry import profile_plugin_name
+
+        raise UserError(f"{where}: profile {profile.name!r} (plugin "
+                        f"{profile_plugin_name(profile)!r}) failed to validate the row: "
+                        f"{exc!r}") from exc
     if isinstance(found, str):  # a single message instead of a list
         found = [found]
     return example, [str(p) for p in (found or [])]
@@ -219,7 +236,13 @@ def _compute(
     seed: int,
     truncation: bool,
     source: str,
+    special_tokens: str = "reject",
+    on_invalid: str = "error",
 ) -> tuple[dict[str, list], PreprocessStats]:
+    from trainer_core.data.tokenizer import special_token_texts
+
+    controls = special_token_texts(tokenizer) if special_tokens == "reject" else []
+    smuggled: list[str] = []
     stats = PreprocessStats(rows_in=len(rows))
     dropped: Counter[str] = Counter()
     columns: dict[str, list] = {name: [] for name in COLUMNS}
@@ -231,6 +254,11 @@ def _compute(
             dropped["profile_invalid"] += 1
             room = MAX_REPORTED - len(stats.problems)
             stats.problems.extend(f"{where}: {p}" for p in problems[: max(room, 0)])
+            continue
+        found = _control_tokens(example["messages"], controls) if controls else []
+        if found:
+            dropped["special_token"] += 1
+            smuggled.extend(f"{where}: {f}" for f in found)
             continue
         try:
             encoded = encode(example["messages"], tokenizer, tpl)
@@ -254,9 +282,33 @@ def _compute(
         columns["line"].append(line)
         stats.total_tokens += encoded.length
         stats.trained_tokens += trained
+    if smuggled and on_invalid == "error":
+        shown = smuggled[:MAX_REPORTED]
+        more = len(smuggled) - len(shown)
+        raise DataError("\n".join([
+            f"{source}: {dropped['special_token']} row(s) contain the tokenizer's control tokens "
+            "in message content, where they would act as real turn markers (remove them, set "
+            "data.on_invalid: skip to drop these rows, or data.special_tokens_in_content: allow):",
+            *shown, *([f"... and {more} more"] if more else [])]))
     stats.rows_kept = len(columns["input_ids"])
     stats.dropped = dict(dropped)
+    room = MAX_REPORTED - len(stats.problems)
+    stats.problems.extend(smuggled[: max(room, 0)])
     return columns, stats
+
+
+def _control_tokens(messages: list[dict[str, Any]], controls: list[str]) -> list[str]:
+    """``messages[i].content: contains the control token '<|im_end|>'`` for each hit."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, str):
+            continue
+        for token in controls:
+            if token in content:
+                out.append(f"messages[{i}].content: contains the control token {token!r}")
+                break
+    return out
 
 
 def _to_dataset(columns: dict[str, list]) -> Any:

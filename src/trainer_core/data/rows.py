@@ -12,7 +12,9 @@ Imports nothing heavy: the CLI validates data with this module before loading to
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +27,8 @@ ROLES = ("system", "user", "assistant")
 LINE_KEY = "_line"
 MAX_LISTED = 20
 ON_INVALID = ("error", "skip")
+#: Rows nest messages two or three levels deep; metadata may add some. Deeper is refused.
+MAX_DEPTH = 64
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -104,6 +108,13 @@ def parse_row(text: str, path: str, line: int) -> tuple[dict[str, Any] | None, l
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, [problem("", "not_json", f"not valid JSON: {exc.msg} at column {exc.colno}")]
+    except RecursionError:
+        return None, [problem("", "too_deep", f"nested more than {MAX_DEPTH} levels deep")]
+    except ValueError as exc:  # an integer of more than 4300 digits
+        return None, [problem("", "not_json", f"not accepted: {exc}")]
+    bad = _unreadable_value(obj)
+    if bad is not None:
+        return None, [problem(bad[0], bad[1], bad[2])]
     if not isinstance(obj, dict):
         return None, [problem("", "not_object", f"expected a JSON object, got {_kind(obj)}")]
     if "messages" not in obj and ("prompt" in obj or "completion" in obj):
@@ -123,6 +134,56 @@ def parse_row(text: str, path: str, line: int) -> tuple[dict[str, Any] | None, l
         return None, [problem("messages", "empty_messages", "empty (needs at least one turn)")]
     problems = _check_messages(messages, problem)
     return (None, problems) if problems else (obj, [])
+
+
+def _unreadable_value(obj: Any) -> tuple[str, str, str] | None:
+    """``(field, reason, detail)`` for values later steps cannot handle: nesting deeper than
+    ``MAX_DEPTH`` (deepcopy and hashing recurse) and strings with lone surrogates (not
+    encodable as UTF-8, so no tokenizer can read them). Iterative, so any input is safe."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = f"\\u{ord(node[exc.start]):04x}"
+                return where, "invalid_text", f"lone surrogate {code} (not valid Unicode text)"
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            return where, "too_deep", f"nested more than {MAX_DEPTH} levels deep"
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if isinstance(key, str):
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where, "invalid_text", "lone surrogate in a key"
+            path = f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where
+                                                                    else str(key))
+            stack.append((child, path, depth + 1))
+    return None
+
+
+def check_data_file(path: str | os.PathLike, field: str) -> None:
+    """Refuse what is not a readable regular file (a directory, a FIFO, ``/dev/null``) with
+    one line naming the config field; reading a FIFO would block, a directory would crash."""
+    p = str(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"{field}: {p}: file not found") from None
+    except OSError as exc:
+        raise UserError(f"{field}: {p}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{field}: {p} is a directory; give a JSONL file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{field}: {p} is not a regular file (a FIFO or device); give a JSONL "
+                        "file")
+    if st.st_size == 0:
+        raise UserError(f"{field}: {p} is empty")
 
 
 def _check_messages(messages: list[Any], problem) -> list[Problem]:

@@ -21,6 +21,9 @@ BUNDLED_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492da
 END_OF_TURN = "<|im_end|>"
 QWEN_PAD = "<|endoftext|>"
 
+#: Files of which a tokenizer directory holds at least one (fast, BPE, SentencePiece, WordPiece).
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+
 _cache: dict[tuple[str, bool], Any] = {}
 _lock = threading.Lock()
 _verified: set[Path] = set()
@@ -77,6 +80,10 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
             return cached
         if not folder.is_dir():
             raise UserError(f"tokenizer directory not found: {path}")
+        if not any((folder / name).is_file() for name in VOCAB_FILES):
+            # transformers would build an empty tokenizer here, and every row would later be
+            # dropped as "no trained tokens" with no hint why.
+            raise UserError(f"no tokenizer in {folder}; pass --tokenizer DIR")
         from transformers import AutoTokenizer
 
         try:
@@ -143,3 +150,30 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     # Keep a reference with the id so a recycled id never returns a stale fingerprint.
     _fingerprints[id(tokenizer)] = (tokenizer, result)
     return result
+
+
+def check_tokenizer(tokenizer: Any, model_vocab_size: int | None, chatml: bool) -> None:
+    """Refuse a tokenizer that cannot drive this model: more tokens than the model has
+    embedding rows, or (for the ChatML template) no ``<|im_start|>``/``<|im_end|>`` tokens, which
+    would then be spelled out in pieces and train nonsense end-of-turn markers."""
+    source = getattr(tokenizer, "trainer_source_dir", "the tokenizer")
+    n = len(tokenizer)
+    if model_vocab_size is not None and n > model_vocab_size:
+        raise UserError(f"the tokenizer in {source} has {n} tokens but the model only "
+                        f"{model_vocab_size} embedding rows; pass the model's own --tokenizer")
+    if chatml:
+        for token in ("<|im_start|>", END_OF_TURN):
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise UserError(f"the tokenizer in {source} has no {token} token, which the "
+                                "chatml template needs; pass --tokenizer, or use "
+                                "--chat-template tokenizer")
+
+
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The tokenizer's control tokens (added tokens marked special, e.g. ``<|im_end|>``),
+    longest first. Plain added tokens such as ``<think>`` are not among them."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    found.update(t for t in getattr(tokenizer, "all_special_tokens", []) if t)
+    return sorted(found, key=lambda t: (-len(t), t))

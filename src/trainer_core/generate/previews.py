@@ -48,7 +48,13 @@ def run_previews(model: Any, tokenizer: Any, profile: Any, prompts: list[dict[st
     model.train(was_training)
     records = []
     for p, text in zip(prompts, outputs, strict=False):
-        scores = profile.score(text, p["example"])
+        try:
+            scores = profile.score(text, p["example"])
+        except Exception as exc:  # name the plugin: the user did not write this code
+            from trainer_core.errors import PluginError
+            from trainer_core.plugins.registry import profile_plugin_name
+
+            raise PluginError(profile_plugin_name(profile), f"{profile.name}.score", exc) from exc
         record = {"step": step, "prompt": p["messages"][-1]["content"], "output": text,
                   "reference": p["reference"], "scores": scores}
         records.append(record)

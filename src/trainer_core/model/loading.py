@@ -120,3 +120,25 @@ def weights_finite(model: Any) -> bool:
     import torch
 
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def fit_to_model(resolved: Any, model_dir: Path) -> TrainerConfig:
+    """The config with ``hyperparams.max_length`` checked against the model's context.
+
+    A value the user set above ``max_position_embeddings`` is an error (positions past it were
+    never trained); the default is lowered to the model's context instead, and the lowered
+    value is what the run records and uses.
+    """
+    import attrs
+
+    from trainer_core.config.lock import model_facts
+
+    cfg = resolved.config
+    context = model_facts(model_dir).get("max_context_length")
+    hp = cfg.hyperparams
+    if not isinstance(context, int) or hp.max_length <= context:
+        return cfg
+    if resolved.sources.get("hyperparams.max_length", "default") != "default":
+        raise UserError(f"hyperparams.max_length: {hp.max_length} is above the model's "
+                        f"max_position_embeddings ({context}); use --max-length {context} or less")
+    return attrs.evolve(cfg, hyperparams=attrs.evolve(hp, max_length=context))

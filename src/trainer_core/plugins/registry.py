@@ -160,7 +160,8 @@ def build_registry() -> Registry:
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
-            except Exception as exc:  # a broken plugin must not break the CLI
+            # SystemExit too: a plugin calling sys.exit at import must not take --help with it.
+            except (Exception, SystemExit) as exc:  # a broken plugin must not break the CLI
                 info.status, info.error = "broken", f"{type(exc).__name__}: {exc}"
                 if tracing():
                     _trace(f"load {ep.name} ({dist_name} {dist.version})", started, info.error)
@@ -227,7 +228,8 @@ def collect_profiles(registry: Registry) -> None:
         except ContractError as exc:
             info.status, info.error = "broken", f"register_profiles: {exc}"
             continue
-        except Exception as exc:
+        # SystemExit too: a plugin calling sys.exit must not take the CLI with it.
+        except (Exception, SystemExit) as exc:
             info.status, info.error = "broken", f"register_profiles: {type(exc).__name__}: {exc}"
             continue
         for cls in found:
@@ -285,12 +287,38 @@ def get_profile_class(name: str) -> type[Profile]:
 def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> list[Any]:
     """The processors to generate with: the profile's own (``Profile.logits_processors``, the
     one route for them), then those every ``logits_processors`` hook implementation adds for any
-    profile (cross-cutting ones), in registration order."""
+    profile (cross-cutting ones), in registration order.
+
+    A profile or plugin that raises becomes a :class:`~trainer_core.errors.PluginError` naming
+    the plugin, so the caller can skip previews with a warning instead of failing the run.
+    """
+    from trainer_core.errors import PluginError
+
     registry = get_registry()
-    own = list(profile.logits_processors(tokenizer, config) or [])
+    try:
+        out = list(profile.logits_processors(tokenizer, config) or [])
+    except Exception as exc:
+        raise PluginError(profile_plugin_name(profile), "logits_processors", exc) from exc
     for impl in _hookimpls(registry, "logits_processors"):
-        own.extend(call_hook(impl, profile=profile, tokenizer=tokenizer, config=config) or [])
-    return own
+        try:
+            out.extend(call_hook(impl, profile=profile, tokenizer=tokenizer, config=config)
+                       or [])
+        except Exception as exc:
+            raise PluginError(impl.plugin_name, "logits_processors", exc) from exc
+    return out
+
+
+def _profile_plugin(profile: Any) -> str | None:
+    entry = get_registry().profiles.get(getattr(profile, "name", ""))
+    if entry is None:
+        return None
+    # In-process plugins (tests, embedding apps) have no distribution; their name says more.
+    return entry.plugin if entry.distribution.startswith("(") else entry.distribution
+
+
+def profile_plugin_name(profile: Any) -> str:
+    """The distribution that registered ``profile`` (for messages), else its module."""
+    return _profile_plugin(profile) or type(profile).__module__
 
 
 def build_profile(cfg: Any, today: Any = None) -> Profile:
@@ -312,7 +340,7 @@ def add_commands(registry: Registry, group: Any) -> None:
     for impl in _hookimpls(registry, "register_commands"):
         try:
             call_hook(impl, cli=group)
-        except Exception as exc:  # a broken plugin must not break the CLI
+        except (Exception, SystemExit) as exc:  # a broken plugin must not break the CLI
             info = registry.plugins[impl.plugin_name]
             info.status, info.error = "broken", f"register_commands: {exc}"
 

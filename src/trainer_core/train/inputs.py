@@ -19,17 +19,15 @@ def dataset_path(cfg: TrainerConfig) -> Path:
 
 def load_rows(cfg: TrainerConfig) -> tuple[list, list, dict[str, int]]:
     """Validated training and validation rows, plus counts of skipped rows by reason."""
-    from trainer_core.data.rows import check_rows, read_rows, split_rows
+    from trainer_core.data.rows import check_data_file, check_rows, read_rows, split_rows
 
     path = dataset_path(cfg)
-    if not path.is_file():
-        raise UserError(f"data.dataset: {path}: file not found")
+    check_data_file(path, "data.dataset")
     rows, problems = read_rows(str(path))
     skipped = dict(check_rows(problems, cfg.data.on_invalid, str(path)))
     if cfg.data.validation is not None:
         vpath = Path(cfg.data.validation)
-        if not vpath.is_file():
-            raise UserError(f"data.validation: {vpath}: file not found")
+        check_data_file(vpath, "data.validation")
         val_rows, vproblems = read_rows(str(vpath))
         for reason, n in check_rows(vproblems, cfg.data.on_invalid, str(vpath)).items():
             skipped[f"validation:{reason}"] = n
@@ -50,15 +48,20 @@ def preprocess_rows(rows: list, cfg: TrainerConfig, profile: Any, tokenizer: Any
     ds, stats = preprocess(
         rows, profile, tokenizer, cfg.model.chat_template, cfg.hyperparams.max_length,
         cfg.data.seed + seed_offset, cfg.data.truncation, cfg.data.cache_dir, source=source,
-        on_invalid=cfg.data.on_invalid,
+        special_tokens=cfg.data.special_tokens_in_content, on_invalid=cfg.data.on_invalid,
     )
     return ds, stats.to_dict()
 
 
 def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_rows: list,
-                     val_rows: list) -> tuple[list, list, dict[str, dict[str, Any]]]:
+                     val_rows: list, skipped: dict[str, int] | None = None
+                     ) -> tuple[list, list, dict[str, dict[str, Any]]]:
     """Transform, template, label and tokenize (cached); returns train and validation examples
-    as plain lists and the preprocessing stats of each."""
+    as plain lists and the preprocessing stats of each.
+
+    ``skipped`` (rows dropped while reading, by reason) counts towards
+    ``data.max_invalid_fraction`` together with the rows preprocessing dropped.
+    """
     train_ds, train_stats = preprocess_rows(train_rows, cfg, profile, tokenizer,
                                             str(dataset_path(cfg)))
     val_ds, val_stats = (preprocess_rows(val_rows, cfg, profile, tokenizer,
@@ -70,7 +73,38 @@ def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_row
     if not train_examples:
         raise UserError("no training examples left after preprocessing; see the drop counts: "
                         f"{train_stats}")
+    check_drop_fraction(cfg, skipped or {}, train_stats, val_stats)
+    per_step = cfg.hyperparams.batch_size * cfg.hyperparams.gradient_accumulation
+    if per_step > len(train_examples):
+        # Refused before the plan lists a step's examples (a 10**9 batch would allocate them).
+        raise UserError(f"hyperparams.batch_size x gradient_accumulation = {per_step} examples "
+                        f"per step, but there are only {len(train_examples)} training examples; "
+                        "lower them")
     return train_examples, val_examples, {"train": train_stats, "validation": val_stats}
+
+
+def check_drop_fraction(cfg: TrainerConfig, skipped: dict[str, int], *stats: dict[str, Any]
+                        ) -> None:
+    """Refuse to train when more than ``data.max_invalid_fraction`` of all rows was dropped
+    (a profile returning malformed rows, a wrong max_length...): such a run would "succeed" on
+    a fraction of the data without anyone noticing."""
+    reasons: dict[str, int] = dict(skipped)
+    total = sum(skipped.values())
+    for st in stats:
+        if not st:
+            continue
+        total += st.get("rows_in", 0)
+        for reason, n in st.get("dropped", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    dropped = sum(reasons.values())
+    limit = cfg.data.max_invalid_fraction
+    if total and dropped / total > limit:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        first = next((p for st in stats if st for p in st.get("problems", [])), None)
+        raise UserError(f"{dropped} of {total} rows were dropped ({detail}), more than "
+                        f"data.max_invalid_fraction={limit}"
+                        + (f"; first problem: {first}" if first else "")
+                        + "; fix the data or profile, or raise data.max_invalid_fraction")
 
 
 def _examples(ds: Any) -> list[dict[str, Any]]:

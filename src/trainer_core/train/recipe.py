@@ -25,7 +25,7 @@ import attrs
 
 from trainer_core.config import Resolved, TrainerConfig, to_dict
 from trainer_core.files import write_json_atomic
-from trainer_core.model.loading import model_directory, quiet_hf, weights_finite
+from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf, weights_finite
 from trainer_core.monitor.console import print_plan
 from trainer_core.monitor.events import (
     CheckpointSaved,
@@ -39,7 +39,17 @@ from trainer_core.monitor.events import (
 )
 from trainer_core.plugins.registry import build_profile
 from trainer_core.train.inputs import load_rows, prepare_examples
-from trainer_core.train.rundir import CONFIG_FILE, locate_output, plan_summary, run_manifest
+from trainer_core.train.rundir import (
+    CONFIG_FILE,
+    claim_output,
+    locate_output,
+    outcome_recorded,
+    plan_summary,
+    resume_facts,
+    resume_hint,
+    run_manifest,
+    truncate_logs,
+)
 from trainer_core.train.signals import StopRequested
 from trainer_core.train.step import TrainingSetup, prepare_training, token_budget, train_step
 
@@ -69,6 +79,12 @@ class Run:
     loop_start: float = attrs.Factory(time.time)
     tokens_per_s: float = 0.0
     eta_s: float = float("inf")
+    #: what a checkpoint records about how the run was shaped (see rundir.resume_facts)
+    facts: dict[str, Any] = attrs.Factory(dict)
+    note: Any = print  #: prints a line the user must see (warnings), even when quiet
+    hint: str = "continue with the same command plus --resume"
+    warnings: list[str] = attrs.Factory(list)
+    previews_off: bool = False
 
 
 def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False,
@@ -78,21 +94,48 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
 
     ``listeners`` are added after the built-in ones (console, status, metrics, previews,
     manifest) and any that plugins return from the ``run_listeners`` hook.
+
+    A run that trains and then fails or is stopped returns its summary with ``state``
+    ``failed``/``interrupted`` and a one-line ``reason``. Before that: ``UserError`` (exit 2)
+    for what the user gave; ``RunFailure`` (exit 1) for a signal or an I/O error (disk full)
+    outside the loop. Either way, once the output directory is claimed, its status.json and
+    run.json end with the final state.
     """
     cfg = resolved.config
     started = time.time()
+    err = stream or sys.stderr
+
+    def note(text: str) -> None:
+        print(text, file=err, flush=True)
+
     profile = build_profile(cfg)
     train_rows, val_rows, skipped = load_rows(cfg)
     quiet_hf()
     model_dir = model_directory(cfg)
-    output_dir, resume_from, facts = locate_output(cfg, model_dir, dry_run, unlock)
+    cfg = fit_to_model(resolved, model_dir)
+    target = locate_output(cfg, model_dir, dry_run, unlock, note)
+    lock = None if dry_run else claim_output(target, cfg, unlock)
+    with outcome_recorded(target, lock, resume_hint(cfg, target)) as began:
+        with StopRequested(deferred=False):
+            return _train(cfg, target, profile, model_dir, train_rows, val_rows, skipped,
+                          dry_run, quiet, stream, listeners, started, note, began)
 
-    from trainer_core.data.tokenizer import load_tokenizer
 
+def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train_rows: list,
+           val_rows: list, skipped: dict[str, int], dry_run: bool, quiet: bool, stream: Any,
+           listeners: list[RunListener] | None, started: float, note: Any, began: list[bool]
+           ) -> dict[str, Any]:
+    """Tokenizer and data -> plan (``--dry-run`` stops here) -> model and resume state ->
+    listeners -> the loop -> final model -> end event, in a claimed output directory."""
+    from trainer_core.data.tokenizer import check_tokenizer, load_tokenizer
+    from trainer_core.train.checkpoint import checkpoint_to_resume
+
+    output_dir = target.output_dir
     tokenizer = load_tokenizer(cfg.model.tokenizer or str(model_dir),
                                trust_remote_code=cfg.model.trust_remote_code)
+    check_tokenizer(tokenizer, target.facts.get("vocab_size"), cfg.model.chat_template == "chatml")
     train_examples, val_examples, stats = prepare_examples(cfg, profile, tokenizer, train_rows,
-                                                           val_rows)
+                                                           val_rows, skipped)
     from trainer_core.data.batching import plan_steps
 
     hp = cfg.hyperparams
@@ -100,30 +143,40 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
                       hp.num_epochs, hp.max_steps, cfg.data.seed, cfg.data.shuffle)
     summary = plan_summary(cfg, profile, model_dir, output_dir, plan, train_rows, val_rows,
                            skipped, stats)
+    facts = resume_facts(cfg, profile, tokenizer, plan.total_steps)
+    checkpoint, accepted = (checkpoint_to_resume(output_dir, target.resume_from, facts,
+                                                 plan.total_steps, cfg.output.allow_changes,
+                                                 note)
+                            if target.resume and not target.restart else (None, []))
     if dry_run:
         print_plan(cfg, summary, stream or sys.stderr)
         return summary
 
-    setup = prepare_training(cfg, model_dir, plan.total_steps, facts)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))
-    state = resume_state(resume_from, setup)
+    setup = prepare_training(cfg, model_dir, plan.total_steps, target.facts)
+    state = resume_state(checkpoint, setup, accepted, facts)
+    write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))  # only once the run can go on
+    if checkpoint is not None:
+        truncate_logs(output_dir, cfg, state["step"])
     from trainer_core.generate.previews import preview_prompts
 
     prompts = preview_prompts(val_rows or train_rows, profile, cfg.monitoring.num_preview_samples,
                               cfg.data.seed + 1)
     events = RunEvents(run_listeners(cfg, output_dir, quiet, stream) + list(listeners or []))
     run = Run(cfg, profile, tokenizer, plan, setup, train_examples, val_examples, prompts,
-              output_dir, events, state, start_step=state["step"])
+              output_dir, events, state, start_step=state["step"], facts=facts, note=note,
+              hint=resume_hint(cfg, target))
     summary.update(train_examples=len(train_examples), precision=setup.precision,
-                   device_type=setup.device.type)
+                   device_type=setup.device.type,
+                   resumed_from=str(checkpoint.path) if checkpoint is not None else None,
+                   accepted_changes=[f"{k}: {a} -> {b}" for k, _, a, b in accepted])
+    began.append(True)
     events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
-                          resume_from is not None, started, summary, to_dict(cfg),
+                          checkpoint is not None, started, summary, to_dict(cfg),
                           run_manifest(cfg, profile, summary)))
     try:
         final_state, reason = train_loop(run)
         final_state, reason = save_final_model(run, final_state, reason)
-        summary.update(final_summary(run, final_state, started))
+        summary.update(final_summary(run, final_state, started), reason=reason)
         events.end(RunEnd(final_state, reason, summary))
     finally:
         events.close()
@@ -133,7 +186,7 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
 def train_loop(run: Run) -> tuple[str, str | None]:
     """Steps until the plan is done, a signal arrives or a step fails; returns (state, reason)."""
     run.loop_start = run.window_start = time.time()
-    with StopRequested() as stop:
+    with StopRequested(deferred=True) as stop:
         for step in range(run.state["step"], run.plan.total_steps):
             batches, n_trained = step_batches(run, step)
             loss, grad_norm, lr = train_step(run.setup, batches, n_trained,
@@ -151,10 +204,15 @@ def train_loop(run: Run) -> tuple[str, str | None]:
                 if not weights_finite(run.setup.model):
                     return "failed", (f"error: non-finite weights after step {done}; stopping "
                                       "without saving. The last good checkpoint is untouched.")
-                save_checkpoint(run, done)
+                try:
+                    save_checkpoint(run, done)
+                except OSError as exc:
+                    return "failed", (f"error: cannot write the checkpoint of step {done}: "
+                                      f"{exc.strerror or exc}; stopping. Earlier checkpoints are "
+                                      "kept and no final model is written.")
             if stop.signal is not None:
                 return "interrupted", (f"stopped by signal {stop.signal} at step {done}; "
-                                       "checkpoint saved. Continue with --resume.")
+                                       f"checkpoint saved; {run.hint}.")
     return "completed", None
 
 
@@ -184,15 +242,22 @@ def run_listeners(cfg: TrainerConfig, output_dir: Path, quiet: bool, stream: Any
     ]
 
 
-def resume_state(resume_from: Path | None, setup: TrainingSetup) -> dict[str, Any]:
-    """Fresh counters, or the checkpoint's (weights, optimizer, schedule and RNG restored)."""
-    if resume_from is None:
+def resume_state(checkpoint: Any, setup: TrainingSetup, accepted: list | None = None,
+                 facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fresh counters, or the checkpoint's (weights, optimizer, schedule and RNG restored, and
+    the accepted changes applied so the new values are the ones used)."""
+    if checkpoint is None:
         return {"step": 0, "tokens_trained": 0, "tokens_seen": 0, "first_loss": None,
-                "history": []}
-    from trainer_core.train.checkpoint import load_checkpoint
+                "history": [], "segments": [], "train_time_s": 0.0}
+    from trainer_core.train.checkpoint import apply_allowed_changes, apply_checkpoint
 
-    return load_checkpoint(resume_from, setup.model, setup.optimizer, setup.scheduler,
-                           setup.scaler)
+    state = apply_checkpoint(checkpoint, setup.model, setup.optimizer, setup.scheduler,
+                             setup.scaler)
+    if accepted:
+        apply_allowed_changes(accepted, setup.optimizer, setup.scheduler, facts or {})
+    state.setdefault("segments", [])
+    state.setdefault("train_time_s", 0.0)
+    return state
 
 
 def step_batches(run: Run, step: int) -> tuple[list[dict[str, Any]], int]:
@@ -255,8 +320,18 @@ def maybe_preview(run: Run, done: int, record: dict[str, Any] | None) -> dict[st
     if not mon.num_preview_samples or not ((mon.preview_steps and done % mon.preview_steps == 0)
                                            or at_end):
         return record
-    records, run.preview_scores = run_previews(run.setup.model, run.tokenizer, run.profile,
-                                               run.prompts, run.cfg, done)
+    if run.previews_off:
+        return record
+    try:
+        records, run.preview_scores = run_previews(run.setup.model, run.tokenizer, run.profile,
+                                                   run.prompts, run.cfg, done)
+    except Exception as exc:  # a plugin's processors or scores: training goes on without them
+        run.previews_off = True
+        run.setup.model.train()
+        text = f"previews and scores skipped from step {done} on: {exc}"
+        run.warnings.append(text)
+        run.note(f"warning: {text}")
+        return record
     run.events.preview(Preview(done, records, run.preview_scores))
     return {**(record or {"step": done}), **run.preview_scores}
 
@@ -280,8 +355,10 @@ def save_checkpoint(run: Run, done: int) -> None:
     from trainer_core.train.checkpoint import save_checkpoint as save
 
     s = run.setup
-    path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, run.state,
-                run.cfg.hyperparams.save_total_limit)
+    state = {**run.state, "segments": [*run.state["segments"], current_segment(run, done)],
+             "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
+    path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, state,
+                run.cfg.hyperparams.save_total_limit, run.facts)
     run.events.checkpoint(CheckpointSaved(done, str(path)))
 
 
@@ -291,14 +368,28 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
         return final_state, reason
     if not weights_finite(run.setup.model):
         return "failed", "error: non-finite weights at the end of training; no model written."
-    run.setup.model.save_pretrained(run.output_dir, safe_serialization=True)
-    run.tokenizer.save_pretrained(run.output_dir)
+    try:
+        run.setup.model.save_pretrained(run.output_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(run.output_dir)
+    except OSError as exc:
+        return "failed", (f"error: cannot write the final model: {exc.strerror or exc}; "
+                          "the checkpoints are kept")
     return final_state, reason
 
 
+def current_segment(run: Run, end_step: int) -> dict[str, Any]:
+    """This process's stretch of training: start and end step, time spent in the loop."""
+    now = time.time()
+    return {"start_step": run.start_step, "end_step": end_step,
+            "train_time_s": round(now - run.loop_start, 3), "started_at": run.loop_start,
+            "ended_at": now}
+
+
 def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:
-    train_time = time.time() - run.loop_start
     state = run.state
+    # tokens_seen counts every segment's tokens (restored from the checkpoint), so the rate
+    # divides by the time of every segment, not by this process's alone.
+    train_time = state.get("train_time_s", 0.0) + (time.time() - run.loop_start)
     return {
         "state": final_state,
         "steps_done": state["step"],
@@ -311,6 +402,8 @@ def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:
         "wall_time_s": round(time.time() - started, 2),
         "train_time_s": round(train_time, 2),
         "tokens_per_s": round(state["tokens_seen"] / train_time, 1) if train_time > 0 else None,
+        "segments": [*state.get("segments", []), current_segment(run, state["step"])],
+        "warnings": list(run.warnings),
         "precision": run.setup.precision,
         "device": str(run.setup.device),
     }

@@ -1,4 +1,10 @@
-"""SIGINT/SIGTERM become a flag the loop checks after each step."""
+"""SIGINT/SIGTERM: a flag the loop checks after each step, or an immediate stop.
+
+Outside the training loop (data loading, preprocessing, model loading) and on a second signal
+inside it, a signal raises :class:`RunInterrupted` at once; the recipe turns that into state
+``interrupted`` and exit 1. Inside the loop (``deferred``) the first signal only sets a flag, so
+the current step finishes and a checkpoint is saved.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,21 @@ import signal
 from typing import Any
 
 
-class StopRequested:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+class RunInterrupted(BaseException):
+    """A signal stopped the run where no checkpoint could be taken (a BaseException, so that
+    ``except Exception`` in library or plugin code cannot swallow it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class StopRequested:
+    """Turns SIGINT/SIGTERM into a flag (when ``deferred``) or :class:`RunInterrupted`."""
+
+    def __init__(self, deferred: bool = True) -> None:
         self.signal: int | None = None
+        self.deferred = deferred
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
@@ -22,8 +38,9 @@ class StopRequested:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
+        if not self.deferred or self.signal is not None:  # second signal: stop now
+            self.signal = signum
+            raise RunInterrupted(signum)
         self.signal = signum
 
     def __exit__(self, *exc: Any) -> None:
