@@ -313,7 +313,8 @@ def test_an_exception_in_validate_is_a_named_error(qwen_tokenizer, tmp_path):
     with pytest.raises(UserError) as info:
         preprocess(_rows("a"), Raising(), qwen_tokenizer, "chatml", 256, 0, False, tmp_path,
                    source="train.jsonl")
-    assert str(info.value) == ("train.jsonl:1: profile 'raising' failed to validate the row: "
+    assert str(info.value) == ("train.jsonl:1: profile 'raising' (plugin "
+                               "'tests.test_plugin_contract') failed to validate the row: "
                                "KeyError('metadata')")
 
 
@@ -340,8 +341,8 @@ def test_validate_rejections_in_run_and_dry_run(trainer_plugin, micro_model_dir,
     assert f"dropped row  {data}:7: messages[-1].content: contains FORBIDDEN" in skipped.stderr
     raising = run_trainer(*base, "--profile", "raising")
     assert raising.exit_code == 2 and "Traceback" not in raising.output
-    assert raising.stderr == (f"error: {data}:1: profile 'raising' failed to validate the row: "
-                              "KeyError('metadata')\n")
+    assert raising.stderr == (f"error: {data}:1: profile 'raising' (plugin 'validate-plugin') "
+                              "failed to validate the row: KeyError('metadata')\n")
 
 
 # --------------------------------------------------------------------------- processors
