@@ -282,6 +282,8 @@ def save_checkpoint(run: Run, done: int) -> None:
     s = run.setup
     path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, run.state,
                 run.cfg.hyperparams.save_total_limit)
+    # With the tokenizer, a checkpoint is a model directory any tool (and `trainer generate`) loads.
+    save_run_tokenizer(run, path)
     run.events.checkpoint(CheckpointSaved(done, str(path)))
 
 
@@ -291,9 +293,39 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
         return final_state, reason
     if not weights_finite(run.setup.model):
         return "failed", "error: non-finite weights at the end of training; no model written."
-    run.setup.model.save_pretrained(run.output_dir, safe_serialization=True)
-    run.tokenizer.save_pretrained(run.output_dir)
+    save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir)
+    save_run_tokenizer(run, run.output_dir)
     return final_state, reason
+
+
+def save_model_as_base(model: Any, base_dir: Path, output_dir: Path) -> None:
+    """Save the weights with the base model's inference settings, not training's.
+
+    Training turns ``use_cache`` off; the saved ``config.json`` gets the base's value back, and
+    the base's ``generation_config.json`` is kept as it was. Only the weights (and ``dtype``
+    when ``model.dtype`` differs from the base's) change.
+    """
+    import json
+    import shutil
+
+    base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    trained_use_cache = model.config.use_cache
+    model.config.use_cache = base_config.get("use_cache", True)
+    try:
+        model.save_pretrained(output_dir, safe_serialization=True)
+    finally:
+        model.config.use_cache = trained_use_cache
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copyfile(base_dir / "generation_config.json", output_dir / "generation_config.json")
+
+
+def save_run_tokenizer(run: Run, dest: Path) -> None:
+    """The tokenizer as loaded, carrying the chat template training rendered with."""
+    from trainer_core.data.chat import resolve_template
+    from trainer_core.data.tokenizer import save_tokenizer
+
+    template = resolve_template(run.cfg.model.chat_template, run.tokenizer)
+    save_tokenizer(run.tokenizer, dest, template.jinja)
 
 
 def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:
