@@ -117,7 +117,8 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     tree.pop("output", None)
     cli = {} if max_new_tokens is None else {"monitoring.max_new_tokens": max_new_tokens}
     cfg = resolve(file_data=tree, cli=cli).config
-    return GenerationSetup(cfg, path, Path(cfg.model.tokenizer), cfg.model.chat_template, run_dir)
+    return GenerationSetup(cfg, path, Path(cfg.model.tokenizer or path), cfg.model.chat_template,
+                           run_dir)
 
 
 def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
