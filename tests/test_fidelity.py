@@ -273,3 +273,22 @@ def test_dry_run_memory_estimate_counts_activations_and_logits(micro_model_dir, 
     # vocabulary grow with the trained tokens of a micro-batch (bench/memory.py measures it)
     assert small > 0.5 + 16 * params / 2**30
     assert large > small + 0.5
+
+
+def test_training_with_the_tokenizers_own_template_keeps_its_files_unchanged(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer_core.config import load_config
+    from trainer_core.data.tokenizer import bundled_tokenizer_dir
+    from trainer_core.train.recipe import save_run_tokenizer
+
+    source = bundled_tokenizer_dir()  # its template lives in tokenizer_config.json
+    for template, changed in (("tokenizer", set()), ("chatml", {"tokenizer_config.json",
+                                                                "chat_template.jinja"})):
+        run = SimpleNamespace(cfg=load_config(overrides={"model.chat_template": template}),
+                              tokenizer=load_tokenizer(None))
+        save_run_tokenizer(run, tmp_path / template)
+        names = set(os.listdir(tmp_path / template))
+        differ = {n for n in names if not (source / n).is_file()
+                  or (source / n).read_bytes() != (tmp_path / template / n).read_bytes()}
+        assert differ == changed, template

@@ -321,11 +321,12 @@ def save_model_as_base(model: Any, base_dir: Path, output_dir: Path) -> None:
 
 def save_run_tokenizer(run: Run, dest: Path) -> None:
     """The tokenizer as loaded, carrying the chat template training rendered with."""
-    from trainer_core.data.chat import resolve_template
+    from trainer_core.data.chat import TOKENIZER, resolve_template
     from trainer_core.data.tokenizer import save_tokenizer
 
     template = resolve_template(run.cfg.model.chat_template, run.tokenizer)
-    save_tokenizer(run.tokenizer, dest, template.jinja)
+    # The tokenizer's own template is in its files already: they stay exactly the base's.
+    save_tokenizer(run.tokenizer, dest, None if template.name == TOKENIZER else template.jinja)
 
 
 def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:
