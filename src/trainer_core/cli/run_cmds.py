@@ -47,7 +47,8 @@ def preview(config_file: str | None, overrides: dict[str, Any], count: int,
     """Show transformed examples with the trained tokens highlighted."""
     resolved = resolve_run_config(config_file, overrides)
     use_color = sys.stdout.isatty() if color is None else color
-    click.echo(preview_text(resolved.config, count, use_color))
+    # color= tells click to keep the escape codes it would strip when stdout is not a TTY.
+    click.echo(preview_text(resolved.config, count, use_color), color=use_color)
 
 
 def preview_text(cfg: Any, count: int, color: bool) -> str:

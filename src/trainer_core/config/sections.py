@@ -205,10 +205,13 @@ class Monitoring:
         validator=check(_non_negative, "must be >= 0"),
         metadata=doc("Validation prompts per preview (0 disables previews)."),
     )
-    max_new_tokens: int = attrs.field(
-        default=128,
+    max_new_tokens: int | None = attrs.field(
+        default=None,
         validator=check(_positive, "must be > 0"),
-        metadata=doc("Generation length limit for previews."),
+        metadata=doc("Generation length limit for previews and `trainer generate`. Unset: room "
+                     "for the longest reference answer of the prompts (plus a quarter, at least "
+                     "16 tokens, at most hyperparams.max_length), so scores that need the end of "
+                     "an answer see it; 128 when there is no reference."),
     )
 
 

@@ -37,6 +37,16 @@ IM_END = "<|im_end|>"
 
 Message = dict[str, Any]
 
+#: The built-in ChatML as a Jinja chat template. It is saved with a model trained on ``chatml``
+#: so that any tool's ``apply_chat_template`` renders exactly what :func:`render_chatml` (and
+#: :func:`render_generation_prompt`) rendered in training.
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 @attrs.frozen
 class ChatTemplate:
@@ -48,6 +58,11 @@ class ChatTemplate:
     @property
     def is_chatml(self) -> bool:
         return self.source is None
+
+    @property
+    def jinja(self) -> str:
+        """The template as Jinja text (ChatML's equivalent for the built-in one)."""
+        return CHATML_JINJA if self.source is None else self.source
 
     def identity(self) -> str:
         """What identifies the rendering, for cache keys."""

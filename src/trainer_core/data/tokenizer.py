@@ -177,3 +177,64 @@ def special_token_texts(tokenizer: Any) -> list[str]:
     found = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
     found.update(t for t in getattr(tokenizer, "all_special_tokens", []) if t)
     return sorted(found, key=lambda t: (-len(t), t))
+
+#: Files a tokenizer directory may hold (besides the vocabulary files its class names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATES_DIR = "chat_templates"
+
+
+def save_tokenizer(tokenizer: Any, dest: str | Path, chat_template: str | None = None) -> None:
+    """Write ``tokenizer`` to ``dest`` exactly as it was loaded, with ``chat_template`` set.
+
+    The files are copied byte for byte from the directory the tokenizer was loaded from: the
+    shared in-memory object may carry what this process gave it (a pad token, a padding
+    state), and a saved model must tokenize like its base. ``chat_template`` (Jinja text; None
+    keeps the source's) is then written to ``chat_template.jinja``, which transformers prefers
+    over ``tokenizer_config.json``, and replaces the template in ``tokenizer_config.json`` too
+    when the source kept it there, so every reader renders prompts as training did.
+
+    A tokenizer not loaded by :func:`load_tokenizer`, or one with remote code, is written with
+    its own ``save_pretrained`` instead.
+    """
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    source = getattr(tokenizer, "trainer_source_dir", None)
+    if source is None or getattr(tokenizer, "_auto_class", None) is not None:
+        tokenizer.save_pretrained(dest)
+    else:
+        src = Path(source)
+        names = set(TOKENIZER_FILES) | set(getattr(tokenizer, "vocab_files_names", {}).values())
+        for name in sorted(names):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dest / name)
+        if (src / CHAT_TEMPLATES_DIR).is_dir():
+            shutil.copytree(src / CHAT_TEMPLATES_DIR, dest / CHAT_TEMPLATES_DIR, dirs_exist_ok=True)
+    if chat_template is not None:
+        _set_chat_template(dest, chat_template)
+
+
+def _set_chat_template(folder: Path, template: str) -> None:
+    import json
+
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if not (jinja.is_file() and jinja.read_text(encoding="utf-8") == template):
+        jinja.write_text(template, encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    old = config.get("chat_template")
+    if isinstance(old, str) and old != template:
+        config["chat_template"] = template
+    elif isinstance(old, list) and any(t.get("name") == "default" for t in old):
+        config["chat_template"] = [{**t, "template": template} if t.get("name") == "default"
+                                   else t for t in old]
+    if config.get("chat_template") == old:
+        return
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")

@@ -1,16 +1,45 @@
 """``trainer generate``: answer prompts with a model and its profile's logits processors.
 
-If the model directory is a trainer output (it has ``run.json``), the profile and its options
-come from there unless overridden, so generation happens in the format the model was trained on.
+When the model directory is a trainer run (it has ``trainer_config.json``) or one of its
+checkpoints (``<run>/checkpoints/step-N``), the run's own configuration is used: its profile
+and options, its chat template and its settings, so prompts are rendered exactly as in
+training. Flags override single pieces (``--profile``, ``--chat-template``, ``--set``).
+
+Rows are answered in batches of ``batch_size`` and yielded as each batch finishes, so a large
+``--dataset`` streams with bounded memory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from trainer_core.errors import UserError
+
+#: The run's resolved configuration, as ``trainer run`` writes it (train/rundir.py CONFIG_FILE).
+RUN_CONFIG_FILE = "trainer_config.json"
+#: Default rows per generation batch: large enough to use a batch, small enough that padding
+#: and the KV cache stay modest on a CPU.
+DEFAULT_BATCH_SIZE = 8
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+
+
+def run_directory(model_dir: Path) -> Path | None:
+    """The trainer run that produced ``model_dir``: itself, or the run of a checkpoint."""
+    if (model_dir / RUN_CONFIG_FILE).is_file():
+        return model_dir
+    if model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / RUN_CONFIG_FILE
+                                                   ).is_file():
+        return model_dir.parent.parent
+    return None
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_MARKERS)
 
 
 def run_manifest(model_dir: Path) -> dict[str, Any]:
@@ -25,50 +54,107 @@ def run_manifest(model_dir: Path) -> dict[str, Any]:
 
 
 def run_profile(model_dir: Path) -> tuple[str | None, dict[str, Any]]:
-    """Profile name and options recorded by the run that produced ``model_dir``."""
+    """Profile name and options recorded in a run's ``run.json`` (runs without a config file)."""
     profile = run_manifest(model_dir).get("profile") or {}
     return profile.get("name"), dict(profile.get("options") or {})
 
 
-def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
-                 dataset: str | None, count: int, max_new_tokens: int | None,
-                 use_processors: bool, option_overrides: dict[str, Any]
-                 ) -> list[dict[str, Any]]:
-    """Generate for ``--prompt`` or the first ``count`` rows of ``--dataset``; returns records
-    (prompt, output, reference, scores)."""
-    from trainer_core.config import load_config
+@attrs.frozen
+class GenerationSetup:
+    """Where everything ``trainer generate`` uses comes from (see :func:`generation_setup`)."""
 
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
+    cfg: Any  # TrainerConfig
+    model_dir: Path
+    tokenizer_dir: Path
+    chat_template: str
+    run_dir: Path | None
+
+
+def generation_setup(model_dir: str, profile_name: str | None = None,
+                     chat_template: str | None = None,
+                     option_overrides: dict[str, Any] | None = None,
+                     max_new_tokens: int | None = None) -> GenerationSetup:
+    """Resolve the config, tokenizer directory and chat template for ``model_dir``.
+
+    A run (or checkpoint) starts from the run's ``trainer_config.json``. Its tokenizer is the
+    one saved with the model (in the checkpoint or the run directory, carrying the training
+    template), else the one training loaded. Its chat template is the run's: ``chatml`` stays
+    the built-in, anything else is the template saved with the tokenizer (so a Jinja file that
+    moved since training still applies). Any other model directory uses the defaults.
+    """
+    from trainer_core.config import resolve
+    from trainer_core.config.sources import read_config_file
+
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
-    recorded_name, recorded_options = run_profile(path)
-    name = profile_name or recorded_name or "plain_sft"
-    if name == recorded_name:
+    run_dir = run_directory(path)
+    tree: dict[str, Any] = read_config_file(run_dir / RUN_CONFIG_FILE) if run_dir else {}
+    recorded = dict(tree.get("profile") or {})
+    if run_dir is not None and not recorded:
+        name, options = run_profile(run_dir)
+        recorded = {"name": name, "options": options} if name else {}
+    name = profile_name or recorded.get("name") or "plain_sft"
+    if run_dir is not None and name == recorded.get("name"):
         from trainer_core.plugins.registry import missing_profile_hint
 
-        hint = missing_profile_hint(name, run_manifest(path))
+        hint = missing_profile_hint(name, run_manifest(run_dir))
         if hint is not None:
             raise UserError(f"--model {model_dir}: {hint}")
-    options = recorded_options if name == recorded_name else {}
-    for key, value in option_overrides.items():
+    options = dict(recorded.get("options") or {}) if name == recorded.get("name") else {}
+    for key, value in (option_overrides or {}).items():
         if not key.startswith("profile.options."):
             raise UserError(f"--set {key}: only profile.options.* can be set here")
         options[key.removeprefix("profile.options.")] = value
-    overrides: dict[str, Any] = {"profile.name": name, "profile.options": options,
-                                 "model.path": str(path)}
-    if max_new_tokens is not None:
-        overrides["monitoring.max_new_tokens"] = max_new_tokens
-    cfg = load_config(overrides=overrides)
+    model = dict(tree.get("model") or {})
+    tokenizer_dir = next((d for d in (path, run_dir) if d is not None and has_tokenizer(d)), None)
+    recorded_template = model.get("chat_template", "chatml")
+    if chat_template is None and run_dir is not None and recorded_template != "chatml" \
+            and tokenizer_dir is not None:
+        chat_template = "tokenizer"  # the saved tokenizer carries the training template
+    if tokenizer_dir is None and run_dir is not None:
+        # A checkpoint of a run that has not saved its model yet: the tokenizer training used.
+        from trainer_core.config import TrainerConfig
+        from trainer_core.model.loading import model_directory
+
+        base = resolve(file_data=tree).config if tree else TrainerConfig()
+        tokenizer_dir = Path(base.model.tokenizer or model_directory(base))
+    model.update(path=str(path), tokenizer=str(tokenizer_dir or path))
+    if chat_template is not None:
+        model["chat_template"] = chat_template
+    tree = {**tree, "model": model, "profile": {**recorded, "name": name, "options": options}}
+    # A run's own resume/output settings mean nothing here.
+    tree.pop("output", None)
+    cli = {} if max_new_tokens is None else {"monitoring.max_new_tokens": max_new_tokens}
+    cfg = resolve(file_data=tree, cli=cli).config
+    return GenerationSetup(cfg, path, Path(cfg.model.tokenizer or path), cfg.model.chat_template,
+                           run_dir)
+
+
+def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
+                 dataset: str | None, count: int, max_new_tokens: int | None,
+                 use_processors: bool, option_overrides: dict[str, Any],
+                 chat_template: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 progress: Callable[[int, int], None] | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """Generate for ``--prompt`` or the first ``count`` rows of ``--dataset``.
+
+    Yields one record (prompt, output, reference, scores) per row, in order, batch by batch;
+    ``progress(done, total)`` is called after each batch.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    setup = generation_setup(model_dir, profile_name, chat_template, option_overrides,
+                             max_new_tokens)
+    cfg = setup.cfg
 
     from trainer_core.generate.previews import preview_prompts
-    from trainer_core.model.loading import load_model, pick_device
     from trainer_core.plugins.registry import build_profile
 
     profile = build_profile(cfg)
     if prompt is not None:
         rows = [{"messages": [{"role": "user", "content": prompt},
                               {"role": "assistant", "content": "(none)"}]}]
-        references = [None]
     else:
         from trainer_core.data.rows import check_rows, read_rows
 
@@ -76,31 +162,38 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
         rows, problems = read_rows(dataset)
         check_rows(problems, "error", dataset)
         rows = rows[:count]
-        references = [None] * len(rows)
     prompts = preview_prompts(rows, profile, len(rows), cfg.data.seed)
     if prompt is not None:
-        prompts[0]["reference"] = None
-    else:
-        references = [p["reference"] for p in prompts]
+        prompts[0]["reference"] = None  # a bare --prompt has no reference answer
 
-    from trainer_core.data.chat import render_generation_prompt
+    from trainer_core.data.chat import render_generation_prompt, resolve_template
     from trainer_core.data.tokenizer import load_tokenizer
+    from trainer_core.generate.previews import generation_limit
     from trainer_core.generate.processors import generate
+    from trainer_core.model.loading import load_model, pick_device
     from trainer_core.plugins.registry import collect_logits_processors
 
-    tokenizer = load_tokenizer(str(path), trust_remote_code=cfg.model.trust_remote_code)
-    device = pick_device(cfg)
-    model = load_model(path, cfg, device)
+    tokenizer = load_tokenizer(str(setup.tokenizer_dir),
+                               trust_remote_code=cfg.model.trust_remote_code)
+    template = resolve_template(setup.chat_template, tokenizer)
+    limit = generation_limit(cfg.monitoring.max_new_tokens, [p["reference"] for p in prompts],
+                             tokenizer, cfg.hyperparams.max_length)
+    model = load_model(setup.model_dir, cfg, pick_device(cfg))
     model.eval()
-    texts = [render_generation_prompt(p["messages"], cfg.model.chat_template, tokenizer)
-             for p in prompts]
-    processors = collect_logits_processors(profile, tokenizer, cfg) if use_processors else []
-    outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
-    records = []
-    for p, ref, out in zip(prompts, references, outputs, strict=False):
-        scores = profile.score(out, p["example"])
-        if ref is None:  # a bare --prompt has no reference answer to compare with
-            scores = {k: v for k, v in scores.items() if "reference" not in k}
-        records.append({"prompt": p["messages"][-1]["content"], "output": out,
-                        "reference": ref, "scores": scores})
-    return records
+    total = len(prompts)
+    if progress is not None:
+        progress(0, total)
+    for start in range(0, total, batch_size):
+        batch = prompts[start:start + batch_size]
+        texts = [render_generation_prompt(p["messages"], template, tokenizer) for p in batch]
+        # Fresh processors per batch: they keep per-row state.
+        processors = collect_logits_processors(profile, tokenizer, cfg) if use_processors else []
+        outputs = generate(model, tokenizer, texts, processors, limit)
+        for p, out in zip(batch, outputs, strict=True):
+            scores = profile.score(out, p["example"])
+            if p["reference"] is None:  # nothing to compare with
+                scores = {k: v for k, v in scores.items() if "reference" not in k}
+            yield {"prompt": p["messages"][-1]["content"], "output": out,
+                   "reference": p["reference"], "scores": scores}
+        if progress is not None:
+            progress(start + len(batch), total)

@@ -26,6 +26,29 @@ def preview_prompts(val_rows: list, profile: Any, n: int, seed: int) -> list[dic
     return out
 
 
+#: Generation limit when neither the config nor a reference answer gives one.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def generation_limit(configured: int | None, references: list[str | None], tokenizer: Any,
+                     cap: int | None = None) -> int:
+    """``configured`` when set; else room for the longest reference answer.
+
+    That is its tokens plus the end-of-turn marker, plus a quarter (at least 16 tokens) of
+    margin, at most ``cap``: a preview cut before the end of its answer would count as a format
+    failure (no stop suffix) however well the model did. Without references: 128.
+    """
+    if configured is not None:
+        return configured
+    lengths = [len(tokenizer(ref, add_special_tokens=False)["input_ids"]) + 1
+               for ref in references if ref is not None]
+    if not lengths:
+        return DEFAULT_MAX_NEW_TOKENS
+    longest = max(lengths)
+    limit = longest + max(16, longest // 4)
+    return min(limit, cap) if cap else limit
+
+
 def run_previews(model: Any, tokenizer: Any, profile: Any, prompts: list[dict[str, Any]],
                  cfg: TrainerConfig, step: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Generate for the preview prompts with the profile's processors and score each output.
@@ -44,7 +67,9 @@ def run_previews(model: Any, tokenizer: Any, profile: Any, prompts: list[dict[st
     processors = collect_logits_processors(profile, tokenizer, cfg)
     was_training = model.training
     model.eval()
-    outputs = generate(model, tokenizer, texts, processors, cfg.monitoring.max_new_tokens)
+    limit = generation_limit(cfg.monitoring.max_new_tokens, [p["reference"] for p in prompts],
+                             tokenizer, cfg.hyperparams.max_length)
+    outputs = generate(model, tokenizer, texts, processors, limit)
     model.train(was_training)
     records = []
     for p, text in zip(prompts, outputs, strict=False):

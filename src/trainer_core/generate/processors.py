@@ -410,6 +410,24 @@ class TokenPenalty(transformers.LogitsProcessor):
 # -------------------------------------------------------------------------------- generate
 
 
+def left_padded(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``prompts``, left-padded with the pad token.
+
+    Padded here rather than by the tokenizer: asking a fast tokenizer for
+    ``padding_side="left"`` switches its backend's padding to the left for good, and the
+    tokenizer is shared (cached) and saved with the model afterwards.
+    """
+    rows = [list(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), int(tokenizer.pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r):] = 1
+    return input_ids, attention_mask
+
+
 def generate(model: Any, tokenizer: Any, prompts: list[str],
              processors: Sequence[Any] = (), max_new_tokens: int = 64,
              **generate_kwargs: Any) -> list[str]:
@@ -423,12 +441,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[str],
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token for batched generation")
     device = next(model.parameters()).device
-    # padding_side per call: the tokenizer may be shared (cached), so never mutate it.
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=False)
-    input_ids = enc["input_ids"].to(device)
+    input_ids, attention_mask = left_padded(tokenizer, prompts)
+    input_ids = input_ids.to(device)
     kwargs: dict[str, Any] = {
-        "attention_mask": enc["attention_mask"].to(device),
+        "attention_mask": attention_mask.to(device),
         "logits_processor": transformers.LogitsProcessorList(list(processors)),
         "do_sample": False,
         "max_new_tokens": max_new_tokens,

@@ -27,7 +27,8 @@ def print_plan(cfg: TrainerConfig, s: dict[str, Any], stream: Any) -> None:
         "trained per epoch",
         f"  steps        {s['steps']} x {s['examples_per_step']} examples "
         f"(warmup {s['warmup_steps']})",
-        f"  memory       ~{s['estimated_memory_gb']} GB (fp32 weights, grads, AdamW + activations)",
+        f"  memory       ~{s['estimated_memory_gb']} GB peak (runtime, weights, grads, AdamW, "
+        "activations, loss logits)",
         "config",
         json.dumps(to_dict(cfg), indent=2),
     ]

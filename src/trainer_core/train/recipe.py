@@ -359,6 +359,8 @@ def save_checkpoint(run: Run, done: int) -> None:
              "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
     path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, state,
                 run.cfg.hyperparams.save_total_limit, run.facts)
+    # With the tokenizer, a checkpoint is a model directory any tool (and `trainer generate`) loads.
+    save_run_tokenizer(run, path)
     run.events.checkpoint(CheckpointSaved(done, str(path)))
 
 
@@ -369,8 +371,8 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
     if not weights_finite(run.setup.model):
         return "failed", "error: non-finite weights at the end of training; no model written."
     try:
-        run.setup.model.save_pretrained(run.output_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(run.output_dir)
+        save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir)
+        save_run_tokenizer(run, run.output_dir)
     except OSError as exc:
         return "failed", (f"error: cannot write the final model: {exc.strerror or exc}; "
                           "the checkpoints are kept")
@@ -383,6 +385,37 @@ def current_segment(run: Run, end_step: int) -> dict[str, Any]:
     return {"start_step": run.start_step, "end_step": end_step,
             "train_time_s": round(now - run.loop_start, 3), "started_at": run.loop_start,
             "ended_at": now}
+
+
+def save_model_as_base(model: Any, base_dir: Path, output_dir: Path) -> None:
+    """Save the weights with the base model's inference settings, not training's.
+
+    Training turns ``use_cache`` off; the saved ``config.json`` gets the base's value back, and
+    the base's ``generation_config.json`` is kept as it was. Only the weights (and ``dtype``
+    when ``model.dtype`` differs from the base's) change.
+    """
+    import json
+    import shutil
+
+    base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    trained_use_cache = model.config.use_cache
+    model.config.use_cache = base_config.get("use_cache", True)
+    try:
+        model.save_pretrained(output_dir, safe_serialization=True)
+    finally:
+        model.config.use_cache = trained_use_cache
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copyfile(base_dir / "generation_config.json", output_dir / "generation_config.json")
+
+
+def save_run_tokenizer(run: Run, dest: Path) -> None:
+    """The tokenizer as loaded, carrying the chat template training rendered with."""
+    from trainer_core.data.chat import TOKENIZER, resolve_template
+    from trainer_core.data.tokenizer import save_tokenizer
+
+    template = resolve_template(run.cfg.model.chat_template, run.tokenizer)
+    # The tokenizer's own template is in its files already: they stay exactly the base's.
+    save_tokenizer(run.tokenizer, dest, None if template.name == TOKENIZER else template.jinja)
 
 
 def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:

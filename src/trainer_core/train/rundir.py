@@ -560,7 +560,7 @@ def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: 
         "steps": plan.total_steps,
         "examples_per_step": hp.batch_size * hp.gradient_accumulation,
         "warmup_steps": warmup_steps(cfg, plan.total_steps),
-        "estimated_memory_gb": _memory_estimate_gb(n_params, hp, cfg),
+        "estimated_memory_gb": _memory_estimate_gb(n_params, hp, cfg, model_dir, stats["train"]),
         "parameters": n_params,
     }
 
@@ -610,12 +610,51 @@ def _param_count(model_dir: Path) -> int | None:
     return total
 
 
-def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig) -> float | None:
-    """Weights + grads + AdamW states in fp32 (16 bytes/param) plus a rough activation term."""
+#: Resident memory of the process before the model: Python, torch, transformers, datasets and
+#: the tokenizer (0.42 GB for the imports alone, measured by bench/memory.py).
+RUNTIME_GB = 0.6
+#: Trained positions whose logits exist at once (trainer_core.model.loss.CHUNK; not imported
+#: here so that a dry run does not load torch).
+LOSS_CHUNK = 4096
+
+
+def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model_dir: Path,
+                        train_stats: dict[str, Any] | None = None) -> float | None:
+    """Peak resident memory of a training step, fitted to bench/memory.py on a CPU.
+
+    The runtime, plus four copies of the weights (weights, gradients, AdamW's two moments),
+    plus the activations kept for the backward pass (per token and layer about 10 hidden-size
+    and 4 intermediate-size vectors; one hidden-size vector with gradient checkpointing), plus
+    the loss (about 6 vocabulary-wide fp32 vectors per trained token of a micro-batch, at most
+    LOSS_CHUNK of them at a time). Tokens per micro-batch come from the data's mean row length.
+    """
     if not n_params:
         return None
-    tokens = token_budget(cfg)
-    return round((16 * n_params + tokens * 4096 * 4) / 2**30, 2)
+    import json
+
+    try:
+        mc = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        mc = {**mc, **(mc.get("text_config") or {})}  # multimodal configs nest the LM's
+        hidden, layers = int(mc["hidden_size"]), int(mc["num_hidden_layers"])
+        inter, vocab = int(mc.get("intermediate_size") or 4 * hidden), int(mc["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        hidden, layers, inter, vocab = 4096, 1, 0, 0  # unknown shape: the old rough term
+    weight_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+    act_bytes = 2 if hp.precision in ("bf16", "fp16") else 4
+    stats = train_stats or {}
+    rows, total, trained = (stats.get(k) or 0 for k in ("rows_kept", "total_tokens",
+                                                        "trained_tokens"))
+    budget = token_budget(cfg)
+    per_batch = hp.batch_size * (hp.gradient_accumulation if cfg.data.packing else 1)
+    tokens = min(budget, per_batch * total / rows) if rows else budget
+    trained_tokens = min(LOSS_CHUNK, tokens * trained / total) if total else min(LOSS_CHUNK,
+                                                                                  tokens)
+    per_token_layer = hidden if hp.gradient_checkpointing else 10 * hidden + 4 * inter
+    activations = tokens * layers * per_token_layer * act_bytes
+    if hp.gradient_checkpointing:  # one layer's full activations during its recomputation
+        activations += tokens * (10 * hidden + 4 * inter) * act_bytes
+    loss = trained_tokens * vocab * 4 * 6
+    return round(RUNTIME_GB + (4 * weight_bytes * n_params + activations + loss) / 2**30, 2)
 
 
 def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> dict[str, Any]:
