@@ -91,14 +91,15 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     run_dir = run_directory(path)
     tree: dict[str, Any] = read_config_file(run_dir / RUN_CONFIG_FILE) if run_dir else {}
     recorded = dict(tree.get("profile") or {})
-    if run_dir is not None and not recorded:
-        name, options = run_profile(run_dir)
+    manifest_dir = run_dir or path  # older runs (and some copies) have run.json only
+    if not recorded:
+        name, options = run_profile(manifest_dir)
         recorded = {"name": name, "options": options} if name else {}
     name = profile_name or recorded.get("name") or "plain_sft"
-    if run_dir is not None and name == recorded.get("name"):
+    if name == recorded.get("name"):
         from trainer_core.plugins.registry import missing_profile_hint
 
-        hint = missing_profile_hint(name, run_manifest(run_dir))
+        hint = missing_profile_hint(name, run_manifest(manifest_dir))
         if hint is not None:
             raise UserError(f"--model {model_dir}: {hint}")
     options = dict(recorded.get("options") or {}) if name == recorded.get("name") else {}
