@@ -46,18 +46,20 @@ def inbox_priority(home: Home, path: Path, default: str) -> int:
 
 
 class InboxWatcher:
-    """Finds complete files in the inbox (the settle check keeps a little memory per file)."""
+    """Finds complete files in the inbox: a file is ready when its modification time is at
+    least ``settle_s`` old *and* its size and modification time did not change since the
+    previous scan (so a writer that keeps a file's mtime still is caught by its size)."""
 
     def __init__(self, home: Home, settle_s: float):
         self.home = home
         self.settle_s = settle_s
-        self.seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since)
+        self.seen: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) at last scan
 
     def ready(self, now: float | None = None) -> list[Path]:
         """Complete candidate files, in name order (deterministic intake order)."""
         now = time.time() if now is None else now
         out: list[Path] = []
-        current: set[Path] = set()
+        current: dict[Path, tuple[int, int]] = {}
         for path in sorted(self.home.inbox.rglob("*.jsonl")):
             rel_parts = path.relative_to(self.home.inbox).parts
             if any(p.startswith(".") for p in rel_parts) or not is_candidate(path):
@@ -68,19 +70,11 @@ class InboxWatcher:
                 continue
             if not path.is_file():
                 continue
-            current.add(path)
             sig = (st.st_size, st.st_mtime_ns)
-            prev = self.seen.get(path)
-            if prev is None or prev[:2] != sig:
-                # First sight or changed since: the settle clock starts now, but a file whose
-                # mtime is already old enough (dropped while the daemon was down) is ready.
-                since = min(now, st.st_mtime) if prev is None else now
-                self.seen[path] = (*sig, since)
-                prev = self.seen[path]
-            if now - prev[2] >= self.settle_s and now - st.st_mtime >= self.settle_s:
+            current[path] = sig
+            if self.seen.get(path) == sig and now - st.st_mtime >= self.settle_s:
                 out.append(path)
-        for gone in set(self.seen) - current:
-            del self.seen[gone]
+        self.seen = current
         return out
 
     def forget(self, path: Path) -> None:

@@ -223,7 +223,10 @@ class Worker:
                         self.at = None
                         self.send("failed", file_id=fid, error="non-finite weights")
                         return cmd != "stop"
-                    ckpt = self.save(fields(False))
+                    # Nothing trained since the last checkpoint: point at it rather than
+                    # rewrite it (rewriting the committed model's checkpoint opens a window
+                    # where a kill would lose it).
+                    ckpt = self.at if self.at is not None else self.save(fields(False))
                     self.send("paused" if cmd == "pause" else "stopped", file_id=fid,
                               checkpoint=ckpt, step=self.state["step"], file_step=file_step)
                     return cmd != "stop"
