@@ -20,6 +20,7 @@ import pytest
 
 from trainer_core.config import resolve, to_dict
 
+
 @pytest.fixture(scope="session")
 def du():
     return sys.modules[__name__]

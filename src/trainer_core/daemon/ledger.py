@@ -39,7 +39,11 @@ CREATE TABLE IF NOT EXISTS files (
     loss_start REAL, loss_end REAL,
     checkpoint TEXT,
     error TEXT,
-    submitted_at REAL NOT NULL, started_at REAL, trained_at REAL, finished_at REAL
+    -- submitted_at: registered (ready); started_at: taken from the queue; train_started_at:
+    -- validated and preprocessed, first step next; trained_at: last step and checkpoint done;
+    -- finished_at: committed, reported and moved
+    submitted_at REAL NOT NULL, started_at REAL, train_started_at REAL, trained_at REAL,
+    finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS files_state ON files(state, priority, seq);
 CREATE INDEX IF NOT EXISTS files_sha ON files(sha256);
@@ -62,7 +66,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 FILE_COLUMNS = ("id", "name", "fname", "source", "origin", "sha256", "size", "priority", "seq",
                 "state", "attempts", "forced", "duplicate_of", "rows", "invalid_rows", "steps",
                 "tokens", "step_before", "step_after", "loss_start", "loss_end", "checkpoint",
-                "error", "submitted_at", "started_at", "trained_at", "finished_at")
+                "error", "submitted_at", "started_at", "train_started_at", "trained_at",
+                "finished_at")
 #: States whose content counts for duplicate detection (a failed file may come again).
 LIVE_STATES = ("incoming", "queued", "training", "completed")
 
@@ -126,7 +131,7 @@ class Ledger:
                 "forced, duplicate_of, error, submitted_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, source, origin, sha256, size, priority, self.next_seq(db), state,
                  int(forced), duplicate_of, error, time.time()))
-            fid = int(cur.lastrowid)
+            fid = int(cur.lastrowid or 0)
             fname = f"{fid:06d}-{Path(name).name}"
             db.execute("UPDATE files SET fname=? WHERE id=?", (fname, fid))
         return self.file(fid)
@@ -184,7 +189,7 @@ class Ledger:
         with self.tx() as db:
             cur = db.execute("INSERT INTO commands(cmd, arg, created_at) VALUES(?,?,?)",
                              (cmd, arg, time.time()))
-            return int(cur.lastrowid)
+            return int(cur.lastrowid or 0)
 
     def pending_commands(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM commands WHERE done_at IS NULL ORDER BY id")

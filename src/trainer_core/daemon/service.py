@@ -405,6 +405,7 @@ class Daemon:
         elif ev == "started" and self.job is not None:
             self.job.update(file_step=msg["file_step"], file_steps=msg["file_steps"],
                             step=msg["step"])
+            self.ledger.set_file(msg["file_id"], train_started_at=msg["time"])
             how = f"resumed at file step {msg['file_step']}" if msg["resumed"] else "started"
             self.log(f"#{self.job['id']} {self.job['name']} {how} "
                      f"({msg['file_steps']} steps, global step {msg['step']})")
@@ -535,7 +536,7 @@ class Daemon:
                           tokens=info["tokens"], step_before=info["step_before"],
                           step_after=step_after, loss_start=info.get("loss_start"),
                           loss_end=info.get("loss_end"), checkpoint=self.rel(checkpoint),
-                          trained_at=now, finished_at=now, error=None)
+                          trained_at=info.get("time", now), finished_at=now, error=None)
             self.ledger.update(db, row["id"], **fields)
             self.ledger.add_attempt(db, file_id=row["id"], attempt=row["attempts"],
                                     outcome="completed", step_before=info["step_before"],
@@ -546,6 +547,7 @@ class Daemon:
             self.ledger.set_meta(db, "model_checkpoint", self.rel(checkpoint))
             self.ledger.set_meta(db, "model_step", step_after)
         place_file(self.home, self.ledger, row["id"])
+        self.ledger.set_file(row["id"], finished_at=time.time())  # committed, reported, moved
         self.job = None
         self.state = "idle"
         self.log(f"#{row['id']} {row['name']} completed: {info['file_steps']} steps "

@@ -56,7 +56,7 @@ class Worker:
         self.out = out
         self.inbox: queue.Queue = queue.Queue()
         self.faults = parse_faults(os.environ.get("TRAINER_DAEMON_FAULT", ""))
-        self.setup = None
+        self.setup: Any = None  # TrainingSetup once loaded
         self.at: str | None = None  # checkpoint path whose state is in memory, None if dirty
         threading.Thread(target=self._read_stdin, daemon=True).start()
 
@@ -209,7 +209,7 @@ class Worker:
                     "rows": len(rows), "invalid_rows": invalid, "complete": complete}
 
         self.send("started", file_id=fid, file_step=file_step, file_steps=plan.total_steps,
-                  step=self.state["step"], resumed=mine)
+                  step=self.state["step"], resumed=mine, time=time.time())
         while file_step < plan.total_steps:
             msg = self.next_command(block=False)
             if msg is not None:
@@ -271,7 +271,8 @@ class Worker:
                       "model rolled back")
             return True
         ckpt = self.save(fields(True))
-        self.send("done", checkpoint=ckpt, **fields(True), step=self.state["step"])
+        self.send("done", checkpoint=ckpt, **fields(True), step=self.state["step"],
+                  time=time.time())
         return True
 
     def fault_hooks(self, name: str, file_step: int) -> None:
@@ -293,6 +294,8 @@ class Worker:
             self.send("loaded", step=self.state["step"])
             while True:
                 msg = self.next_command(block=True)
+                if msg is None:
+                    continue
                 cmd = msg["cmd"]
                 if cmd == "init":
                     self.init()
