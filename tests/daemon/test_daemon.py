@@ -340,3 +340,32 @@ def test_disk_gate_blocks_new_files(tmp_path, micro_model_dir, sample_rows, du):
         invoke("stop", "--home", str(root))
         proc.wait(60)
         du.kill_group(proc)
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    bad = invoke("start", "--home", str(tmp_path / "h"), "--set", "daemon.poll_interval_s=0")
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: daemon.poll_interval_s: must be > 0, got 0.0"
+    missing = invoke("status", "--home", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 2 and "not a daemon home" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    nothing = invoke("submit", "--home", str(tmp_path / "h"))
+    assert nothing.exit_code == 2 and "at least one file" in nothing.stderr
+
+
+def test_retry_and_skip_without_a_running_daemon(tmp_path, sample_rows, du):
+    home = Home(tmp_path / "home")
+    f = du.write_jsonl(tmp_path / "x.jsonl", sample_rows[:2])
+    submit_files(home, [f], "normal", False)
+    result = invoke("skip", "--home", str(home.root), "x.jsonl")
+    assert result.exit_code == 0 and "skipped" in result.output
+    assert (home.skipped / "000001-x.jsonl").exists()
+    again = invoke("retry", "--home", str(home.root), "#1")
+    assert again.exit_code == 0 and "queued again" in again.output
+    assert (home.queue / "000001-x.jsonl").exists()
+    assert not (home.skipped / "000001-x.jsonl.report.json").exists()
+    refused = invoke("retry", "--home", str(home.root), "x.jsonl")
+    assert refused.exit_code == 2 and "is queued" in refused.stderr
+    paused = invoke("pause", "--home", str(home.root))
+    assert paused.exit_code == 0 and "next start" in paused.output
+    assert du.rows(home.root, "SELECT value FROM meta WHERE key='paused'")[0]["value"] == "1"

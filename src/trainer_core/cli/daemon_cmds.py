@@ -141,9 +141,8 @@ def status(home: str, as_json: bool) -> None:
         i = data["interrupted"]
         click.echo(f"interrupted: #{i['id']} {i['name']} (resumes at the next start)")
     q = data.get("queue") or {}
-    by = q.get("by_priority")
-    click.echo(f"queue: {q.get('total', 0)} file(s)"
-               + (" (" + ", ".join(f"{k} {v}" for k, v in by.items() if v) + ")" if by else ""))
+    by = ", ".join(f"{k} {v}" for k, v in (q.get("by_priority") or {}).items() if v)
+    click.echo(f"queue: {q.get('total', 0)} file(s)" + (f" ({by})" if by else ""))
     for r in q.get("next", [])[:5]:
         click.echo(f"  #{r['id']} {r['name']} [{r['priority']}]")
     counts = data.get("counts") or {}
