@@ -200,7 +200,8 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
         st = du.status(root)
         history = invoke("history", "--home", str(root), "-n", "0")
         status_text = invoke("status", "--home", str(root))
-        assert invoke("stop", "--home", str(root)).exit_code == 0
+        stopped = invoke("stop", "--home", str(root))
+        assert stopped.exit_code == 0 and "daemon stopped" in stopped.output  # waits for it
         assert proc.wait(60) == 0
     finally:
         du.kill_group(proc)

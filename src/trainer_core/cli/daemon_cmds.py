@@ -178,9 +178,23 @@ def resume(home: str) -> None:
 
 @daemon_group.command("stop")
 @home_option
-def stop(home: str) -> None:
-    """Stop gracefully: checkpoint at the next step boundary and exit."""
-    _control("stop", home)
+@click.option("--no-wait", is_flag=True, help="Return once the daemon has the command.")
+def stop(home: str, no_wait: bool) -> None:
+    """Stop gracefully: checkpoint at the next step boundary and exit (waits for the exit)."""
+    import time
+
+    from trainer_core.daemon.control import send
+    from trainer_core.daemon.home import daemon_running
+
+    h = _home(home)
+    result = send(h, "stop")
+    click.echo(result)
+    if no_wait or result == "no daemon is running":
+        return
+    deadline = time.time() + 300
+    while daemon_running(h) and time.time() < deadline:
+        time.sleep(0.2)
+    click.echo("daemon stopped" if not daemon_running(h) else "still stopping after 300 s")
 
 
 @daemon_group.command("skip")
