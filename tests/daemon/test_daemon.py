@@ -184,17 +184,19 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     with open(bad, "a", encoding="utf-8") as fh:
         fh.write('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
     nan = du.write_jsonl(src / "nanfile.jsonl", sample_rows[10:14])
+    crash = du.write_jsonl(src / "crashfile.jsonl", sample_rows[18:22])
     assert invoke("submit", "--home", str(root), str(a)).exit_code == 0
     assert invoke("submit", "--home", str(root), "--priority", "high", str(b)).exit_code == 0
     assert invoke("submit", "--home", str(root), str(bad), str(nan)).exit_code == 0
+    assert invoke("submit", "--home", str(root), "--priority", "low", str(crash)).exit_code == 0
     du.write_jsonl(root / "inbox" / "low" / "d.jsonl", sample_rows[14:18])
-    proc = du.start(root, fault="nan:nanfile")
+    proc = du.start(root, fault="nan:nanfile,crash:crashfile")
     try:
         du.wait_for(lambda: du.status(root).get("state") in ("training", "idle"), 120,
                     "the daemon to start", proc, root)
         second = invoke("start", "--home", str(root))
         assert second.exit_code == 2 and "already running" in second.stderr
-        du.wait_for(lambda: du.all_final(root) and len(du.rows(root)) == 5, 180,
+        du.wait_for(lambda: du.all_final(root) and len(du.rows(root)) == 6, 240,
                     "all files to finish", proc, root)
         du.wait_for(lambda: du.status(root).get("state") == "idle", 30, "idle", proc, root)
         st = du.status(root)
@@ -222,6 +224,12 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     nan_attempts = du.rows(root, "SELECT * FROM attempts WHERE file_id=?", (n["id"],))
     assert all(x["outcome"] == "failed" and x["step_after"] == x["step_before"]
                for x in nan_attempts)
+    # a crashing worker never takes the daemon down: it is restarted, the file retried, then
+    # failed; the model is not advanced by it
+    c = files["crashfile.jsonl"]
+    assert c["state"] == "failed" and c["attempts"] == 2 and "worker died" in c["error"]
+    assert (home.failed / (c["fname"] + ".report.json")).exists()
+    assert (root / "logs" / "daemon.log").read_text().count("worker exited with code 17") == 2
     # the step counts add up: each completed file continues where the previous one ended
     completed = sorted((r for r in files.values() if r["state"] == "completed"),
                        key=lambda r: r["step_before"])
@@ -370,3 +378,18 @@ def test_retry_and_skip_without_a_running_daemon(tmp_path, sample_rows, du):
     paused = invoke("pause", "--home", str(home.root))
     assert paused.exit_code == 0 and "next start" in paused.output
     assert du.rows(home.root, "SELECT value FROM meta WHERE key='paused'")[0]["value"] == "1"
+
+
+def test_half_deleted_and_temporary_directories_are_cleaned(tmp_path):
+    home = Home(tmp_path / "home")
+    home.create()
+    good = _fake_checkpoint(home, 3, 0.01)
+    half = _fake_checkpoint(home, 7, 0.01)
+    (half / "trainer_state.json").unlink()  # a kill in the middle of deleting it
+    tmp = home.checkpoints / ".tmp-step-000009"
+    tmp.mkdir()
+    storage.publish(home, good)
+    gone = storage.remove_incomplete(home)
+    assert sorted(p.name for p in gone) == [".tmp-step-000009", "step-000007"]
+    assert storage.checkpoints(home) == [good]
+    assert (home.current / "model.safetensors").exists()

@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -270,9 +269,7 @@ class Daemon:
             finish_incoming(home, ledger, row)
         for row in ledger.files("state NOT IN ('incoming')"):
             place_file(home, ledger, row["id"], rewrite=False)
-        for root in (home.checkpoints, home.models, home.snapshots):
-            for tmp in root.glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        storage.remove_incomplete(home)
         model_ckpt = self.model_checkpoint()
         if model_ckpt is not None:
             storage.publish(home, model_ckpt)
@@ -300,7 +297,7 @@ class Daemon:
         keep = self.resume_checkpoint(current) if current else None
         for path in storage.checkpoints(self.home):
             if storage.step_of(path) > model_step and path != keep:
-                shutil.rmtree(path, ignore_errors=True)
+                storage.remove_tree(path)
 
     # ------------------------------------------------------------------ intake and commands
 

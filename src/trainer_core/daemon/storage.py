@@ -164,6 +164,28 @@ def disk_gate(home: Home, min_free_gb: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- retention
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a checkpoint, model or snapshot so that a kill midway never leaves something
+    that still looks complete: its marker file goes first."""
+    for marker in (STATE_FILE, "config.json", "SNAPSHOT"):
+        (path / marker).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_incomplete(home: Home) -> list[Path]:
+    """Leftovers of a kill: temporary directories and half-deleted ones (no marker file)."""
+    gone = []
+    for root, marker in ((home.checkpoints, STATE_FILE), (home.models, "config.json"),
+                         (home.snapshots, "SNAPSHOT")):
+        if not root.is_dir():
+            continue
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or not (p / marker).exists()):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
 def apply_retention(home: Home, keep_checkpoints: int, snapshot_max_age_h: float,
                     max_total_gb: float | None, protected: set[Path],
                     now: float | None = None) -> list[Path]:
@@ -183,7 +205,7 @@ def apply_retention(home: Home, keep_checkpoints: int, snapshot_max_age_h: float
     deleted: list[Path] = []
 
     def drop(p: Path) -> None:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_tree(p)
         deleted.append(p)
 
     ckpts = checkpoints(home)
