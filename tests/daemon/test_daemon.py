@@ -185,18 +185,20 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
         fh.write('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
     nan = du.write_jsonl(src / "nanfile.jsonl", sample_rows[10:14])
     crash = du.write_jsonl(src / "crashfile.jsonl", sample_rows[18:22])
+    donecrash = du.write_jsonl(src / "donecrash.jsonl", sample_rows[22:26])
     assert invoke("submit", "--home", str(root), str(a)).exit_code == 0
     assert invoke("submit", "--home", str(root), "--priority", "high", str(b)).exit_code == 0
-    assert invoke("submit", "--home", str(root), str(bad), str(nan)).exit_code == 0
+    assert invoke("submit", "--home", str(root), str(bad), str(nan), str(donecrash)
+                  ).exit_code == 0
     assert invoke("submit", "--home", str(root), "--priority", "low", str(crash)).exit_code == 0
     du.write_jsonl(root / "inbox" / "low" / "d.jsonl", sample_rows[14:18])
-    proc = du.start(root, fault="nan:nanfile,crash:crashfile")
+    proc = du.start(root, fault="nan:nanfile,crash:crashfile,crashdone:donecrash")
     try:
         du.wait_for(lambda: du.status(root).get("state") in ("training", "idle"), 120,
                     "the daemon to start", proc, root)
         second = invoke("start", "--home", str(root))
         assert second.exit_code == 2 and "already running" in second.stderr
-        du.wait_for(lambda: du.all_final(root) and len(du.rows(root)) == 6, 240,
+        du.wait_for(lambda: du.all_final(root) and len(du.rows(root)) == 7, 240,
                     "all files to finish", proc, root)
         du.wait_for(lambda: du.status(root).get("state") == "idle", 30, "idle", proc, root)
         st = du.status(root)
@@ -211,7 +213,7 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     # priorities: high first, then normal in submit order, low last; failures retried lower
     done = du.rows(root, "SELECT f.name FROM attempts a JOIN files f ON f.id=a.file_id "
                          "WHERE outcome='completed' ORDER BY a.id")
-    assert [r["name"] for r in done] == ["b.jsonl", "a.jsonl", "low/d.jsonl"]
+    assert [r["name"] for r in done] == ["b.jsonl", "a.jsonl", "donecrash.jsonl", "low/d.jsonl"]
     # invalid rows: retried, then failed with the line in its report
     assert files["bad.jsonl"]["state"] == "failed" and files["bad.jsonl"]["attempts"] == 2
     rep = json.loads((home.failed / (files["bad.jsonl"]["fname"] + ".report.json")).read_text())
@@ -229,7 +231,12 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     c = files["crashfile.jsonl"]
     assert c["state"] == "failed" and c["attempts"] == 2 and "worker died" in c["error"]
     assert (home.failed / (c["fname"] + ".report.json")).exists()
-    assert (root / "logs" / "daemon.log").read_text().count("worker exited with code 17") == 2
+    log = (root / "logs" / "daemon.log").read_text()
+    assert log.count("worker exited with code 17") == 2
+    # a worker that dies after the file's final checkpoint: the file is done, not retried
+    assert "worker exited with code 18" in log
+    assert files["donecrash.jsonl"]["state"] == "completed"
+    assert files["donecrash.jsonl"]["attempts"] == 1
     # the step counts add up: each completed file continues where the previous one ended
     completed = sorted((r for r in files.values() if r["state"] == "completed"),
                        key=lambda r: r["step_before"])
@@ -237,18 +244,18 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     for prev, nxt in zip(completed, completed[1:], strict=False):
         assert nxt["step_before"] == prev["step_after"]
     total = sum(r["steps"] for r in completed)
-    assert total == completed[-1]["step_after"] == st["model"]["step"] == 6
+    assert total == completed[-1]["step_after"] == st["model"]["step"] == 8
     for r in completed:
         assert (home.completed / r["fname"]).exists()
         assert (home.completed / (r["fname"] + ".report.json")).exists()
     assert not list(home.queue.glob("*.jsonl"))
     # no checkpoint of a rolled-back attempt survives past the model
-    assert max(storage.step_of(p) for p in storage.checkpoints(home)) == 6
+    assert max(storage.step_of(p) for p in storage.checkpoints(home)) == 8
     # the published current model is complete, finite and the last checkpoint's weights
     import torch
 
     current = du.weights(home.current)
-    ckpt = du.weights(home.checkpoints / "step-000006")
+    ckpt = du.weights(home.checkpoints / "step-000008")
     assert all(torch.equal(current[k], ckpt[k]) for k in ckpt)
     assert all(torch.isfinite(t).all() for t in current.values())
     assert (home.current / "tokenizer_config.json").exists()
@@ -258,9 +265,9 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
                                                          du.PEAK_LR])
     assert all(lr == pytest.approx(du.PEAK_LR) for s, lr in lrs.items() if s > 3)
     # status.json and the CLI
-    assert st["queue"]["total"] == 0 and st["counts"]["completed"] == 3
-    assert st["disk"]["gate"] == "ok" and st["model"]["current"].endswith("step-000006")
-    assert history.exit_code == 0 and history.output.count("completed") == 3
+    assert st["queue"]["total"] == 0 and st["counts"]["completed"] == 4
+    assert st["disk"]["gate"] == "ok" and st["model"]["current"].endswith("step-000008")
+    assert history.exit_code == 0 and history.output.count("completed") == 4
     assert "low/d.jsonl" in history.output and "nanfile.jsonl" in history.output
     assert status_text.exit_code == 0 and "state: idle" in status_text.output
     stopped = invoke("status", "--home", str(root), "--json")

@@ -456,7 +456,12 @@ class Daemon:
         self.log(f"worker exited with code {code}")
         if self.job is not None:
             row = self.ledger.file(self.job["id"])
-            if row["state"] == "training":
+            resume = self.resume_checkpoint(row) if row["state"] == "training" else None
+            info = storage.checkpoint_state(resume) if resume is not None else {}
+            if resume is not None and (info.get("daemon") or {}).get("complete"):
+                # It died after writing the file's final checkpoint: the file is done.
+                self.commit(row, resume, {**info["daemon"], "step": info["step"]})
+            elif row["state"] == "training":
                 self.end_attempt(row, "failed", f"the training worker died (exit code {code})")
         self.spawn_failures += 1
         self.next_spawn = time.time() + min(60.0, 2.0 ** (self.spawn_failures - 1))

@@ -15,7 +15,8 @@ Closed stdin means the daemon is gone: the worker exits.
 
 ``TRAINER_DAEMON_FAULT`` (tests only) injects faults, comma-separated: ``nan:SUBSTR`` turns the
 weights to NaN during the second step of files whose name contains SUBSTR, ``crash:SUBSTR``
-kills the worker there, ``sleep:SECONDS`` slows every step down.
+kills the worker there, ``crashdone:SUBSTR`` kills it right after the file's final checkpoint,
+``sleep:SECONDS`` slows every step down.
 """
 
 from __future__ import annotations
@@ -271,6 +272,8 @@ class Worker:
                       "model rolled back")
             return True
         ckpt = self.save(fields(True))
+        if self.faults.get("crashdone") and self.faults["crashdone"] in job["name"]:
+            os._exit(18)
         self.send("done", checkpoint=ckpt, **fields(True), step=self.state["step"],
                   time=time.time())
         return True
