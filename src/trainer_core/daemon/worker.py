@@ -325,8 +325,14 @@ def parse_faults(text: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()
+    # Ctrl-C in a terminal signals the whole process group: the daemon alone decides, and
+    # tells the worker to checkpoint and stop at a step boundary.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The protocol owns the real stdout; anything else printed goes to stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)
