@@ -46,14 +46,16 @@ MAPPED: dict[str, tuple[str, Any]] = {
     "locked.model_architecture": ("locked.model_architecture", "LlamaForCausalLM"),
     "locked.max_context_length": ("locked.max_context_length", 2048),
     "locked.vocab_size": ("locked.vocab_size", 49152),
+    # The old daemon's service keys have a home in the daemon section.
+    "poll_interval": ("daemon.poll_interval_s", 60.0),
+    "snapshot_time": ("daemon.snapshot_time", "04:30"),
+    "retention.max_age_hours": ("daemon.snapshot_max_age_h", 48.0),
+    "retention.max_total_gb": ("daemon.max_total_gb", 80.0),
 }
 
 UNMAPPED = {
     "model_name": "smolchat_360m",
-    "poll_interval": 60,
-    "snapshot_time": "04:30",
     "notify_email": "ops@example.invalid",
-    "retention": {"max_age_hours": 48, "max_total_gb": 80},
     "hyperparams.optimizer": "adamw_torch",
     "profile.temperature": 0.7,
     "locked.tokenizer_hash": "ab12cd34",
@@ -64,7 +66,7 @@ def old_keys(old: dict[str, Any]) -> set[str]:
     """Every key of an old file; the partly nested sections count key by key."""
     out = set()
     for key, value in old.items():
-        if key in ("hyperparams", "locked", "profile") and isinstance(value, dict):
+        if key in ("hyperparams", "locked", "profile", "retention") and isinstance(value, dict):
             out.update(f"{key}.{k}" for k in value)
         else:
             out.add(key)
@@ -150,6 +152,25 @@ def test_both_precision_flags_note():
     assert result.config["hyperparams"]["precision"] == "bf16"
     assert any("bf16" in n and "fp16" in n for n in result.notes)
     assert migrate({"fp16": True}).config["hyperparams"]["precision"] == "fp16"
+
+
+def test_old_daemon_keys_go_to_the_daemon_section():
+    result = migrate({"poll_interval": 5, "snapshot_time": "23:15",
+                      "retention": {"max_age_hours": 12, "max_total_gb": 1.5, "keep": 4}})
+    daemon = result.config["daemon"]
+    assert daemon["poll_interval_s"] == 5.0
+    assert daemon["snapshot_time"] == "23:15"
+    assert daemon["snapshot_max_age_h"] == 12.0
+    assert daemon["max_total_gb"] == 1.5
+    # Retention keys without a counterpart are listed, not dropped.
+    assert result.unmapped == {"retention.keep": 4}
+
+
+def test_old_daemon_bad_values_are_config_errors():
+    with pytest.raises(ConfigError, match="daemon.snapshot_time: must be HH:MM"):
+        migrate({"snapshot_time": "4.30am"})
+    with pytest.raises(ConfigError, match="daemon.poll_interval_s: must be > 0"):
+        migrate({"poll_interval": 0})
 
 
 def test_profile_as_plain_string():

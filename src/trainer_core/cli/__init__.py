@@ -12,6 +12,7 @@ import click
 
 from trainer_core import __version__
 from trainer_core.cli.config_cmds import config_group
+from trainer_core.cli.daemon_cmds import daemon_group
 from trainer_core.cli.generate_cmd import generate
 from trainer_core.cli.options import TrainerGroup
 from trainer_core.cli.plugin_cmds import new_profile, plugins, profiles
@@ -30,7 +31,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (run, preview, generate, profiles, plugins, new_profile, config_group):
+for _command in (run, preview, generate, profiles, plugins, new_profile, config_group,
+                 daemon_group):
     cli.add_command(_command)
 
 

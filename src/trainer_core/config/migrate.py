@@ -2,7 +2,8 @@
 
 The old files mixed flat top-level keys (``model_path``, ``learning_rate``, ``fp16``...) with
 partly nested ``hyperparams``/``locked``/``profile`` sections and service keys of the old daemon
-(polling, snapshots, retention, data generation). We map what has a home in the new config and
+(polling, snapshots, retention, data generation). We map what has a home in the new config (the
+daemon's keys go to the ``daemon`` section) and
 return everything else as ``unmapped`` so the caller can list it; nothing is dropped silently.
 """
 
@@ -33,6 +34,16 @@ FLAT_KEYS = {
     # The old trainer wrote its working model into current_model_dir.
     "current_model_dir": "output.output_dir",
     "output_dir": "output.output_dir",
+    # The old daemon's service keys.
+    "poll_interval": "daemon.poll_interval_s",
+    "snapshot_time": "daemon.snapshot_time",
+}
+
+#: Old keys inside the old daemon's ``retention`` object -> new dotted path. The old
+#: ``max_age_hours`` aged out its snapshots; the new daemon's snapshots age out the same way.
+RETENTION_KEYS = {
+    "max_age_hours": "daemon.snapshot_max_age_h",
+    "max_total_gb": "daemon.max_total_gb",
 }
 
 #: Old keys inside the old ``hyperparams`` section -> new dotted path.
@@ -102,6 +113,12 @@ def migrate(old: dict[str, Any]) -> Migration:
                     unmapped[f"{key}.{k}"] = v
                     continue
                 put(dotted, v, f"{key}.{k}")
+        elif key == "retention" and isinstance(value, dict):
+            for k, v in value.items():
+                if k in RETENTION_KEYS:
+                    put(RETENTION_KEYS[k], v, f"retention.{k}")
+                else:
+                    unmapped[f"retention.{k}"] = v
         elif key == "config_version":
             continue
         else:

@@ -405,8 +405,105 @@ class Environment:
     )
 
 
+PRIORITIES = ("high", "normal", "low")
+DAEMON_LR_SCHEDULES = ("constant", "per_file")
+
+
+def _clock_time(v: Any) -> bool:
+    parts = str(v).split(":")
+    return (len(parts) == 2 and all(p.isdigit() and len(p) == 2 for p in parts)
+            and int(parts[0]) < 24 and int(parts[1]) < 60)
+
+
+@attrs.define(frozen=True)
+class Daemon:
+    """`trainer daemon`: continuous training on the files dropped in a home's inbox."""
+
+    poll_interval_s: float = attrs.field(
+        default=2.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Seconds between scans of the inbox (control commands are checked "
+                     "more often)."),
+    )
+    settle_s: float = attrs.field(
+        default=5.0,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("A file in the inbox is taken only once its size and modification time "
+                     "have not changed for this long (files named .* or *.tmp/*.part are "
+                     "never taken: write under such a name and rename when done)."),
+    )
+    default_priority: str = attrs.field(
+        default="normal",
+        validator=one_of(*PRIORITIES),
+        metadata=doc("Priority of files dropped at the top of the inbox (inbox/high/ and "
+                     "inbox/low/ set their own)."),
+    )
+    max_attempts: int = attrs.field(
+        default=3,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Attempts per file; a failed attempt requeues the file one priority "
+                     "level lower, the last one moves it to failed/."),
+    )
+    epochs_per_file: float = attrs.field(
+        default=1.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Passes over each file (fractions allowed); replaces "
+                     "hyperparams.num_epochs and max_steps in the daemon."),
+    )
+    lr_schedule: str = attrs.field(
+        default="constant",
+        validator=one_of(*DAEMON_LR_SCHEDULES),
+        metadata=doc("constant: one schedule over the daemon's life, linear warmup over the "
+                     "first hyperparams.warmup_steps global steps (0 if unset), then the peak "
+                     "learning rate forever. per_file: the same single warmup, then each file "
+                     "runs hyperparams.lr_scheduler from the peak over its own steps (the next "
+                     "file starts at the peak again)."),
+    )
+    save_steps: int = attrs.field(
+        default=0,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Also checkpoint every N steps inside a file, so a killed daemon resumes "
+                     "mid-file (0: only after each file, on pause and on stop)."),
+    )
+    keep_checkpoints: int = attrs.field(
+        default=3,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Newest checkpoints kept in checkpoints/; the one the current model came "
+                     "from is never deleted."),
+    )
+    snapshot_time: str | None = attrs.field(
+        default="03:00",
+        validator=check(_clock_time, "must be HH:MM (24-hour, local time)"),
+        metadata=doc("Local time of the daily snapshot of the current model into "
+                     "snapshots/YYYY-MM-DD/; null disables snapshots."),
+    )
+    snapshot_max_age_h: float = attrs.field(
+        default=168.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Snapshots older than this many hours are deleted."),
+    )
+    max_total_gb: float | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Size budget of checkpoints/, snapshots/ and models/ together: over it, "
+                     "the oldest snapshots, then the oldest checkpoints and published models "
+                     "go first (never the current model or its checkpoint); null: no budget."),
+    )
+    min_free_gb: float = attrs.field(
+        default=1.0,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Disk gate: no file is started while the home's file system has less "
+                     "free space than this (status.json says so)."),
+    )
+    status_interval_s: float = attrs.field(
+        default=1.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Seconds between rewrites of the home's status.json while training."),
+    )
+
+
 SECTIONS = ("hyperparams", "profile", "monitoring", "locked", "data", "model", "output",
-            "environment")
+            "environment", "daemon")
 
 
 @attrs.define(frozen=True)
@@ -428,6 +525,7 @@ class TrainerConfig:
     model: Model = attrs.field(factory=Model, metadata=doc(Model.__doc__))
     output: Output = attrs.field(factory=Output, metadata=doc(Output.__doc__))
     environment: Environment = attrs.field(factory=Environment, metadata=doc(Environment.__doc__))
+    daemon: Daemon = attrs.field(factory=Daemon, metadata=doc(Daemon.__doc__))
 
     def __attrs_post_init__(self) -> None:
         problems = cross_field_problems(self)
@@ -486,7 +584,7 @@ def field_paths(cls: type = TrainerConfig, prefix: str = "") -> dict[str, attrs.
 def _resolve_types() -> None:
     # ``from __future__ import annotations`` leaves string types; attrs resolves them here.
     for cls in (HyperParams, ProfileSection, Monitoring, Locked, Data, Model, Output, Environment,
-                TrainerConfig):
+                Daemon, TrainerConfig):
         attrs.resolve_types(cls)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,13 @@ class TrainingSetup:
 
 
 def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
-                     facts: dict[str, Any] | None = None) -> TrainingSetup:
+                     facts: dict[str, Any] | None = None,
+                     schedule: Callable[[int], float] | None = None) -> TrainingSetup:
     """Device, precision, speed plan, model, AdamW and the LR schedule, as ``trainer run`` does.
 
     ``bench/throughput.py`` builds its "trainer" variant with this too, so it measures exactly
-    what a run would do.
+    what a run would do. ``schedule`` replaces the run's LR multiplier (a function of the global
+    step), for callers whose training has no fixed total, such as ``trainer daemon``.
     """
     import torch
 
@@ -102,7 +105,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     model = speed.prepare(model)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, warmup_steps(cfg, total_steps), hp.lr_scheduler))
+        optimizer, schedule or lr_lambda(total_steps, warmup_steps(cfg, total_steps),
+                                         hp.lr_scheduler))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed)
 

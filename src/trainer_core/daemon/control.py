@@ -1,0 +1,153 @@
+"""What ``trainer daemon`` commands do from another terminal (no torch imported here).
+
+Control commands (pause, resume, stop, skip, retry) go through the ledger's ``commands`` table:
+the running daemon executes them in order and writes the result back, which the command waits
+for. With no daemon running, the command holds the home lock itself and changes the ledger
+directly (retry, skip of a queued file, pause/resume) or says there is nothing to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer_core.daemon.home import Home, HomeLock, daemon_running, priority_name
+from trainer_core.daemon.ledger import Ledger
+from trainer_core.errors import UserError
+
+COMMANDS = ("pause", "resume", "stop", "skip", "retry")
+
+
+def open_ledger(home: Home) -> Ledger:
+    home.require()
+    return Ledger(home.ledger)
+
+
+def send(home: Home, cmd: str, arg: str | None = None, wait_s: float = 30.0) -> str:
+    """Run a control command; returns its result line."""
+    from trainer_core.daemon import service
+
+    ledger = open_ledger(home)
+    try:
+        if daemon_running(home):
+            cid = ledger.add_command(cmd, arg)
+            deadline = time.time() + wait_s
+            while time.time() < deadline:
+                row = ledger.command(cid)
+                if row["done_at"] is not None:
+                    result = row["result"]
+                    if result.startswith("error: "):
+                        raise UserError(result.removeprefix("error: "))
+                    return result
+                if not daemon_running(home):
+                    break
+                time.sleep(0.1)
+            return f"{cmd}: sent; the daemon has not answered yet (see `trainer daemon status`)"
+        lock = HomeLock(home)
+        if not lock.acquire():  # a daemon started meanwhile: let it do it
+            ledger.add_command(cmd, arg)
+            return f"{cmd}: sent"
+        try:
+            if cmd == "stop":
+                return "no daemon is running"
+            if cmd in ("pause", "resume"):
+                ledger.put_meta("paused", 1 if cmd == "pause" else 0)
+                return f"{cmd}d (no daemon running; it applies at the next start)"
+            if cmd == "retry":
+                force = bool(arg and arg.startswith("force:"))
+                row = service.retry_file(home, ledger, (arg or "").removeprefix("force:"), force)
+                return f"#{row['id']} {row['name']} queued again"
+            if cmd == "skip":
+                if not arg:
+                    current = ledger.training()
+                    if current is None:
+                        raise UserError("no file is in training")
+                    raise UserError(f"#{current['id']} {current['name']} was in training when "
+                                    "the daemon stopped; start the daemon to skip it, or name it")
+                row = service.find_file(ledger, arg)
+                if row["state"] == "training":
+                    # Not running: nothing to interrupt; the attempt just ends here.
+                    raise UserError(f"#{row['id']} is in training; start the daemon to skip it")
+                row = service.skip_queued(home, ledger, row)
+                return f"#{row['id']} {row['name']} skipped"
+            raise UserError(f"unknown command {cmd!r}")
+        finally:
+            lock.release()
+    finally:
+        ledger.close()
+
+
+def submit_files(home: Home, paths: list[Path], priority: str, force: bool) -> list[dict]:
+    """``trainer daemon submit``: copy each file into the queue (creating the home if new)."""
+    from trainer_core.daemon.intake import submit
+
+    home.create()
+    ledger = Ledger(home.ledger)
+    try:
+        return [submit(home, ledger, p, priority, force) for p in paths]
+    finally:
+        ledger.close()
+
+
+def status(home: Home) -> dict[str, Any]:
+    """status.json of the running daemon, else what the ledger says (state ``stopped``)."""
+    ledger = open_ledger(home)
+    try:
+        pid = daemon_running(home)
+        data: dict[str, Any] = {}
+        if home.status.exists():
+            try:
+                data = json.loads(home.status.read_text(encoding="utf-8"))
+            except ValueError:
+                data = {}
+        if not pid:
+            queued = ledger.queued()
+            data.update(state="stopped", pid=None, current=None, counts=ledger.counts(),
+                        paused=ledger.meta("paused") == "1",
+                        model={**(data.get("model") or {}), "step": ledger.model_step(),
+                               "checkpoint": ledger.meta("model_checkpoint")},
+                        queue={"total": len(queued),
+                               "next": [{"id": r["id"], "name": r["name"],
+                                         "priority": priority_name(r["priority"]),
+                                         "attempts": r["attempts"]} for r in queued[:10]]})
+            training = ledger.training()
+            if training is not None:
+                data["interrupted"] = {"id": training["id"], "name": training["name"],
+                                       "attempt": training["attempts"]}
+        return data
+    finally:
+        ledger.close()
+
+
+def history(home: Home, limit: int | None) -> list[dict[str, Any]]:
+    ledger = open_ledger(home)
+    try:
+        return list(reversed(ledger.attempts(limit)))
+    finally:
+        ledger.close()
+
+
+def start_detached(home: Home, args: list[str], wait_s: float = 60.0) -> int:
+    """Start ``trainer daemon start ARGS`` in the background; returns its pid once it holds
+    the home lock (its output goes to logs/daemon.out)."""
+    home.create()
+    out = open(home.logs / "daemon.out", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_core", "daemon", "start", *args],
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                            start_new_session=True, env=dict(os.environ))
+    out.close()
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = (home.logs / "daemon.out").read_text(encoding="utf-8", errors="replace")
+            last = tail.strip().splitlines()[-1:] or ["(no output)"]
+            raise UserError(f"the daemon exited at once: {last[0]}")
+        if daemon_running(home) == proc.pid:
+            return proc.pid
+        time.sleep(0.1)
+    return proc.pid
