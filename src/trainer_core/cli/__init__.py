@@ -13,6 +13,7 @@ import click
 from trainer_core import __version__
 from trainer_core.cli.config_cmds import config_group
 from trainer_core.cli.generate_cmd import generate
+from trainer_core.cli.monitor_cmds import dashboard, plot, watch
 from trainer_core.cli.options import TrainerGroup
 from trainer_core.cli.plugin_cmds import plugins, profiles
 from trainer_core.cli.run_cmds import preview, run
@@ -30,7 +31,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (run, preview, generate, profiles, plugins, config_group):
+for _command in (run, preview, generate, profiles, plugins, config_group, plot, watch,
+                 dashboard):
     cli.add_command(_command)
 
 

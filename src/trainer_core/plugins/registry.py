@@ -9,6 +9,7 @@ restricts which third-party distributions load, for reproducible runs.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import os
 from typing import Any
@@ -23,6 +24,9 @@ from trainer_core.plugins.profile import Profile
 ENTRY_POINT_GROUP = "trainer"
 ALLOW_ENV = "TRAINER_PLUGINS"
 BUILTIN_NAME = "trainer_core.plugins.builtin"
+#: Other plugins that ship inside trainer-core, loaded by module name exactly as an entry point
+#: would be (so a lower layer never imports them): the built-in trackers.
+BUILTIN_PLUGINS = ("trainer_core.monitor.trackers",)
 
 
 @attrs.define
@@ -90,6 +94,16 @@ def build_registry() -> Registry:
     plugins[BUILTIN_NAME] = PluginInfo(
         BUILTIN_NAME, "trainer-core", __version__, _hook_names(pm, builtin)
     )
+    for module_name in BUILTIN_PLUGINS:
+        info = PluginInfo(module_name, "trainer-core", __version__)
+        plugins[module_name] = info
+        try:
+            plugin = importlib.import_module(module_name)
+            pm.register(plugin, name=module_name)
+        except Exception as exc:  # keep the CLI alive, as for any plugin
+            info.status, info.error = "broken", f"{type(exc).__name__}: {exc}"
+            continue
+        info.hooks = _hook_names(pm, plugin)
     allowed = _allowed()
     seen: set[str] = set()
     for dist in md.distributions():
@@ -210,3 +224,26 @@ def collect_run_listeners(config: Any, output_dir: Any) -> list[Any]:
     """Run listeners that plugins add through the ``run_listeners`` hook, in registration order."""
     results = get_registry().pm.hook.run_listeners(config=config, output_dir=output_dir)
     return [x for group in reversed(results) if group for x in group]
+
+
+def collect_trackers() -> dict[str, str]:
+    """Tracker name -> the plugin that accepts it in ``environment.report_to``."""
+    registry = get_registry()
+    out: dict[str, str] = {}
+    for impl in registry.pm.hook.trackers.get_hookimpls():
+        info = registry.plugins.get(impl.plugin_name)
+        if info is not None and info.status != "ok":
+            continue
+        for name in impl.function() or []:
+            out.setdefault(name, impl.plugin_name)
+    return out
+
+
+def check_report_to(config: Any) -> None:
+    """``UserError`` naming a tracker in ``environment.report_to`` that no plugin provides."""
+    known = collect_trackers()
+    for name in config.environment.report_to:
+        if name not in known:
+            available = ", ".join(sorted(known)) or "(none)"
+            raise UserError(f"environment.report_to: unknown tracker {name!r}; available: "
+                            f"{available} (a tracker plugin adds more; see `trainer plugins`)")
