@@ -153,7 +153,12 @@ class TrackioTracker(RunListener):
 
     def close(self) -> None:
         if self.run is not None:
-            self._quietly(self.run.finish)
+            # trackio.finish() also forgets the run, else Trackio's atexit hook finishes it
+            # again and prints to stdout after our output.
+            try:
+                self._quietly(self.trackio.finish)
+            except RuntimeError:  # initialised on another thread: finish ours directly
+                self._quietly(self.run.finish)
             self.run = None
 
 
