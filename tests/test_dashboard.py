@@ -274,3 +274,28 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
         stop(server, board)
         trainer.join(timeout=300)
     assert result["state"] == "completed"
+
+
+def test_dashboard_command_serves_and_prints_the_token_only_off_loopback(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    _write_run(tmp_path / "runs" / "a")
+    for host, shows_token in (("127.0.0.1", False), ("0.0.0.0", True)):
+        proc = subprocess.Popen([sys.executable, "-m", "trainer_core.cli", "dashboard",
+                                 str(tmp_path / "runs"), "--host", host, "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            url = line.split(" at ")[1].split(" ")[0]
+            assert ("?token=" in url) is shows_token, line
+            port = url.split(":")[2].split("/")[0]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs/list") as resp:
+                assert json.loads(resp.read())[0]["id"] == "a"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert ("warning: bound beyond loopback" in err) is shows_token

@@ -180,6 +180,8 @@ class AlertsListener(RunListener):
 
     def on_end(self, event: RunEnd) -> None:
         self._stop.set()
+        # A run that ended is not hung; the other alerts stay as the run's last word.
+        self._set("stalled", False, message=f"run {event.state}")
 
     def close(self) -> None:
         self._stop.set()

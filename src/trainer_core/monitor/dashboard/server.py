@@ -152,6 +152,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._json({"error": str(exc)}, exc.status)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as exc:  # one bad request must not take the dashboard down
+            try:
+                self._json({"error": f"internal error: {type(exc).__name__}"}, 500)
+            except OSError:
+                pass
 
     # ----------------------------------------------------------------- GET
 
@@ -217,8 +222,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         given = self.headers.get("X-Trainer-Token") or ""
         if not hmac.compare_digest(given.encode(), self.dashboard.token.encode()):
             raise HTTPError(403, "missing or wrong X-Trainer-Token")
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(min(length, 1 << 20)) or b"{}") if length else {}
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(min(length, 1 << 20)) or b"{}") if length else {}
+        except ValueError:
+            raise HTTPError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
         if not path.startswith("/api/"):
             raise HTTPError(404, "not found")
         parts = path[len("/api/"):].split("/", 1)
