@@ -299,3 +299,37 @@ def test_dashboard_command_serves_and_prints_the_token_only_off_loopback(tmp_pat
             _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0
         assert ("warning: bound beyond loopback" in err) is shows_token
+
+
+def test_another_view_plugs_in_next_to_the_runs(tmp_path):
+    """How a daemon home's view will be added: one more object in ``views``."""
+    from trainer_core.monitor.dashboard.views import RunsView
+
+    class QueueView:
+        def get(self, what, query):
+            return {"what": what, "queue": ["a.jsonl"]}
+
+        def events(self, query, stopping):
+            yield "queue", ["a.jsonl"]
+
+        def action(self, name, query, body):
+            return {"done": name}
+
+        def script(self):
+            return b"TD.views.queue = {title: 'queue', mount() {}};"
+
+    _write_run(tmp_path / "a")
+    views = {"runs": RunsView(tmp_path), "queue": QueueView()}
+    server, board = make_server(tmp_path, "127.0.0.1", 0, views=views, token="tok")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert json.loads(_request(port, "GET", "/api/views")[1]) == ["runs", "queue"]
+        assert _request(port, "GET", "/static/queue.js")[1].startswith(b"TD.views.queue")
+        assert json.loads(_request(port, "GET", "/api/queue/list")[1])["queue"] == ["a.jsonl"]
+        assert _request(port, "POST", "/api/queue/pause")[0] == 403
+        status, body = _request(port, "POST", "/api/queue/pause", {"X-Trainer-Token": "tok"})
+        assert status == 200 and json.loads(body) == {"done": "pause"}
+        assert b"""content='["runs", "queue"]'""" in board.page()  # the page's tabs
+    finally:
+        stop(server, board)

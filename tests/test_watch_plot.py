@@ -169,3 +169,14 @@ def test_loss_plot_written_by_the_run_and_overlaid_by_trainer_plot(finished_run,
     assert 'stroke="#0072b2"' in both and 'stroke="#d55e00"' in both
     bad = CliRunner().invoke(cli, ["plot", str(tmp_path)])
     assert bad.exit_code == 2 and "no metrics.jsonl" in bad.output
+
+
+def test_a_daemon_home_is_not_taken_for_a_run(tmp_path):
+    from trainer_core.monitor.watch import find_runs
+
+    (tmp_path / "status.json").write_text(json.dumps({"kind": "trainer-daemon",
+                                                      "state": "running"}))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert find_runs(tmp_path) == [run]

@@ -31,7 +31,15 @@ CLEAR = "\x1b[H\x1b[2J"
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+    """A training run's directory (a daemon home, whose status.json names its ``kind``, is
+    not one: its own view shows it)."""
+    if not (path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)):
+        return False
+    try:
+        status = json.loads((path / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(status, dict) and status.get("kind", "run") != "run")
 
 
 def find_runs(root: Path, depth: int = 2) -> list[Path]:

@@ -7,7 +7,8 @@ drawn by our own JavaScript into SVG; nothing is fetched from a CDN, so it works
 Routes::
 
     GET  /                       the page (index.html)
-    GET  /static/<name>          the page's JS/CSS (a fixed list, from this package)
+    GET  /static/<name>          the page's JS/CSS (a fixed list, from this package), and
+                                 /static/<view>.js, the script each view supplies
     GET  /api/views              the views this server has, e.g. ["runs"]
     GET  /api/<view>/<what>      a view's JSON (see views.RunsView)
     GET  /api/<view>/events      a view's server-sent events
@@ -35,7 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-STATIC = {"app.js": "text/javascript", "runs.js": "text/javascript", "style.css": "text/css"}
+#: The page's own files; each view's script comes from the view (``/static/<view>.js``).
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 #: File types /files/ serves (plots and the run's text files); anything else is refused.
 SERVED_SUFFIXES = {".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
@@ -80,8 +82,9 @@ def is_loopback(host: str) -> bool:
 
 
 class Dashboard:
-    """What the handler serves: a root directory and views (``runs`` now; a daemon home adds
-    its own view object with the same three methods: ``get``, ``events``, ``action``)."""
+    """What the handler serves: a root directory and views by name, in tab order (``runs``
+    here; a daemon home adds its own view object with the same methods: ``get``, ``events``,
+    ``action`` and ``script``, see ``views.RunsView``)."""
 
     def __init__(self, root: Path, views: dict[str, Any], host: str, token: str | None = None):
         self.root = Path(root).resolve()
@@ -169,6 +172,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, self.dashboard.page(), "text/html; charset=utf-8")
         elif path.startswith("/static/"):
             name = path[len("/static/"):]
+            view = self.dashboard.views.get(name.removesuffix(".js"))
+            if name.endswith(".js") and view is not None:
+                self._send(200, view.script(), "text/javascript; charset=utf-8")
+                return
             if name not in STATIC:
                 raise HTTPError(404, "not found")
             body = resources.files(__package__).joinpath(f"static/{name}").read_bytes()

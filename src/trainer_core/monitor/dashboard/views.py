@@ -5,7 +5,10 @@ A view is an object with three methods the server calls:
 * ``get(what, query) -> JSON``: ``GET /api/<view>/<what>``;
 * ``events(query, stopping) -> iterator of (event name | None, data)``: server-sent events
   (``None`` = keep-alive); it must end soon after ``stopping`` is set;
-* ``action(name, query, body) -> JSON``: ``POST /api/<view>/<name>`` (token already checked).
+* ``action(name, query, body) -> JSON``: ``POST /api/<view>/<name>`` (token already checked);
+* ``script() -> bytes``: its JavaScript, served as ``/static/<view>.js``; it registers
+  ``TD.views.<view> = {title, mount(container), unmount()}`` using the helpers of ``app.js``
+  (``TD.api``, ``TD.post``, ``TD.chart``, ``TD.el``).
 
 Everything comes from the run's files (status.json, metrics.jsonl, previews.jsonl, run.json), so
 the dashboard works for runs started anywhere, finished or running, and needs no connection
@@ -19,6 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +105,9 @@ class RunsView:
                 "alerts": len(s.get("alerts") or []), "updated_at": s.get("updated_at")}
 
     # ----------------------------------------------------------------- the view protocol
+
+    def script(self) -> bytes:
+        return resources.files(__package__).joinpath("static/runs.js").read_bytes()
 
     def get(self, what: str, query: dict[str, str]) -> Any:
         if what == "list":
