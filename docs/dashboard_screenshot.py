@@ -46,12 +46,12 @@ def main() -> None:
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--window-size=1280,900"):
+              "--window-size=1280,1300"):
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"),
                               options=opts)
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-        "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+        "width": 1280, "height": 1300, "deviceScaleFactor": 1, "mobile": False})
     try:
         while True:
             try:

@@ -161,7 +161,7 @@ class AlertsListener(RunListener):
         self._gaps.append(gap)
         n = self.m.val_gap_evals
         recent = self._gaps[-(n + 1):]
-        growing = len(recent) == n + 1 and all(b > a for a, b in zip(recent, recent[1:]))
+        growing = len(recent) == n + 1 and all(recent[i + 1] > recent[i] for i in range(n))
         if growing and gap > self.m.val_gap_min:
             self._set("val_gap", True, "warning",
                       f"validation loss {loss:.4f} is {gap:.4f} above training loss and the gap "

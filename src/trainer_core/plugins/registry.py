@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pluggy
@@ -234,7 +234,8 @@ def collect_trackers() -> dict[str, str]:
         info = registry.plugins.get(impl.plugin_name)
         if info is not None and info.status != "ok":
             continue
-        for name in impl.function() or []:
+        names = cast("list[str] | None", impl.function())
+        for name in names or []:
             out.setdefault(name, impl.plugin_name)
     return out
 

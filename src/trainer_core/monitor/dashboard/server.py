@@ -28,7 +28,6 @@ import hmac
 import http.server
 import json
 import math
-import mimetypes
 import secrets
 import threading
 import urllib.parse
@@ -200,7 +199,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ctype = SERVED_SUFFIXES.get(target.suffix.lower())
         if ctype is None or not target.is_file():
             raise HTTPError(404, "not found")
-        self._send(200, target.read_bytes(), ctype or mimetypes.guess_type(target.name)[0])
+        self._send(200, target.read_bytes(), ctype)
 
     def _events(self, view: Any, query: dict[str, str]) -> None:
         """Server-sent events until the page goes away or the server stops."""

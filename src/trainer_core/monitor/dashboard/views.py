@@ -123,8 +123,8 @@ class RunsView:
         records = metrics.read()
         previews = JsonlTail(d / "previews.jsonl")
         preview_recs = previews.read()
-        keep = sorted({p.get("step") for p in preview_recs
-                       if isinstance(p.get("step"), int)})[-PREVIEW_STEPS_KEPT:]
+        steps: set[int] = {p["step"] for p in preview_recs if isinstance(p.get("step"), int)}
+        keep = sorted(steps)[-PREVIEW_STEPS_KEPT:]
         plot = d / "loss.svg"
         return {
             "id": self.run_id(d), "name": d.name,
@@ -199,10 +199,11 @@ class RunsView:
         d = self.run_dir(query.get("id") or body.get("id"))
         s = read_status(d) or {}
         pid = s.get("pid")
-        if s.get("state") != "running" or s.get("process_alive") is not True:
+        if (s.get("state") != "running" or s.get("process_alive") is not True
+                or not isinstance(pid, int)):
             raise HTTPError(409, "the run is not running on this machine")
         if s.get("stalled"):  # stale status: its pid may belong to another process by now
             raise HTTPError(409, "the run's status is stale; stop it from its terminal")
         # The run saves a checkpoint and ends as interrupted (train.signals); --resume continues.
-        os.kill(int(pid), signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
         return {"ok": True, "signal": "SIGTERM", "pid": pid}
