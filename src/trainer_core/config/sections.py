@@ -196,11 +196,12 @@ class Monitoring:
     )
     throughput_drop: float = attrs.field(
         default=0.5,
-        validator=check(_open_fraction, "must be between 0 and 1 (exclusive)"),
+        validator=check(_fraction, "must be between 0 and 1"),
         metadata=doc("Alert `throughput` when trained tokens/s (median of the last "
                      "throughput_window steps) falls below this fraction of the run's own "
                      "baseline (median of the first throughput_window steps after warm-up). "
-                     "Steps that include an evaluation, preview or checkpoint are left out."),
+                     "Steps that include an evaluation, preview or checkpoint are left out. "
+                     "0 disables it."),
     )
     throughput_warmup_steps: int = attrs.field(
         default=10,
@@ -245,10 +246,10 @@ class Monitoring:
     )
     memory_low_fraction: float = attrs.field(
         default=0.3,
-        validator=check(_open_fraction, "must be between 0 and 1 (exclusive)"),
+        validator=check(_fraction, "must be between 0 and 1"),
         metadata=doc("On CUDA, alert `memory_underused` (info) when the peak memory allocated "
                      "after memory_check_step steps is below this fraction of the GPU's memory: "
-                     "a larger batch_size or max_tokens_per_batch would train faster."),
+                     "a larger batch_size or max_tokens_per_batch would train faster. 0 disables it."),
     )
     memory_check_step: int = attrs.field(
         default=20,
