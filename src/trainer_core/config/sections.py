@@ -249,7 +249,8 @@ class Monitoring:
         validator=check(_fraction, "must be between 0 and 1"),
         metadata=doc("On CUDA, alert `memory_underused` (info) when the peak memory allocated "
                      "after memory_check_step steps is below this fraction of the GPU's memory: "
-                     "a larger batch_size or max_tokens_per_batch would train faster. 0 disables it."),
+                     "a larger batch_size or max_tokens_per_batch would train faster. "
+                     "0 disables it."),
     )
     memory_check_step: int = attrs.field(
         default=20,
