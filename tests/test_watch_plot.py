@@ -180,3 +180,31 @@ def test_a_daemon_home_is_not_taken_for_a_run(tmp_path):
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     assert find_runs(tmp_path) == [run]
+
+
+def test_watch_renders_a_daemon_home(tmp_path):
+    """From the daemon's status.json (its documented fields) and logs/metrics.jsonl."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": 3.0 - 0.1 * i}) + "\n" for i in range(10)))
+    (tmp_path / "status.json").write_text(json.dumps({
+        "kind": "trainer-daemon", "state": "training", "pid": os.getpid(), "paused": False,
+        "updated_at": 1000.0, "model": {"step": 120},
+        "current": {"id": 7, "name": "batch-07.jsonl", "attempt": 1, "file_step": 5,
+                    "file_steps": 10, "loss": 1.25, "lr": 2e-5, "priority": "high"},
+        "queue": {"total": 3, "by_priority": {"high": 1, "normal": 2, "low": 0, "retry": 0},
+                  "next": [{"id": 8, "name": "batch-08.jsonl", "priority": "high"}]},
+        "last": [{"id": 6, "name": "batch-06.jsonl", "state": "completed", "steps": 10,
+                  "loss_end": 1.3, "error": None},
+                 {"id": 5, "name": "bad.jsonl", "state": "failed", "error": "line 3: no "
+                                                                            "messages"}],
+        "rates": {"tokens_per_s": 1234.5, "files_last_hour": 4},
+        "disk": {"free_gb": 50.0, "gate": "ok"}}))
+    text = render(tmp_path, width=120, now=1010.0)
+    assert text.startswith(f"daemon {tmp_path}  [training]  model step 120  updated 10 s ago")
+    assert "training #7 batch-07.jsonl (high, attempt 1)" in text and "5/10" in text
+    assert "queue 3 (high 1, normal 2)" in text and "next #8 batch-08.jsonl" in text
+    assert "ok       #6 batch-06.jsonl  10 steps, loss 1.3000" in text
+    assert "FAILED   #5 bad.jsonl  error: line 3: no messages" in text
+    assert "1,234 tok/s, 4 files in the last hour; disk 50.0 GB free (ok)" in text
+    assert re.search(r"loss [▁▂▃▄▅▆▇█]{10}", text)

@@ -65,7 +65,9 @@ def run_listeners(config: Any, output_dir: Any) -> list[Any] | None:
     several processes) with the resolved ``TrainerConfig`` and the run's output directory
     (a ``pathlib.Path``). Return ``None`` or a list of ``trainer_core.monitor.events.RunListener``
     subclasses' instances: their ``on_start``, ``on_step_end``, ``on_evaluation``, ``on_preview``,
-    ``on_checkpoint`` and ``on_end`` methods receive the run's events in order, then ``close()``.
+    ``on_checkpoint``, ``on_alert`` and ``on_end`` methods receive the run's events in order,
+    then ``close()``. An experiment tracker is such a listener, returned when its name is in
+    ``config.environment.report_to`` (declare the name with ``trackers``).
     Listeners run on the training thread after the built-in ones: keep them cheap.
     """
 

@@ -5,8 +5,9 @@ over SSH, from another machine sharing the disk, and on finished runs. :func:`re
 the view as a string (tests and ``--once`` print it); :func:`watch` redraws it until the runs
 stop (or Ctrl-C).
 
-Views are looked up in :data:`VIEWS` (first match wins): a single run directory, or a folder
-that holds run directories. A daemon home adds its own view here (``register_view``).
+Views are looked up in :data:`VIEWS` (first match wins): a daemon home (its ``status.json``
+says ``"kind": "trainer-daemon"``), a single run directory, or a folder that holds run
+directories; ``register_view`` puts another first.
 """
 
 from __future__ import annotations
@@ -187,6 +188,86 @@ def render_runs(root: Path, runs: list[Path], width: int = 100, now: float | Non
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- a daemon home
+
+DAEMON_KIND = "trainer-daemon"
+
+
+def _daemon_status(home: Path) -> dict[str, Any] | None:
+    try:
+        status = json.loads((home / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) and status.get("kind") == DAEMON_KIND else None
+
+
+def is_daemon_home(path: Path) -> bool:
+    return _daemon_status(path) is not None
+
+
+def render_daemon(home: Path, width: int = 100, now: float | None = None,
+                  ascii_only: bool = False) -> str:
+    """A daemon home, from its ``status.json`` (kind ``trainer-daemon``) and
+    ``logs/metrics.jsonl``: state, the file in training, recent losses, queue, last results."""
+    from trainer_core.monitor.status import pid_alive
+
+    s = _daemon_status(home) or {}
+    now = time.time() if now is None else now
+    state = s.get("state", "?")
+    if s.get("paused"):
+        state += ", paused"
+    if pid_alive(s.get("pid")) is False:
+        state += ", process gone"
+    updated = s.get("updated_at")
+    age = f"  updated {now - updated:.0f} s ago" if isinstance(updated, (int, float)) else ""
+    model = s.get("model") or {}
+    lines = [f"daemon {home}  [{state}]  model step {model.get('step', '-')}{age}"]
+    cur = s.get("current")
+    if cur:
+        fs, ft = cur.get("file_step") or 0, cur.get("file_steps") or 0
+        lines.append(_clip(f"  training #{cur.get('id')} {cur.get('name')} "
+                           f"({cur.get('priority')}, attempt {cur.get('attempt')})  "
+                           f"[{_bar(fs, ft)}] {fs}/{ft}  loss {_num(cur.get('loss'), '.4f')}  "
+                           f"lr {_num(cur.get('lr'), '.2e')}", width))
+    else:
+        lines.append("  training: nothing")
+    steps, _ = read_metrics(home / "logs" / "metrics.jsonl")
+    losses = [r["loss"] for r in steps if isinstance(r.get("loss"), (int, float))]
+    if losses:
+        span = max(width - 30, 10)
+        shown = losses[-span:]
+        lines.append(f"  loss {sparkline(shown, span, ascii_only)}  "
+                     f"{_num(max(shown), '.3g')}..{_num(min(shown), '.3g')}")
+    q = s.get("queue") or {}
+    by = q.get("by_priority") or {}
+    lines.append(f"  queue {q.get('total', 0)}"
+                 + (" (" + ", ".join(f"{k} {v}" for k, v in by.items() if v) + ")"
+                    if any(by.values()) else ""))
+    for f in (q.get("next") or [])[:5]:
+        lines.append(_clip(f"    next #{f.get('id')} {f.get('name')} ({f.get('priority')})",
+                           width))
+    for f in (s.get("last") or [])[:5]:
+        mark = {"completed": "ok", "failed": "FAILED", "skipped": "skipped"}.get(
+            f.get("state"), f.get("state"))
+        detail = (f"error: {f.get('error')}" if f.get("error") else
+                  f"{f.get('steps')} steps, loss {_num(f.get('loss_end'), '.4f')}")
+        lines.append(_clip(f"    {mark:<8} #{f.get('id')} {f.get('name')}  {detail}", width))
+    rates, disk = s.get("rates") or {}, s.get("disk") or {}
+    lines.append(f"  {_num(rates.get('tokens_per_s'), ',.0f')} tok/s, "
+                 f"{rates.get('files_last_hour', 0)} files in the last hour; disk "
+                 f"{_num(disk.get('free_gb'), '.1f')} GB free ({disk.get('gate', '?')})")
+    return "\n".join(lines)
+
+
+def _daemon_running(home: Path) -> bool:
+    from trainer_core.monitor.status import pid_alive
+
+    s = _daemon_status(home) or {}
+    return s.get("state") not in (None, "stopped") and pid_alive(s.get("pid")) is not False
+
+
+# --------------------------------------------------------------------------- views
+
 #: (matches(dir), render(dir, width, now, ascii_only) -> str, running(dir) -> bool)
 View = tuple[Callable[[Path], bool], Callable[..., str], Callable[[Path], bool]]
 
@@ -210,7 +291,8 @@ def _render_dir(d: Path, width: int = 100, now: float | None = None,
     return render_runs(d, runs, width, now, ascii_only)
 
 
-VIEWS: list[View] = [(lambda d: True, _render_dir, _running)]
+VIEWS: list[View] = [(is_daemon_home, render_daemon, _daemon_running),
+                     (lambda d: True, _render_dir, _running)]
 
 
 def register_view(view: View) -> None:

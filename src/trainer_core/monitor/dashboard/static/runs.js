@@ -95,7 +95,7 @@
     const rows = recs.slice(0, 12).map((p) => el("tr", {class: "preview"},
       el("td", {text: String(p.step)}),
       el("td", {text: (p.prompt || "").slice(-120)}),
-      el("td", {class: "out", text: p.output || ""}),
+      el("td", {}, el("div", {class: "out", title: p.output || "", text: p.output || ""})),
       el("td", {}, ...Object.entries(p.scores || {}).map(([k, v]) =>
         el("span", {class: "score", text: `${k} ${typeof v === "number" ? TD.fmt(v) : v}`})))));
     box.replaceChildren(el("h2", {text: "previews"}), rows.length
