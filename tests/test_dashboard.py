@@ -216,7 +216,7 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
     resolved = resolve(cli={
         "model.path": str(micro_model_dir), "data.dataset": str(small_jsonl),
         "output.output_dir": str(out), "hyperparams.batch_size": 4,
-        "hyperparams.max_steps": 56, "hyperparams.save_steps": 0, "hyperparams.eval_steps": 10,
+        "hyperparams.max_steps": 42, "hyperparams.save_steps": 0, "hyperparams.eval_steps": 10,
         "hyperparams.learning_rate": 3e-3, "hyperparams.warmup_steps": 5,
         "monitoring.preview_steps": 15, "monitoring.num_preview_samples": 2,
         "monitoring.max_new_tokens": 12, "environment.logging_steps": 1,
@@ -224,7 +224,7 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
         "monitoring.throughput_warmup_steps": 3, "monitoring.throughput_window": 4})
     result: dict = {}
     trainer = threading.Thread(target=lambda: result.update(run_training(
-        resolved, quiet=True, listeners=[Pace(0.15, slow_from=40, slow_delay=1.2)])))
+        resolved, quiet=True, listeners=[Pace(0.15, slow_from=32, slow_delay=2.0)])))
     server, board = make_server(root, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -253,7 +253,7 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
         # a preview with its step appears; the eval series is drawn
         wait.until(lambda d: js("return document.querySelectorAll('#previews tr.preview')"
                                 ".length") >= 2)
-        # the alert shows (the run slows down after step 40)
+        # the alert shows (the run slows down from step 32)
         wait.until(lambda d: js("return document.querySelector("
                                 "'#alerts [data-alert=throughput]') !== null"))
         alert_text = js("return document.querySelector('#alerts').textContent")
