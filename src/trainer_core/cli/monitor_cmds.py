@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -70,9 +72,14 @@ def dashboard(directory: Path, host: str, port: int) -> None:
         click.echo(f"dashboard of {board.root} at {url}?token={board.token} (Ctrl-C to stop)")
         click.echo("warning: bound beyond loopback: anyone who can reach this address sees "
                    "your runs; stopping a run needs the token above", err=True)
+    # Serve from a thread; the main thread only waits for Ctrl-C or SIGTERM, so a signal never
+    # lands in the middle of a request and shutdown is always clean.
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    threading.Thread(target=server.serve_forever, name="dashboard", daemon=True).start()
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        while not done.wait(0.5):
+            pass
     finally:
         stop(server, board)
