@@ -109,6 +109,7 @@ def test_page_on_another_address_does_not_carry_the_token(tmp_path):
     assert b'content=""' in board.page()
 
 
+@pytest.mark.slow
 def test_stop_action_interrupts_a_running_run(micro_model_dir, small_jsonl, tmp_path):
     """SIGTERM through the dashboard: the run checkpoints and ends as interrupted."""
     import subprocess

@@ -91,6 +91,7 @@ def test_tensorboard_event_files_hold_the_scalars(micro_model_dir, small_jsonl, 
     assert scalars["alerts/loss_spike"] == {5: 1.0, 6: 0.0}
 
 
+@pytest.mark.slow
 def test_trackio_database_holds_the_run(micro_model_dir, small_jsonl, tmp_path):
     """In a child process: Trackio reads TRACKIO_DIR once, at import."""
     pytest.importorskip("trackio", reason="pip install 'trainer-core[trackio]'")
