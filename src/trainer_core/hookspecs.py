@@ -72,6 +72,21 @@ def run_listeners(config: Any, output_dir: Any) -> list[Any] | None:
     several processes) with the resolved ``TrainerConfig`` and the run's output directory
     (a ``pathlib.Path``). Return ``None`` or a list of ``trainer_core.monitor.events.RunListener``
     subclasses' instances: their ``on_start``, ``on_step_end``, ``on_evaluation``, ``on_preview``,
-    ``on_checkpoint`` and ``on_end`` methods receive the run's events in order, then ``close()``.
+    ``on_checkpoint``, ``on_alert`` and ``on_end`` methods receive the run's events in order,
+    then ``close()``. An experiment tracker is such a listener, returned when its name is in
+    ``config.environment.report_to`` (declare the name with ``trackers``).
     Listeners run on the training thread after the built-in ones: keep them cheap.
+    """
+
+
+@hookspec
+def trackers() -> list[str] | None:
+    """Return the tracker names this plugin accepts in ``environment.report_to``.
+
+    A tracker is a ``run_listeners`` implementation that returns a listener when its name is in
+    ``config.environment.report_to``. Declaring the names here lets ``trainer run`` reject a
+    misspelt or uninstalled tracker before any work, listing the ones available. If your tracker
+    needs an optional package, import it in the listener's constructor and raise
+    ``trainer_core.UserError`` naming what to install: that constructor runs before the model
+    is loaded.
     """

@@ -213,6 +213,89 @@ class Monitoring:
                      "16 tokens, at most hyperparams.max_length), so scores that need the end of "
                      "an answer see it; 128 when there is no reference."),
     )
+    alerts: bool = attrs.field(
+        default=True,
+        metadata=doc("Compute alerts during the run: printed once when raised and when cleared, "
+                     "kept in status.json (`alerts`), appended to metrics.jsonl and sent to the "
+                     "trackers. The thresholds below tune them."),
+    )
+    stall_after_s: float = attrs.field(
+        default=600.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Alert `stalled` when no step, evaluation or preview has finished for this "
+                     "many seconds. status.json carries `last_event_at` and this value, so a "
+                     "reader (`trainer watch`, the dashboard) also sees a run whose process hung "
+                     "or died."),
+    )
+    throughput_drop: float = attrs.field(
+        default=0.5,
+        validator=check(_fraction, "must be between 0 and 1"),
+        metadata=doc("Alert `throughput` when trained tokens/s (median of the last "
+                     "throughput_window steps) falls below this fraction of the run's own "
+                     "baseline (median of the first throughput_window steps after warm-up). "
+                     "Steps that include an evaluation, preview or checkpoint are left out. "
+                     "0 disables it."),
+    )
+    throughput_warmup_steps: int = attrs.field(
+        default=10,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Steps ignored before the throughput baseline (compilation, allocator "
+                     "warm-up)."),
+    )
+    throughput_window: int = attrs.field(
+        default=10,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Steps in the throughput baseline and in the current rate."),
+    )
+    loss_window: int = attrs.field(
+        default=20,
+        validator=check(lambda v: v >= 3, "must be >= 3"),
+        metadata=doc("Rolling window (steps) for the loss-spike and gradient-norm alerts; "
+                     "neither fires before the window is full."),
+    )
+    loss_spike_factor: float = attrs.field(
+        default=2.0,
+        validator=check(lambda v: v > 1, "must be > 1"),
+        metadata=doc("Alert `loss_spike` when a step's loss exceeds this many times the median "
+                     "of the previous loss_window steps."),
+    )
+    grad_norm_factor: float = attrs.field(
+        default=10.0,
+        validator=check(lambda v: v > 1, "must be > 1"),
+        metadata=doc("Alert `grad_norm` when a step's gradient norm (before clipping) exceeds "
+                     "this many times the median of the previous loss_window steps."),
+    )
+    val_gap_evals: int = attrs.field(
+        default=3,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Alert `val_gap` when the gap between validation loss and training loss "
+                     "(median of the last loss_window steps) has grown at this many evaluations "
+                     "in a row and exceeds val_gap_min: the model has started to overfit."),
+    )
+    val_gap_min: float = attrs.field(
+        default=0.1,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc("Smallest validation-minus-training loss gap that can raise `val_gap`."),
+    )
+    memory_low_fraction: float = attrs.field(
+        default=0.3,
+        validator=check(_fraction, "must be between 0 and 1"),
+        metadata=doc("On CUDA, alert `memory_underused` (info) when the peak memory allocated "
+                     "after memory_check_step steps is below this fraction of the GPU's memory: "
+                     "a larger batch_size or max_tokens_per_batch would train faster. "
+                     "0 disables it."),
+    )
+    memory_check_step: int = attrs.field(
+        default=20,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("The step at which GPU memory use is checked once."),
+    )
+    trackio_project: str = attrs.field(
+        default="trainer",
+        metadata=doc("Trackio project the run is logged to (with `trackio` in "
+                     "environment.report_to); the run is named after its output directory. "
+                     "Trackio keeps it in $TRACKIO_DIR/<project>.db (SQLite)."),
+    )
 
 
 @attrs.define(frozen=True)
@@ -378,7 +461,11 @@ class Environment:
     )
     report_to: list[str] = attrs.field(
         factory=list,
-        metadata=doc("Extra metric sinks; metrics.jsonl is always written. None built in yet."),
+        metadata=doc("Experiment trackers to log to, besides metrics.jsonl (always written): "
+                     "tensorboard (event files in <logging_dir or output_dir>/tensorboard; "
+                     "pip install 'trainer-core[tensorboard]'), trackio (local SQLite; pip "
+                     "install 'trainer-core[trackio]'), or a name a tracker plugin registers "
+                     "(`trainer plugins` lists them)."),
     )
     logging_steps: int = attrs.field(
         default=10,

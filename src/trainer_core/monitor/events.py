@@ -10,6 +10,10 @@ Events, in the order one run emits them::
 
     start -> (step_end [evaluation] [preview] ... [checkpoint])* -> end
 
+plus ``alert`` events at any point in between: a listener (``monitor.alerts``) derives them from
+the others and emits them through the same fan-out (see :meth:`RunListener.attach`), and the
+recipe emits one itself when a step's loss is not finite, just before the failed ``end``.
+
 Per step the recipe emits ``evaluation`` and ``preview`` (when they happen) *before* ``step_end``,
 so the step's record already carries ``eval_loss`` and preview scores; ``checkpoint`` comes after
 ``step_end``, so a checkpoint never holds a step whose record has not been written.
@@ -17,6 +21,7 @@ so the step's record already carries ``eval_loss`` and preview scores; ``checkpo
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import attrs
@@ -79,6 +84,28 @@ class CheckpointSaved:
 
 
 @attrs.frozen
+class Alert:
+    """An alert changed state: ``raised`` (printed once) or ``cleared`` (printed once).
+
+    ``name`` is the rule (throughput, loss_spike, val_gap, grad_norm, non_finite, stalled,
+    memory_underused); ``level`` is info, warning or error; ``message`` is one line with the
+    numbers behind it and what to do.
+    """
+
+    name: str
+    state: str  #: raised | cleared
+    level: str
+    step: int
+    message: str
+    time: float
+
+    def as_record(self) -> dict[str, Any]:
+        """The alert as a ``metrics.jsonl`` / ``status.json`` record."""
+        return {"step": self.step, "alert": self.name, "state": self.state,
+                "level": self.level, "message": self.message, "time": self.time}
+
+
+@attrs.frozen
 class RunEnd:
     """The run is over; ``state`` is completed, failed or interrupted."""
 
@@ -104,21 +131,39 @@ class RunListener:
 
     def on_checkpoint(self, event: CheckpointSaved) -> None: ...
 
+    def on_alert(self, event: Alert) -> None: ...
+
     def on_end(self, event: RunEnd) -> None: ...
+
+    def attach(self, events: RunEvents) -> None:
+        """Called once with the fan-out this listener belongs to, before any event.
+
+        A listener that derives events (the alerts listener) keeps ``events`` and emits through
+        it, so every other listener hears them. The default does nothing.
+        """
 
     def close(self) -> None:
         """Release resources; called once after ``on_end`` (or on a crash)."""
 
 
 class RunEvents:
-    """Fans each event out to the listeners, in the order they were given."""
+    """Fans each event out to the listeners, in the order they were given.
+
+    Emission is serialised by a re-entrant lock: a listener may emit from inside a callback
+    (an alert derived from a step) or from its own thread (the stall watchdog) without two
+    events interleaving in any listener.
+    """
 
     def __init__(self, listeners: list[RunListener]):
         self.listeners = list(listeners)
+        self._lock = threading.RLock()
+        for listener in self.listeners:
+            listener.attach(self)
 
     def _emit(self, method: str, event: Any) -> None:
-        for listener in self.listeners:
-            getattr(listener, method)(event)
+        with self._lock:
+            for listener in self.listeners:
+                getattr(listener, method)(event)
 
     def start(self, event: RunStart) -> None:
         self._emit("on_start", event)
@@ -135,9 +180,13 @@ class RunEvents:
     def checkpoint(self, event: CheckpointSaved) -> None:
         self._emit("on_checkpoint", event)
 
+    def alert(self, event: Alert) -> None:
+        self._emit("on_alert", event)
+
     def end(self, event: RunEnd) -> None:
         self._emit("on_end", event)
 
     def close(self) -> None:
-        for listener in self.listeners:
-            listener.close()
+        with self._lock:
+            for listener in self.listeners:
+                listener.close()

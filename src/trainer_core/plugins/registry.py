@@ -13,12 +13,13 @@ failure is attributed to its plugin and each call can be traced.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pluggy
@@ -32,6 +33,9 @@ ALLOW_ENV = "TRAINER_PLUGINS"
 TRACE_ENV = "TRAINER_TRACE_PLUGINS"
 BUILTIN_NAME = "trainer_core.plugins.builtin"
 IN_PROCESS = "(in-process)"
+#: Other plugins that ship inside trainer-core, loaded by module name exactly as an entry point
+#: would be (so a lower layer never imports them): the built-in trackers.
+BUILTIN_PLUGINS = ("trainer_core.monitor.trackers",)
 
 
 @attrs.define
@@ -141,6 +145,16 @@ def build_registry() -> Registry:
     plugins[BUILTIN_NAME] = PluginInfo(
         BUILTIN_NAME, "trainer-core", __version__, _hook_names(pm, builtin)
     )
+    for module_name in BUILTIN_PLUGINS:
+        info = PluginInfo(module_name, "trainer-core", __version__)
+        plugins[module_name] = info
+        try:
+            plugin = importlib.import_module(module_name)
+            pm.register(plugin, name=module_name)
+        except Exception as exc:  # keep the CLI alive, as for any plugin
+            info.status, info.error = "broken", f"{type(exc).__name__}: {exc}"
+            continue
+        info.hooks = _hook_names(pm, plugin)
     allowed = _allowed()
     seen: set[str] = set()
     for dist in md.distributions():
@@ -380,3 +394,23 @@ def requirements(plugins: list[dict[str, str]] | None = None) -> list[str]:
     pins = {(p["distribution"], p["version"]) for p in plugins
             if p.get("distribution") and p["distribution"] != IN_PROCESS}
     return [f"{d}=={v}" for d, v in sorted(pins, key=lambda dv: (dv[0].lower(), dv[1]))]
+
+def collect_trackers() -> dict[str, str]:
+    """Tracker name -> the plugin that accepts it in ``environment.report_to``."""
+    registry = get_registry()
+    out: dict[str, str] = {}
+    for impl in _hookimpls(registry, "trackers"):
+        names = cast("list[str] | None", call_hook(impl))
+        for name in names or []:
+            out.setdefault(name, impl.plugin_name)
+    return out
+
+
+def check_report_to(config: Any) -> None:
+    """``UserError`` naming a tracker in ``environment.report_to`` that no plugin provides."""
+    known = collect_trackers()
+    for name in config.environment.report_to:
+        if name not in known:
+            available = ", ".join(sorted(known)) or "(none)"
+            raise UserError(f"environment.report_to: unknown tracker {name!r}; available: "
+                            f"{available} (a tracker plugin adds more; see `trainer plugins`)")

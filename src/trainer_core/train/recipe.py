@@ -7,10 +7,10 @@ schedule, a NaN must never reach a checkpoint, and the GPU path swaps in compile
 pieces. Each of those fights the Trainer's defaults; a short loop states them plainly.
 
 :func:`run_training` reads as its steps: profile and rows -> model directory and lock ->
-tokenizer and cached preprocessing -> plan (``--dry-run`` stops here) -> model, optimizer and
-schedule -> resume state -> listeners -> the loop -> final model -> end event. Everything that
-only watches a run (console, status.json, metrics.jsonl, previews.jsonl, run.json, plugin
-listeners) hears about it through :class:`~trainer_core.monitor.events.RunEvents`.
+tokenizer and cached preprocessing -> plan (``--dry-run`` stops here) -> listeners -> model,
+optimizer and schedule -> resume state -> the loop -> final model -> end event. Everything
+that only watches a run (console, status.json, metrics.jsonl, previews.jsonl, run.json,
+loss.svg, alerts, trackers and other plugin listeners) hears about it through :class:`~trainer_core.monitor.events.RunEvents`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import attrs
 from trainer_core.config import Resolved, TrainerConfig, to_dict
 from trainer_core.files import write_json_atomic
 from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf, weights_finite
+from trainer_core.monitor.alerts import non_finite_alert
 from trainer_core.monitor.console import print_plan
 from trainer_core.monitor.events import (
     CheckpointSaved,
@@ -37,7 +38,7 @@ from trainer_core.monitor.events import (
     RunStart,
     StepEnd,
 )
-from trainer_core.plugins.registry import build_profile
+from trainer_core.plugins.registry import build_profile, check_report_to
 from trainer_core.train.inputs import load_rows, prepare_examples
 from trainer_core.train.rundir import (
     CONFIG_FILE,
@@ -109,6 +110,7 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
         print(text, file=err, flush=True)
 
     profile = build_profile(cfg)
+    check_report_to(cfg)
     train_rows, val_rows, skipped = load_rows(cfg)
     quiet_hf()
     model_dir = model_directory(cfg)
@@ -152,28 +154,29 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
         print_plan(cfg, summary, stream or sys.stderr)
         return summary
 
-    setup = prepare_training(cfg, model_dir, plan.total_steps, target.facts)
-    state = resume_state(checkpoint, setup, accepted, facts)
-    write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))  # only once the run can go on
-    if checkpoint is not None:
-        truncate_logs(output_dir, cfg, state["step"])
-    from trainer_core.generate.previews import preview_prompts
-
-    prompts = preview_prompts(val_rows or train_rows, profile, cfg.monitoring.num_preview_samples,
-                              cfg.data.seed + 1)
+    # Listeners are built before the model loads: a tracker whose package is missing fails now.
     events = RunEvents(run_listeners(cfg, output_dir, quiet, stream) + list(listeners or []))
-    run = Run(cfg, profile, tokenizer, plan, setup, train_examples, val_examples, prompts,
-              output_dir, events, state, start_step=state["step"], facts=facts, note=note,
-              hint=resume_hint(cfg, target))
-    summary.update(train_examples=len(train_examples), precision=setup.precision,
-                   device_type=setup.device.type,
-                   resumed_from=str(checkpoint.path) if checkpoint is not None else None,
-                   accepted_changes=[f"{k}: {a} -> {b}" for k, _, a, b in accepted])
-    began.append(True)
-    events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
-                          checkpoint is not None, started, summary, to_dict(cfg),
-                          run_manifest(cfg, profile, summary)))
     try:
+        setup = prepare_training(cfg, model_dir, plan.total_steps, target.facts)
+        state = resume_state(checkpoint, setup, accepted, facts)
+        write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))  # only once the run can go on
+        if checkpoint is not None:
+            truncate_logs(output_dir, cfg, state["step"])
+        from trainer_core.generate.previews import preview_prompts
+
+        prompts = preview_prompts(val_rows or train_rows, profile, cfg.monitoring.num_preview_samples,
+                                  cfg.data.seed + 1)
+        run = Run(cfg, profile, tokenizer, plan, setup, train_examples, val_examples, prompts,
+                  output_dir, events, state, start_step=state["step"], facts=facts, note=note,
+                  hint=resume_hint(cfg, target))
+        summary.update(train_examples=len(train_examples), precision=setup.precision,
+                       device_type=setup.device.type,
+                       resumed_from=str(checkpoint.path) if checkpoint is not None else None,
+                       accepted_changes=[f"{k}: {a} -> {b}" for k, _, a, b in accepted])
+        began.append(True)
+        events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
+                              checkpoint is not None, started, summary, to_dict(cfg),
+                              run_manifest(cfg, profile, summary)))
         final_state, reason = train_loop(run)
         final_state, reason = save_final_model(run, final_state, reason)
         summary.update(final_summary(run, final_state, started), reason=reason)
@@ -192,6 +195,7 @@ def train_loop(run: Run) -> tuple[str, str | None]:
             loss, grad_norm, lr = train_step(run.setup, batches, n_trained,
                                              run.cfg.hyperparams.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                run.events.alert(non_finite_alert(step + 1, loss, grad_norm))
                 return "failed", (f"error: loss {loss}, gradient norm {grad_norm} at step "
                                   f"{step + 1}; stopping. The last good checkpoint is untouched "
                                   "and no final model is written.")
@@ -222,22 +226,27 @@ def train_loop(run: Run) -> tuple[str, str | None]:
 def run_listeners(cfg: TrainerConfig, output_dir: Path, quiet: bool, stream: Any
                   ) -> list[RunListener]:
     """The built-in listeners, the run manifest, then those plugins add (``run_listeners``)."""
+    from trainer_core.monitor.alerts import AlertsListener
     from trainer_core.monitor.listeners import (
         ConsoleListener,
         MetricsListener,
         PreviewsListener,
         StatusListener,
     )
+    from trainer_core.monitor.plot import PLOT_FILE, PlotListener
     from trainer_core.plugins.registry import collect_run_listeners
     from trainer_core.train.rundir import METRICS_FILE, PREVIEWS_FILE, STATUS_FILE, ManifestListener
 
     metrics_dir = Path(cfg.output.logging_dir or output_dir)
+    mon = cfg.monitoring
     return [
         ConsoleListener(quiet, stream or sys.stderr),
-        StatusListener(output_dir / STATUS_FILE, cfg.monitoring.status_interval_s),
+        StatusListener(output_dir / STATUS_FILE, mon.status_interval_s, mon.stall_after_s),
         MetricsListener(metrics_dir / METRICS_FILE),
         PreviewsListener(output_dir / PREVIEWS_FILE),
         ManifestListener(output_dir),
+        PlotListener(output_dir / PLOT_FILE, metrics_dir / METRICS_FILE),
+        *([AlertsListener(mon)] if mon.alerts else []),
         *collect_run_listeners(cfg, output_dir),
     ]
 

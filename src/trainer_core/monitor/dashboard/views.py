@@ -1,0 +1,209 @@
+"""The dashboard's run views: the runs under DIR, one run's data, its live events, stop.
+
+A view is an object with three methods the server calls:
+
+* ``get(what, query) -> JSON``: ``GET /api/<view>/<what>``;
+* ``events(query, stopping) -> iterator of (event name | None, data)``: server-sent events
+  (``None`` = keep-alive); it must end soon after ``stopping`` is set;
+* ``action(name, query, body) -> JSON``: ``POST /api/<view>/<name>`` (token already checked);
+* ``script() -> bytes``: its JavaScript, served as ``/static/<view>.js``; it registers
+  ``TD.views.<view> = {title, mount(container), unmount()}`` using the helpers of ``app.js``
+  (``TD.api``, ``TD.post``, ``TD.chart``, ``TD.el``).
+
+Everything comes from the run's files (status.json, metrics.jsonl, previews.jsonl, run.json), so
+the dashboard works for runs started anywhere, finished or running, and needs no connection
+to the training process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from trainer_core.monitor.dashboard.server import HTTPError, safe_path
+from trainer_core.monitor.status import read_status
+from trainer_core.monitor.watch import find_runs, is_run_dir
+
+POLL_S = 0.5
+RUNS_EVERY_S = 5.0
+PREVIEW_STEPS_KEPT = 5
+
+
+class JsonlTail:
+    """Reads complete new lines of a growing JSONL file from a byte offset."""
+
+    def __init__(self, path: Path, offset: int = 0):
+        self.path = path
+        self.offset = offset
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self.offset:  # the file was replaced: start over
+                    self.offset = 0
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except OSError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        self.offset += end
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class RunsView:
+    """Runs under ``root`` (``root`` itself may be a run)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    # ----------------------------------------------------------------- helpers
+
+    def run_dir(self, run_id: str | None) -> Path:
+        if run_id is None:
+            raise HTTPError(400, "missing id")
+        d = safe_path(self.root, run_id)
+        if not is_run_dir(d):
+            raise HTTPError(404, f"no run {run_id!r}")
+        return d
+
+    def run_id(self, d: Path) -> str:
+        rel = d.resolve().relative_to(self.root).as_posix()
+        return rel if rel != "." else "."
+
+    def summary(self, d: Path) -> dict[str, Any]:
+        s = read_status(d) or {}
+        state = s.get("state", "unknown")
+        if state == "running" and s.get("process_alive") is False:
+            state = "dead"
+        elif state == "running" and s.get("stalled"):
+            state = "stalled"
+        return {"id": self.run_id(d), "name": d.name if d != self.root else self.root.name,
+                "state": state, "step": s.get("step"), "total_steps": s.get("total_steps"),
+                "loss": s.get("loss"), "eval_loss": s.get("eval_loss"),
+                "alerts": len(s.get("alerts") or []), "updated_at": s.get("updated_at")}
+
+    # ----------------------------------------------------------------- the view protocol
+
+    def script(self) -> bytes:
+        return resources.files(__package__).joinpath("static/runs.js").read_bytes()
+
+    def get(self, what: str, query: dict[str, str]) -> Any:
+        if what == "list":
+            return [self.summary(d) for d in find_runs(self.root)]
+        if what == "run":
+            return self.snapshot(self.run_dir(query.get("id")))
+        raise HTTPError(404, f"unknown runs/{what}")
+
+    def snapshot(self, d: Path) -> dict[str, Any]:
+        """Everything the page shows for one run, with the file offsets it has read up to
+        (the page passes them back to ``events`` so that nothing is sent twice)."""
+        metrics = JsonlTail(d / "metrics.jsonl")
+        records = metrics.read()
+        previews = JsonlTail(d / "previews.jsonl")
+        preview_recs = previews.read()
+        steps: set[int] = {p["step"] for p in preview_recs if isinstance(p.get("step"), int)}
+        keep = sorted(steps)[-PREVIEW_STEPS_KEPT:]
+        plot = d / "loss.svg"
+        return {
+            "id": self.run_id(d), "name": d.name,
+            "status": read_status(d) or {},
+            "metrics": [r for r in records if "alert" not in r],
+            "alert_log": [r for r in records if "alert" in r],
+            "previews": [p for p in preview_recs if p.get("step") in keep],
+            "manifest": _read_json(d / "run.json") or {},
+            "plot": f"/files/{self.run_id(d)}/loss.svg" if plot.exists() else None,
+            "offsets": {"metrics": metrics.offset, "previews": previews.offset},
+        }
+
+    def events(self, query: dict[str, str], stopping: Any) -> Iterator[tuple[str | None, Any]]:
+        """New metrics records, alerts, previews and status of one run; the runs list every
+        few seconds. Polls the files (cheap: a stat and a read of what was appended)."""
+        d = self.run_dir(query.get("id"))
+
+        def offset(key: str) -> int:
+            try:
+                return max(int(query.get(key, "0")), 0)
+            except ValueError:
+                raise HTTPError(400, f"bad {key}") from None
+
+        metrics = JsonlTail(d / "metrics.jsonl", offset("metrics"))
+        previews = JsonlTail(d / "previews.jsonl", offset("previews"))
+        status_mtime = 0.0
+        last_runs = 0.0
+        last_ping = time.monotonic()
+
+        def gen() -> Iterator[tuple[str | None, Any]]:
+            nonlocal status_mtime, last_runs, last_ping
+            while not stopping.is_set():
+                sent = False
+                records = metrics.read()
+                steps = [r for r in records if "alert" not in r]
+                alerts = [r for r in records if "alert" in r]
+                if steps:
+                    yield "metrics", steps
+                    sent = True
+                if alerts:
+                    yield "alerts", alerts
+                    sent = True
+                new_previews = previews.read()
+                if new_previews:
+                    yield "previews", new_previews
+                    sent = True
+                try:
+                    mtime = (d / "status.json").stat().st_mtime
+                except OSError:
+                    mtime = 0.0
+                now = time.monotonic()
+                # Re-sent every few seconds even if unchanged: "stalled" is judged by the clock.
+                if mtime != status_mtime or now - last_runs >= RUNS_EVERY_S:
+                    status_mtime = mtime
+                    yield "status", read_status(d) or {}
+                    sent = True
+                if now - last_runs >= RUNS_EVERY_S:
+                    last_runs = now
+                    yield "runs", [self.summary(r) for r in find_runs(self.root)]
+                if sent:
+                    last_ping = now
+                elif now - last_ping >= 15:
+                    last_ping = now
+                    yield None, None
+                stopping.wait(POLL_S)
+
+        return gen()
+
+    def action(self, name: str, query: dict[str, str], body: dict[str, Any]) -> Any:
+        if name != "stop":
+            raise HTTPError(404, f"unknown action {name!r}")
+        d = self.run_dir(query.get("id") or body.get("id"))
+        s = read_status(d) or {}
+        pid = s.get("pid")
+        if (s.get("state") != "running" or s.get("process_alive") is not True
+                or not isinstance(pid, int)):
+            raise HTTPError(409, "the run is not running on this machine")
+        if s.get("stalled"):  # stale status: its pid may belong to another process by now
+            raise HTTPError(409, "the run's status is stale; stop it from its terminal")
+        # The run saves a checkpoint and ends as interrupted (train.signals); --resume continues.
+        os.kill(pid, signal.SIGTERM)
+        return {"ok": True, "signal": "SIGTERM", "pid": pid}
