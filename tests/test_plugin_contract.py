@@ -634,7 +634,7 @@ def missing_contract_entries(specs: list[str], test_names: set[str], docs: str) 
 def test_every_hookspec_has_a_test_and_docs():
     specs = hookspec_names()
     assert specs == ["logits_processors", "register_commands", "register_profiles",
-                     "run_listeners"]
+                     "run_listeners", "trackers"]
     tests = {n for n in globals() if n.startswith("test_")}
     assert missing_contract_entries(specs, tests, DOCS.read_text(encoding="utf-8")) == []
     # The rule bites: a new hookspec without test or docs is reported twice.
@@ -711,6 +711,26 @@ class ListenerPlugin:
         assert isinstance(config, TrainerConfig)
         self.made.append(Recorder(output_dir))
         return self.made[-1:]
+
+
+class TrackerNames:
+    @hookimpl
+    def trackers(self):
+        return ["my-tracker"]
+
+
+def test_hook_trackers(trainer_plugin):
+    from trainer_core.config import load_config
+    from trainer_core.plugins.registry import check_report_to, collect_trackers
+
+    cfg = load_config(overrides={"environment.report_to": ["my-tracker"]})
+    with pytest.raises(UserError, match="unknown tracker 'my-tracker'"):
+        check_report_to(cfg)
+    trainer_plugin(TrackerNames(), "tracker-names")
+    assert collect_trackers()["my-tracker"] == "tracker-names"
+    check_report_to(cfg)  # declared now: accepted
+    # the built-in trackers are declared through the same hook
+    assert {"tensorboard", "trackio"} <= set(collect_trackers())
 
 
 def test_hook_run_listeners(trainer_plugin, micro_model_dir, small_jsonl, tmp_path, monkeypatch):
