@@ -71,17 +71,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                    scaler: Any, state: dict[str, Any], keep: int | None) -> Path:
+                    scaler: Any, state: dict[str, Any], keep: int | None,
+                    model_state: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically; returns its path.
+
+    ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` /
+    ``optimizer.state_dict()`` when given (a sharded model's gathered full state, in the same
+    format, so any world size can resume it).
+    """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
@@ -112,10 +120,15 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scal
     if not weights.exists():
         raise UserError(f"{path}: checkpoint has no model.safetensors")
     load_model(model, weights, strict=False)
-    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    blob = read_training_state(path)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob.get("scaler") is not None:
         scaler.load_state_dict(blob["scaler"])
     set_rng_state(blob["rng"])
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The optimizer, scheduler, scaler and RNG states of a checkpoint (``training_state.pt``)."""
+    return torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)

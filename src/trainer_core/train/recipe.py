@@ -38,6 +38,7 @@ from trainer_core.monitor.events import (
     StepEnd,
 )
 from trainer_core.plugins.registry import build_profile
+from trainer_core.train.distributed import distributed_session, main_first, share_from_main
 from trainer_core.train.inputs import load_rows, prepare_examples
 from trainer_core.train.rundir import CONFIG_FILE, locate_output, plan_summary, run_manifest
 from trainer_core.train.signals import StopRequested
@@ -69,6 +70,8 @@ class Run:
     loop_start: float = attrs.Factory(time.time)
     tokens_per_s: float = 0.0
     eta_s: float = float("inf")
+    #: several processes (torchrun): this rank's :class:`~trainer_core.train.distributed.Distributed`
+    dist: Any = None
 
 
 def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False,
@@ -77,22 +80,30 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     """Run (or plan, with ``dry_run``) one training run; returns the summary dict.
 
     ``listeners`` are added after the built-in ones (console, status, metrics, previews,
-    manifest) and any that plugins return from the ``run_listeners`` hook.
+    manifest) and any that plugins return from the ``run_listeners`` hook. Under torchrun
+    (several processes) every rank calls this; only rank 0 has listeners and writes files.
     """
+    with distributed_session(resolved.config, dry_run) as dist:
+        return _run_training(resolved, dist, dry_run, unlock, quiet, stream, listeners)
+
+
+def _run_training(resolved: Resolved, dist: Any, dry_run: bool, unlock: bool, quiet: bool,
+                  stream: Any, listeners: list[RunListener] | None) -> dict[str, Any]:
     cfg = resolved.config
     started = time.time()
     profile = build_profile(cfg)
     train_rows, val_rows, skipped = load_rows(cfg)
     quiet_hf()
-    model_dir = model_directory(cfg)
-    output_dir, resume_from, facts = locate_output(cfg, model_dir, dry_run, unlock)
+    model_dir = main_first(dist, lambda: model_directory(cfg))
+    output_dir, resume_from, facts = share_from_main(
+        dist, lambda: locate_output(cfg, model_dir, dry_run, unlock))
 
     from trainer_core.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or str(model_dir),
                                trust_remote_code=cfg.model.trust_remote_code)
-    train_examples, val_examples, stats = prepare_examples(cfg, profile, tokenizer, train_rows,
-                                                           val_rows)
+    train_examples, val_examples, stats = main_first(
+        dist, lambda: prepare_examples(cfg, profile, tokenizer, train_rows, val_rows))
     from trainer_core.data.batching import plan_steps
 
     hp = cfg.hyperparams
@@ -104,19 +115,26 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
         print_plan(cfg, summary, stream or sys.stderr)
         return summary
 
-    setup = prepare_training(cfg, model_dir, plan.total_steps, facts)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))
+    setup = prepare_training(cfg, model_dir, plan.total_steps, facts, parallel=dist)
+    main = dist is None or dist.is_main
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))
     state = resume_state(resume_from, setup)
     from trainer_core.generate.previews import preview_prompts
 
     prompts = preview_prompts(val_rows or train_rows, profile, cfg.monitoring.num_preview_samples,
                               cfg.data.seed + 1)
-    events = RunEvents(run_listeners(cfg, output_dir, quiet, stream) + list(listeners or []))
+    events = RunEvents(run_listeners(cfg, output_dir, quiet, stream) + list(listeners or [])
+                       if main else [])
     run = Run(cfg, profile, tokenizer, plan, setup, train_examples, val_examples, prompts,
-              output_dir, events, state, start_step=state["step"])
+              output_dir, events, state, start_step=state["step"], dist=dist)
     summary.update(train_examples=len(train_examples), precision=setup.precision,
                    device_type=setup.device.type)
+    if dist is not None:
+        summary.update(world_size=dist.world, distributed=dist.strategy)
+        dist.on_abort = lambda why: events.end(RunEnd(
+            "failed", why, {**summary, **final_summary(run, "failed", started)}))
     events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
                           resume_from is not None, started, summary, to_dict(cfg),
                           run_manifest(cfg, profile, summary)))
@@ -143,17 +161,20 @@ def train_loop(run: Run) -> tuple[str, str | None]:
                                   f"{step + 1}; stopping. The last good checkpoint is untouched "
                                   "and no final model is written.")
             done = step + 1
-            record = account_step(run, done, batches, n_trained, loss, lr, grad_norm)
+            # several processes: global token counts, and a signal any rank got stops all
+            tokens, signal = (run.dist.step_consensus(batches, stop.signal) if run.dist
+                              else (None, stop.signal))
+            record = account_step(run, done, batches, n_trained, loss, lr, grad_norm, tokens)
             record = maybe_evaluate(run, done, record)
             record = maybe_preview(run, done, record)
             end_step(run, done, loss, lr, grad_norm, record)
-            if want_checkpoint(run, done) or stop.signal is not None:
-                if not weights_finite(run.setup.model):
+            if want_checkpoint(run, done) or signal is not None:
+                if not model_finite(run):
                     return "failed", (f"error: non-finite weights after step {done}; stopping "
                                       "without saving. The last good checkpoint is untouched.")
                 save_checkpoint(run, done)
-            if stop.signal is not None:
-                return "interrupted", (f"stopped by signal {stop.signal} at step {done}; "
+            if signal is not None:
+                return "interrupted", (f"stopped by signal {signal} at step {done}; "
                                        "checkpoint saved. Continue with --resume.")
     return "completed", None
 
@@ -189,6 +210,8 @@ def resume_state(resume_from: Path | None, setup: TrainingSetup) -> dict[str, An
     if resume_from is None:
         return {"step": 0, "tokens_trained": 0, "tokens_seen": 0, "first_loss": None,
                 "history": []}
+    if setup.parallel is not None:
+        return setup.parallel.load_checkpoint(resume_from, setup)
     from trainer_core.train.checkpoint import load_checkpoint
 
     return load_checkpoint(resume_from, setup.model, setup.optimizer, setup.scheduler,
@@ -200,6 +223,9 @@ def step_batches(run: Run, step: int) -> tuple[list[dict[str, Any]], int]:
     from trainer_core.data.batching import count_trained, micro_batches
 
     examples = [run.train_examples[i] for i in run.plan.step_indices(step)]
+    if run.dist is not None:  # this rank's token-balanced share of the global step
+        return run.dist.step_share(examples, run.cfg, token_budget(run.cfg),
+                                   run.tokenizer.pad_token_id, run.setup.speed.pad_to_multiple)
     batches = micro_batches(examples, run.cfg.data.packing, run.cfg.hyperparams.batch_size,
                             token_budget(run.cfg), run.tokenizer.pad_token_id,
                             run.setup.speed.pad_to_multiple)
@@ -207,9 +233,13 @@ def step_batches(run: Run, step: int) -> tuple[list[dict[str, Any]], int]:
 
 
 def account_step(run: Run, done: int, batches: list[dict[str, Any]], n_trained: int,
-                 loss: float, lr: float, grad_norm: float) -> dict[str, Any] | None:
-    """Update counters and rates; on logging steps return the step's metrics record."""
-    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+                 loss: float, lr: float, grad_norm: float, tokens: int | None = None
+                 ) -> dict[str, Any] | None:
+    """Update counters and rates; on logging steps return the step's metrics record.
+
+    ``tokens``: the step's processed tokens when ``batches`` are only part of it."""
+    if tokens is None:
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
     state = run.state
     state["step"] = done
     state["tokens_trained"] += n_trained
@@ -240,8 +270,12 @@ def maybe_evaluate(run: Run, done: int, record: dict[str, Any] | None) -> dict[s
     if not run.val_examples or not ((hp.eval_steps and done % hp.eval_steps == 0) or at_end):
         return record
     s = run.setup
-    run.eval_loss = evaluate(s.model, run.val_examples, run.cfg, s.device, s.precision,
-                             run.tokenizer.pad_token_id, s.speed)
+    if run.dist is not None:  # every rank scores a share
+        run.eval_loss = run.dist.evaluate(run.val_examples, run.cfg, s,
+                                          run.tokenizer.pad_token_id, token_budget(run.cfg))
+    else:
+        run.eval_loss = evaluate(s.model, run.val_examples, run.cfg, s.device, s.precision,
+                                 run.tokenizer.pad_token_id, s.speed)
     run.events.evaluation(Evaluation(done, run.eval_loss))
     return {**(record or {"step": done}), "eval_loss": run.eval_loss}
 
@@ -254,6 +288,10 @@ def maybe_preview(run: Run, done: int, record: dict[str, Any] | None) -> dict[st
     at_end = done == run.plan.total_steps
     if not mon.num_preview_samples or not ((mon.preview_steps and done % mon.preview_steps == 0)
                                            or at_end):
+        return record
+    # Several processes: rank 0 generates with its full DDP replica while the others wait at
+    # the next collective; FSDP holds no full copy anywhere, so there are no previews.
+    if run.dist is not None and (not run.dist.is_main or run.dist.strategy == "fsdp"):
         return record
     records, run.preview_scores = run_previews(run.setup.model, run.tokenizer, run.profile,
                                                run.prompts, run.cfg, done)
@@ -280,8 +318,12 @@ def save_checkpoint(run: Run, done: int) -> None:
     from trainer_core.train.checkpoint import save_checkpoint as save
 
     s = run.setup
-    path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, run.state,
-                run.cfg.hyperparams.save_total_limit)
+    if run.dist is not None:  # rank 0 writes; FSDP gathers the full state first
+        path = run.dist.save_checkpoint(run.output_dir, done, s, run.state,
+                                        run.cfg.hyperparams.save_total_limit)
+    else:
+        path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler,
+                    run.state, run.cfg.hyperparams.save_total_limit)
     run.events.checkpoint(CheckpointSaved(done, str(path)))
 
 
@@ -289,11 +331,22 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
     """Write the model and tokenizer of a completed run, unless its weights are not finite."""
     if final_state != "completed":
         return final_state, reason
-    if not weights_finite(run.setup.model):
+    if not model_finite(run):
         return "failed", "error: non-finite weights at the end of training; no model written."
-    run.setup.model.save_pretrained(run.output_dir, safe_serialization=True)
-    run.tokenizer.save_pretrained(run.output_dir)
+    # several processes: rank 0 writes (FSDP: the full state, gathered by every rank)
+    state_dict = run.dist.full_model_state() if run.dist is not None else None
+    if run.dist is None or run.dist.is_main:
+        run.setup.model.save_pretrained(run.output_dir, safe_serialization=True,
+                                        state_dict=state_dict)
+        run.tokenizer.save_pretrained(run.output_dir)
+    if run.dist is not None:
+        run.dist.barrier()
     return final_state, reason
+
+
+def model_finite(run: Run) -> bool:
+    """Finite weights (several processes: all ranks agree)."""
+    return run.dist.weights_finite() if run.dist is not None else weights_finite(run.setup.model)
 
 
 def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 
@@ -11,6 +12,7 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._at = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
@@ -22,9 +24,13 @@ class StopRequested:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
+        # A second signal stops now; one within a second of the first is the same request
+        # delivered twice (Ctrl-C reaches torchrun's workers directly and forwarded by it).
+        if self.signal is not None:
+            if time.monotonic() - self._at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.signal, self._at = signum, time.monotonic()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
