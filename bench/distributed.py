@@ -120,6 +120,7 @@ def worker(args: argparse.Namespace) -> None:
                 "peak_allocated_gib_per_gpu": [round(p, 2) for p in peaks],
                 "micro_batches_per_rank": round(sum(micro) / len(micro), 2),
                 "losses": [round(x, 5) for x in losses],
+                "step_ms": [round(1e3 * x, 1) for x in times],
                 "speed_notes": list(setup.speed.notes),
             }
             Path(args.result).write_text(json.dumps(res))
@@ -163,17 +164,22 @@ def _collect(name: str, proc: subprocess.Popen, result: Path, deadline: float,
 def table(results: list[dict[str, Any]]) -> str:
     by = {r["name"]: r for r in results}
     base = by.get("1gpu")
-    lines = ["| run | GPUs | examples/step | tok/s | tok/s per GPU | scaling eff. | median step "
-             "| peak alloc / GPU | micro-batches / rank | loss vs 1-GPU same steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | GPUs | examples/step | tok/s | tok/s per GPU | scaling eff. | eff. by median "
+             "step | median step | slowest timed step | peak alloc / GPU | micro-batches / rank "
+             "| loss vs 1-GPU same steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["name"].startswith("ref"):
             continue
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * 10)
             continue
         eff = (f"{100 * r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.1f}%"
                if base and "tokens_per_s_per_gpu" in base else "")
+        # per-GPU tokens per step are about equal in every run, so median step times compare
+        med = (f"{100 * base['step_ms_median'] / r['step_ms_median']:.1f}%"
+               if base and "step_ms_median" in base else "")
+        slowest = max(r.get("step_ms", [0])[r["steps"] - r["timed_steps"]:] or [0])
         ref = base if r["gpus"] == 1 else by.get(f"ref{r['gpus']}")
         cmp = ""
         if ref and "losses" in ref and r is not ref:
@@ -183,8 +189,8 @@ def table(results: list[dict[str, Any]]) -> str:
             cmp = f"max {100 * rel:.3f}% over {n} steps"
         lines.append(
             f"| {r['name']} | {r['gpus']} | {r['examples_per_step']} | "
-            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | "
-            f"{r['step_ms_median']:.0f} ms | {max(r['peak_allocated_gib_per_gpu']):.1f} GiB | "
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | {med} | "
+            f"{r['step_ms_median']:.0f} ms | {slowest:.0f} ms | {max(r['peak_allocated_gib_per_gpu']):.1f} GiB | "
             f"{r['micro_batches_per_rank']} | {cmp} |")
     return "\n".join(lines)
 
