@@ -475,7 +475,8 @@ class Distributed:
         if not weights.exists():
             raise UserError(f"{path}: checkpoint has no model.safetensors")
         full = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.model, load_file(weights), options=full)
+        weights_sd: dict[str, Any] = dict(load_file(weights))
+        set_model_state_dict(self.model, weights_sd, options=full)
         blob = read_training_state(path)
         names = optimizer_param_names(self.model, setup.optimizer)
         set_optimizer_state_dict(self.model, setup.optimizer,
