@@ -18,8 +18,8 @@ per GPU, scaling efficiency (tok/s per GPU over the 1-GPU run's), median step ti
 allocated per GPU (the largest rank), and each step's loss; "loss vs ref" is the largest
 relative difference from the 1-GPU run with the same global steps.
 
-    python bench/distributed.py --out DIR [--gpus 1,2,4] [--strategies ddp,fsdp] [--steps 20]
-        [--warmup 5] [--time-limit 420]
+    python bench/distributed.py --out DIR [--gpus 1,2,4] [--strategies ddp,fsdp] [--steps 40]
+        [--warmup 15] [--max-tokens 40960] [--time-limit 420]
 
 Each job has a hard time limit (what is left of ``--time-limit``); a job that runs over or
 fails is reported as such and the rest carry on.
@@ -201,10 +201,10 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-shape")
     ap.add_argument("--gpus", default="1,2,4")
     ap.add_argument("--strategies", default="ddp,fsdp")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--per-gpu", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=16_384)
+    ap.add_argument("--max-tokens", type=int, default=40_960)
     ap.add_argument("--time-limit", type=float, default=420.0)
     ap.add_argument("--no-refs", action="store_true", help="skip the loss-reference runs")
     ap.add_argument("--ref-devices", default=None,
