@@ -173,7 +173,7 @@ def test_profile_options_merge_file_and_cli(tmp_path):
 # --------------------------------------------------------------------------- round trip
 
 ENUM_CHOICES = sorted(set(C.PRECISIONS + C.SCHEDULERS + C.ON_INVALID + C.DTYPES + C.ATTN_IMPLS
-                          + C.DEVICES))
+                          + C.DEVICES + C.DISTRIBUTED))
 
 json_leaf = (st.none() | st.booleans() | st.integers()
              | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
