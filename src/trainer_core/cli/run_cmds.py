@@ -18,16 +18,26 @@ from trainer_core.cli.options import config_options, resolve_run_config
               help="Continue in an output directory locked to another model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or preview lines.")
 @click.option("--json", "json_summary", is_flag=True, help="Print the final summary as JSON.")
+@click.option("--nproc", "--gpus", "nproc", type=click.IntRange(min=1), default=None,
+              help="Train in N processes on this node (one per GPU) by starting torchrun; "
+                   "prints the equivalent torchrun command. See docs/distributed.md.")
 def run(config_file: str | None, overrides: dict[str, Any], dry_run: bool, unlock: bool,
-        quiet: bool, json_summary: bool) -> None:
+        quiet: bool, json_summary: bool, nproc: int | None) -> None:
     """Fine-tune a model. With no --model and no --dataset: the embedded tiny demo."""
     from trainer_core.plugins.registry import get_profile_class
 
     resolved = resolve_run_config(config_file, overrides)
     get_profile_class(resolved.config.profile.name)  # unknown profile: exit 2 before any work
+    if nproc is not None and nproc > 1 and not dry_run:
+        from trainer_core.train.distributed import launched_by_torchrun
+
+        if not launched_by_torchrun():
+            sys.exit(launch_torchrun(nproc, sys.argv[1:]))
     from trainer_core.train.recipe import run_training
 
     summary = run_training(resolved, dry_run=dry_run, unlock=unlock, quiet=quiet)
+    if summary.get("world_size", 1) > 1 and _rank() != 0:
+        json_summary = False  # rank 0 prints for the job
     if json_summary:
         click.echo(json.dumps(summary, indent=2, default=str))
     if summary.get("state") not in (None, "completed", "planned"):
@@ -36,6 +46,58 @@ def run(config_file: str | None, overrides: dict[str, Any], dry_run: bool, unloc
 
             raise RunFailure(summary.get("reason") or f"run {summary.get('state')}")
         sys.exit(1)
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--nproc N`` / ``--gpus N`` (and their ``=N`` forms)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--nproc", "--gpus"):
+            skip = True
+            continue
+        if arg.startswith(("--nproc=", "--gpus=")):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun in ``nproc`` processes; returns its exit code.
+
+    torchrun gets a session of its own, so a Ctrl-C here reaches the workers once (as
+    torchrun's SIGTERM): they agree on the step, rank 0 checkpoints, all exit.
+    """
+    import shlex
+    import signal
+    import subprocess
+
+    from trainer_core.train.distributed import torchrun_command
+
+    cmd = torchrun_command(nproc, without_nproc(argv))
+    shown = ["torchrun", *cmd[3:]]
+    click.echo(f"running: {shlex.join(shown)}", err=True)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 @click.command()

@@ -27,6 +27,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 def doc(text: str | None, **kw: Any) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def _half_open_fraction(v: Any) -> bool:
 MAX_SEED = 2**32 - 1
 SPECIAL_TOKEN_POLICIES = ("reject", "allow")
 CHANGE_KINDS = ("lr", "schedule", "steps", "batch", "data", "profile", "tokenizer", "template",
-                "seed", "world_size")
+                "seed")
 
 
 def _seed(v: Any) -> bool:
@@ -489,6 +490,15 @@ class Environment:
         metadata=doc("Fused lm_head + cross-entropy over trained positions, chunk by chunk, "
                      "with the gradients computed in the forward pass (no logits recompute, "
                      "no full logits). auto: on CUDA; off uses the chunked checkpointed loss."),
+    )
+    distributed: str = attrs.field(
+        default="ddp",
+        validator=one_of(*DISTRIBUTED),
+        metadata=doc("Under torchrun (several processes; `trainer run --nproc N`): ddp keeps a "
+                     "full model copy on every GPU and all-reduces gradients; fsdp shards "
+                     "weights, gradients and optimizer state across GPUs (FSDP2, fully_shard) "
+                     "for models that don't fit one GPU. Ignored in a single process. See "
+                     "docs/distributed.md."),
     )
 
 

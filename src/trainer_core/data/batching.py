@@ -154,3 +154,39 @@ def micro_batches(examples: Sequence[dict[str, Any]], packing: bool, batch_size:
 
 def count_trained(batches: Sequence[dict[str, Any]]) -> int:
     return int(sum(int((b["targets"] != IGNORE).sum()) for b in batches))
+
+
+def split_by_tokens(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Positions ``0..len(lengths)-1`` split into ``parts`` shares of near-equal total length.
+
+    Used to divide one optimizer step's examples across ranks: each rank's work is about its
+    tokens, not its example count. Longest first, each to the share with the fewest tokens so
+    far (ties: the lower share), then each share in the step's order, so packing stays stable.
+    A pure function of ``lengths``: every rank computes every share the same way, and the
+    global step holds the same examples whatever ``parts`` is. With at least ``parts`` items,
+    no share is empty.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
+        target = min(range(parts), key=lambda r: (load[r], r))
+        shares[target].append(i)
+        load[target] += int(lengths[i])
+    return [sorted(s) for s in shares]
+
+
+def count_micro_batches(lengths: Sequence[int], packing: bool, batch_size: int,
+                        token_budget: int) -> int:
+    """How many micro-batches :func:`micro_batches` makes of examples of these lengths."""
+    if not lengths:
+        return 0
+    if packing:
+        return len(pack_greedy(lengths, token_budget))
+    return -(-len(lengths) // batch_size)
+
+
+def trained_tokens(example: dict[str, Any]) -> int:
+    """Trained targets of one example once collated (labels shifted by one, as batches do)."""
+    return sum(1 for x in example["labels"][1:] if x != IGNORE)

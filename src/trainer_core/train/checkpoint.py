@@ -68,8 +68,11 @@ FACT_KINDS: dict[str, str] = {
     "profile": "profile",
     "tokenizer": "tokenizer",
     "chat_template": "template",
-    "world_size": "world_size",
 }
+
+#: Recorded for information only, never a difference that blocks a resume: checkpoints hold the
+#: full (gathered) state and the global data position, so any number of processes resumes them.
+INFORMATIONAL_FACTS = frozenset({"world_size"})
 
 
 class UnreadableCheckpoint(UserError):
@@ -164,11 +167,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
                     scaler: Any, state: dict[str, Any], keep: int | None,
-                    facts: dict[str, Any] | None = None) -> Path:
+                    facts: dict[str, Any] | None = None,
+                    model_state: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` atomically (temp directory + rename) and prune old ones.
 
     On any failure (a full disk: ``OSError``) the temporary directory is removed and the
-    exception propagates; earlier checkpoints are untouched.
+    exception propagates; earlier checkpoints are untouched. ``model_state`` /
+    ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()`` when given
+    (a sharded model's gathered full state, in the same format, so any world size resumes it).
     """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -177,10 +184,11 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, sch
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": (optimizer_state if optimizer_state is not None
+                              else optimizer.state_dict()),
                 "scheduler": _plain_scheduler_state(scheduler),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(),
@@ -321,9 +329,9 @@ def check_weight_keys(path: Path, weights: dict[str, Any], model: Any) -> None:
     """Every parameter and buffer the model saves must be in ``weights`` and nothing else; a
     tensor tied to one present (input and output embeddings) counts as present."""
     own = model.state_dict()
-    present_ptrs = {own[k].data_ptr() for k in weights if k in own}
+    present_ptrs = {_storage_ptr(own[k]) for k in weights if k in own}
     missing = sorted(k for k, t in own.items() if k not in weights
-                     and t.data_ptr() not in present_ptrs)
+                     and _storage_ptr(t) not in present_ptrs)
     unexpected = sorted(k for k in weights if k not in own)
     if missing or unexpected:
         parts = []
@@ -340,6 +348,17 @@ def check_weight_keys(path: Path, weights: dict[str, Any], model: Any) -> None:
                             f"model expects {tuple(own[k].shape)}")
 
 
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The optimizer, scheduler, scaler and RNG states of checkpoint ``path``
+    (``training_state.pt``), loaded with ``weights_only=True`` like :func:`read_checkpoint`."""
+    return read_checkpoint(path).training
+
+
+def _storage_ptr(t: Any) -> int:
+    # A sharded (FSDP2) parameter is a DTensor: tied weights share its local shard.
+    return int((t.to_local() if hasattr(t, "to_local") else t).data_ptr())
+
+
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any
                     ) -> dict[str, Any]:
     """Read and restore checkpoint ``path`` into the given objects; returns its state."""
@@ -354,7 +373,7 @@ def resume_differences(old: dict[str, Any], new: dict[str, Any]
     """Recorded facts that differ: ``(fact, kind, old, new)``; a fact missing on one side
     (an older checkpoint) is not a difference."""
     out: list[tuple[str, str, Any, Any]] = []
-    for key in sorted(set(old) & set(new)):
+    for key in sorted(set(old) & set(new) - INFORMATIONAL_FACTS):
         if old[key] != new[key]:
             kind = FACT_KINDS.get(key, key)
             out.extend((name, kind, a, b) for name, a, b in _leaf_diffs(key, old[key], new[key]))
@@ -441,4 +460,8 @@ def checkpoint_to_resume(output_dir: Path, explicit: Path | None, facts: dict[st
     if data.facts is None:
         note(f"warning: {data.path} records no run facts (written by an older trainer); "
              "changed settings cannot be detected")
+    was, now = (data.facts or {}).get("world_size"), facts.get("world_size")
+    if was is not None and now is not None and was != now:
+        note(f"resuming {data.path.name}, written by {was} process(es), in {now}: the same "
+             "global steps, split over the new number of processes")
     return data, check_resume(data.facts, facts, allowed)

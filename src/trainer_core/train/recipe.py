@@ -11,6 +11,10 @@ tokenizer and cached preprocessing -> plan (``--dry-run`` stops here) -> listene
 optimizer and schedule -> resume state -> the loop -> final model -> end event. Everything
 that only watches a run (console, status.json, metrics.jsonl, previews.jsonl, run.json,
 loss.svg, alerts, trackers and other plugin listeners) hears about it through :class:`~trainer_core.monitor.events.RunEvents`.
+
+Under torchrun every rank runs this same recipe; what differs with several processes (who
+claims the directory and writes files, the share of each step a rank trains, collectives) is
+behind ``run.dist`` and lives in :mod:`trainer_core.train.distributed`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ from trainer_core.monitor.events import (
     StepEnd,
 )
 from trainer_core.plugins.registry import build_profile, check_report_to
+from trainer_core.train.distributed import (
+    distributed_session,
+    is_main,
+    main_first,
+    resume_checkpoint,
+    share_from_main,
+)
 from trainer_core.train.inputs import load_rows, prepare_examples
 from trainer_core.train.rundir import (
     CONFIG_FILE,
@@ -46,6 +57,7 @@ from trainer_core.train.rundir import (
     locate_output,
     outcome_recorded,
     plan_summary,
+    record_outcome,
     resume_facts,
     resume_hint,
     run_manifest,
@@ -86,6 +98,8 @@ class Run:
     hint: str = "continue with the same command plus --resume"
     warnings: list[str] = attrs.Factory(list)
     previews_off: bool = False
+    #: several processes (torchrun): this rank's :class:`~trainer_core.train.distributed.Distributed`
+    dist: Any = None
 
 
 def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False,
@@ -101,7 +115,16 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     for what the user gave; ``RunFailure`` (exit 1) for a signal or an I/O error (disk full)
     outside the loop. Either way, once the output directory is claimed, its status.json and
     run.json end with the final state.
+
+    Under torchrun (several processes) every rank calls this; rank 0 alone claims the output
+    directory, has listeners and writes files.
     """
+    with distributed_session(resolved.config, dry_run) as dist:
+        return _run_training(resolved, dist, dry_run, unlock, quiet, stream, listeners)
+
+
+def _run_training(resolved: Resolved, dist: Any, dry_run: bool, unlock: bool, quiet: bool,
+                  stream: Any, listeners: list[RunListener] | None) -> dict[str, Any]:
     cfg = resolved.config
     started = time.time()
     err = stream or sys.stderr
@@ -113,20 +136,29 @@ def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False
     check_report_to(cfg)
     train_rows, val_rows, skipped = load_rows(cfg)
     quiet_hf()
-    model_dir = model_directory(cfg)
+    model_dir = main_first(dist, lambda: model_directory(cfg))
     cfg = fit_to_model(resolved, model_dir)
-    target = locate_output(cfg, model_dir, dry_run, unlock, note)
-    lock = None if dry_run else claim_output(target, cfg, unlock)
+    claimed: list[Any] = []  # rank 0's lock on the output directory
+
+    def locate_and_claim() -> Any:
+        target = locate_output(cfg, model_dir, dry_run, unlock, note)
+        claimed.append(None if dry_run else claim_output(target, cfg, unlock))
+        return target
+
+    target = share_from_main(dist, locate_and_claim)
+    lock = claimed[0] if claimed else None
+    if dist is not None and lock is not None:  # a peer's failure, seen by the watchdog
+        dist.on_abort = lambda why: record_outcome(target.output_dir, "failed", why)
     with outcome_recorded(target, lock, resume_hint(cfg, target)) as began:
         with StopRequested(deferred=False):
             return _train(cfg, target, profile, model_dir, train_rows, val_rows, skipped,
-                          dry_run, quiet, stream, listeners, started, note, began)
+                          dry_run, quiet, stream, listeners, started, note, began, dist)
 
 
 def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train_rows: list,
            val_rows: list, skipped: dict[str, int], dry_run: bool, quiet: bool, stream: Any,
-           listeners: list[RunListener] | None, started: float, note: Any, began: list[bool]
-           ) -> dict[str, Any]:
+           listeners: list[RunListener] | None, started: float, note: Any, began: list[bool],
+           dist: Any = None) -> dict[str, Any]:
     """Tokenizer and data -> plan (``--dry-run`` stops here) -> model and resume state ->
     listeners -> the loop -> final model -> end event, in a claimed output directory."""
     from trainer_core.data.tokenizer import check_tokenizer, load_tokenizer
@@ -136,8 +168,8 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
     tokenizer = load_tokenizer(cfg.model.tokenizer or str(model_dir),
                                trust_remote_code=cfg.model.trust_remote_code)
     check_tokenizer(tokenizer, target.facts.get("vocab_size"), cfg.model.chat_template == "chatml")
-    train_examples, val_examples, stats = prepare_examples(cfg, profile, tokenizer, train_rows,
-                                                           val_rows, skipped)
+    train_examples, val_examples, stats = main_first(  # rank 0 builds the cache first
+        dist, lambda: prepare_examples(cfg, profile, tokenizer, train_rows, val_rows, skipped))
     from trainer_core.data.batching import plan_steps
 
     hp = cfg.hyperparams
@@ -145,34 +177,38 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
                       hp.num_epochs, hp.max_steps, cfg.data.seed, cfg.data.shuffle)
     summary = plan_summary(cfg, profile, model_dir, output_dir, plan, train_rows, val_rows,
                            skipped, stats)
-    facts = resume_facts(cfg, profile, tokenizer, plan.total_steps)
-    checkpoint, accepted = (checkpoint_to_resume(output_dir, target.resume_from, facts,
-                                                 plan.total_steps, cfg.output.allow_changes,
-                                                 note)
+    facts = resume_facts(cfg, profile, tokenizer, plan.total_steps, dist.world if dist else 1)
+    checkpoint, accepted = (resume_checkpoint(dist, lambda: checkpoint_to_resume(
+        output_dir, target.resume_from, facts, plan.total_steps, cfg.output.allow_changes, note))
                             if target.resume and not target.restart else (None, []))
     if dry_run:
         print_plan(cfg, summary, stream or sys.stderr)
         return summary
 
     # Listeners are built before the model loads: a tracker whose package is missing fails now.
-    events = RunEvents(run_listeners(cfg, output_dir, quiet, stream) + list(listeners or []))
+    # Several processes: rank 0 alone has listeners and writes files.
+    events = RunEvents(run_listeners(cfg, output_dir, quiet, stream) + list(listeners or [])
+                       if is_main(dist) else [])
     try:
-        setup = prepare_training(cfg, model_dir, plan.total_steps, target.facts)
+        setup = prepare_training(cfg, model_dir, plan.total_steps, target.facts, parallel=dist)
         state = resume_state(checkpoint, setup, accepted, facts)
-        write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))  # only once the run can go on
-        if checkpoint is not None:
-            truncate_logs(output_dir, cfg, state["step"])
+        if is_main(dist):
+            write_json_atomic(output_dir / CONFIG_FILE, to_dict(cfg))  # once the run can go on
+            if checkpoint is not None:
+                truncate_logs(output_dir, cfg, state["step"])
         from trainer_core.generate.previews import preview_prompts
 
         prompts = preview_prompts(val_rows or train_rows, profile, cfg.monitoring.num_preview_samples,
                                   cfg.data.seed + 1)
         run = Run(cfg, profile, tokenizer, plan, setup, train_examples, val_examples, prompts,
                   output_dir, events, state, start_step=state["step"], facts=facts, note=note,
-                  hint=resume_hint(cfg, target))
+                  hint=resume_hint(cfg, target), dist=dist)
         summary.update(train_examples=len(train_examples), precision=setup.precision,
                        device_type=setup.device.type,
                        resumed_from=str(checkpoint.path) if checkpoint is not None else None,
                        accepted_changes=[f"{k}: {a} -> {b}" for k, _, a, b in accepted])
+        if dist is not None:
+            summary.update(world_size=dist.world, distributed=dist.strategy)
         began.append(True)
         events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
                               checkpoint is not None, started, summary, to_dict(cfg),
@@ -189,7 +225,8 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
 def train_loop(run: Run) -> tuple[str, str | None]:
     """Steps until the plan is done, a signal arrives or a step fails; returns (state, reason)."""
     run.loop_start = run.window_start = time.time()
-    with StopRequested(deferred=True) as stop:
+    # Under torchrun, Ctrl-C can reach a rank twice (directly and forwarded): one request.
+    with StopRequested(deferred=True, repeat_window_s=1.0 if run.dist else 0.0) as stop:
         for step in range(run.state["step"], run.plan.total_steps):
             batches, n_trained = step_batches(run, step)
             loss, grad_norm, lr = train_step(run.setup, batches, n_trained,
@@ -200,12 +237,16 @@ def train_loop(run: Run) -> tuple[str, str | None]:
                                   f"{step + 1}; stopping. The last good checkpoint is untouched "
                                   "and no final model is written.")
             done = step + 1
-            record = account_step(run, done, batches, n_trained, loss, lr, grad_norm)
+            # several processes: global token counts, and a signal any rank got stops all
+            tokens, agreed = (run.dist.step_consensus(batches, stop.signal) if run.dist
+                              else (None, None))
+            record = account_step(run, done, batches, n_trained, loss, lr, grad_norm, tokens)
             record = maybe_evaluate(run, done, record)
             record = maybe_preview(run, done, record)
             end_step(run, done, loss, lr, grad_norm, record)
-            if want_checkpoint(run, done) or stop.signal is not None:
-                if not weights_finite(run.setup.model):
+            signal = agreed if run.dist else stop.signal
+            if want_checkpoint(run, done) or signal is not None:
+                if not model_finite(run):
                     return "failed", (f"error: non-finite weights after step {done}; stopping "
                                       "without saving. The last good checkpoint is untouched.")
                 try:
@@ -214,8 +255,8 @@ def train_loop(run: Run) -> tuple[str, str | None]:
                     return "failed", (f"error: cannot write the checkpoint of step {done}: "
                                       f"{exc.strerror or exc}; stopping. Earlier checkpoints are "
                                       "kept and no final model is written.")
-            if stop.signal is not None:
-                return "interrupted", (f"stopped by signal {stop.signal} at step {done}; "
+            if signal is not None:
+                return "interrupted", (f"stopped by signal {signal} at step {done}; "
                                        f"checkpoint saved; {run.hint}.")
     return "completed", None
 
@@ -260,8 +301,11 @@ def resume_state(checkpoint: Any, setup: TrainingSetup, accepted: list | None = 
                 "history": [], "segments": [], "train_time_s": 0.0}
     from trainer_core.train.checkpoint import apply_allowed_changes, apply_checkpoint
 
-    state = apply_checkpoint(checkpoint, setup.model, setup.optimizer, setup.scheduler,
-                             setup.scaler)
+    if setup.parallel is not None:  # FSDP: every rank takes its shard of the full state
+        state = setup.parallel.apply_checkpoint(checkpoint, setup)
+    else:
+        state = apply_checkpoint(checkpoint, setup.model, setup.optimizer, setup.scheduler,
+                                 setup.scaler)
     if accepted:
         apply_allowed_changes(accepted, setup.optimizer, setup.scheduler, facts or {})
     state.setdefault("segments", [])
@@ -274,6 +318,9 @@ def step_batches(run: Run, step: int) -> tuple[list[dict[str, Any]], int]:
     from trainer_core.data.batching import count_trained, micro_batches
 
     examples = [run.train_examples[i] for i in run.plan.step_indices(step)]
+    if run.dist is not None:  # this rank's token-balanced share of the global step
+        return run.dist.step_share(examples, run.cfg, token_budget(run.cfg),
+                                   run.tokenizer.pad_token_id, run.setup.speed.pad_to_multiple)
     batches = micro_batches(examples, run.cfg.data.packing, run.cfg.hyperparams.batch_size,
                             token_budget(run.cfg), run.tokenizer.pad_token_id,
                             run.setup.speed.pad_to_multiple)
@@ -281,9 +328,13 @@ def step_batches(run: Run, step: int) -> tuple[list[dict[str, Any]], int]:
 
 
 def account_step(run: Run, done: int, batches: list[dict[str, Any]], n_trained: int,
-                 loss: float, lr: float, grad_norm: float) -> dict[str, Any] | None:
-    """Update counters and rates; on logging steps return the step's metrics record."""
-    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+                 loss: float, lr: float, grad_norm: float, tokens: int | None = None
+                 ) -> dict[str, Any] | None:
+    """Update counters and rates; on logging steps return the step's metrics record.
+
+    ``tokens``: the step's processed tokens when ``batches`` are only part of it."""
+    if tokens is None:
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
     state = run.state
     state["step"] = done
     state["tokens_trained"] += n_trained
@@ -314,8 +365,12 @@ def maybe_evaluate(run: Run, done: int, record: dict[str, Any] | None) -> dict[s
     if not run.val_examples or not ((hp.eval_steps and done % hp.eval_steps == 0) or at_end):
         return record
     s = run.setup
-    run.eval_loss = evaluate(s.model, run.val_examples, run.cfg, s.device, s.precision,
-                             run.tokenizer.pad_token_id, s.speed)
+    if run.dist is not None:  # every rank scores a share
+        run.eval_loss = run.dist.evaluate(run.val_examples, run.cfg, s,
+                                          run.tokenizer.pad_token_id, token_budget(run.cfg))
+    else:
+        run.eval_loss = evaluate(s.model, run.val_examples, run.cfg, s.device, s.precision,
+                                 run.tokenizer.pad_token_id, s.speed)
     run.events.evaluation(Evaluation(done, run.eval_loss))
     return {**(record or {"step": done}), "eval_loss": run.eval_loss}
 
@@ -329,7 +384,10 @@ def maybe_preview(run: Run, done: int, record: dict[str, Any] | None) -> dict[st
     if not mon.num_preview_samples or not ((mon.preview_steps and done % mon.preview_steps == 0)
                                            or at_end):
         return record
-    if run.previews_off:
+    # Several processes: rank 0 generates with its full DDP replica while the others wait at
+    # the next collective; FSDP holds no full copy anywhere, so there are no previews.
+    if run.previews_off or (run.dist is not None and (not run.dist.is_main
+                                                      or run.dist.strategy == "fsdp")):
         return record
     try:
         records, run.preview_scores = run_previews(run.setup.model, run.tokenizer, run.profile,
@@ -366,10 +424,15 @@ def save_checkpoint(run: Run, done: int) -> None:
     s = run.setup
     state = {**run.state, "segments": [*run.state["segments"], current_segment(run, done)],
              "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
-    path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, state,
-                run.cfg.hyperparams.save_total_limit, run.facts)
+    if run.dist is not None:  # rank 0 writes; FSDP gathers the full state first
+        path = run.dist.save_checkpoint(run.output_dir, done, s, state,
+                                        run.cfg.hyperparams.save_total_limit, run.facts)
+    else:
+        path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, state,
+                    run.cfg.hyperparams.save_total_limit, run.facts)
     # With the tokenizer, a checkpoint is a model directory any tool (and `trainer generate`) loads.
-    save_run_tokenizer(run, path)
+    if is_main(run.dist):
+        save_run_tokenizer(run, path)
     run.events.checkpoint(CheckpointSaved(done, str(path)))
 
 
@@ -377,15 +440,27 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
     """Write the model and tokenizer of a completed run, unless its weights are not finite."""
     if final_state != "completed":
         return final_state, reason
-    if not weights_finite(run.setup.model):
+    if not model_finite(run):
         return "failed", "error: non-finite weights at the end of training; no model written."
-    try:
-        save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir)
-        save_run_tokenizer(run, run.output_dir)
-    except OSError as exc:
-        return "failed", (f"error: cannot write the final model: {exc.strerror or exc}; "
-                          "the checkpoints are kept")
-    return final_state, reason
+    # several processes: rank 0 writes (FSDP: the full state, gathered by every rank)
+    state_dict = run.dist.full_model_state() if run.dist is not None else None
+    error = None
+    if is_main(run.dist):
+        try:
+            save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir,
+                               state_dict)
+            save_run_tokenizer(run, run.output_dir)
+        except OSError as exc:
+            error = (f"error: cannot write the final model: {exc.strerror or exc}; "
+                     "the checkpoints are kept")
+    if run.dist is not None:
+        run.dist.barrier()
+    return ("failed", error) if error else (final_state, reason)
+
+
+def model_finite(run: Run) -> bool:
+    """Finite weights (several processes: all ranks agree)."""
+    return run.dist.weights_finite() if run.dist is not None else weights_finite(run.setup.model)
 
 
 def current_segment(run: Run, end_step: int) -> dict[str, Any]:
@@ -396,12 +471,14 @@ def current_segment(run: Run, end_step: int) -> dict[str, Any]:
             "ended_at": now}
 
 
-def save_model_as_base(model: Any, base_dir: Path, output_dir: Path) -> None:
+def save_model_as_base(model: Any, base_dir: Path, output_dir: Path,
+                       state_dict: dict[str, Any] | None = None) -> None:
     """Save the weights with the base model's inference settings, not training's.
 
     Training turns ``use_cache`` off; the saved ``config.json`` gets the base's value back, and
     the base's ``generation_config.json`` is kept as it was. Only the weights (and ``dtype``
-    when ``model.dtype`` differs from the base's) change.
+    when ``model.dtype`` differs from the base's) change. ``state_dict`` replaces the model's
+    own (a sharded model's gathered full state).
     """
     import json
     import shutil
@@ -410,7 +487,7 @@ def save_model_as_base(model: Any, base_dir: Path, output_dir: Path) -> None:
     trained_use_cache = model.config.use_cache
     model.config.use_cache = base_config.get("use_cache", True)
     try:
-        model.save_pretrained(output_dir, safe_serialization=True)
+        model.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict)
     finally:
         model.config.use_cache = trained_use_cache
     if (base_dir / "generation_config.json").is_file():

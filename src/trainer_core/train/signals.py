@@ -9,6 +9,7 @@ the current step finishes and a checkpoint is saved.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 
@@ -22,11 +23,17 @@ class RunInterrupted(BaseException):
 
 
 class StopRequested:
-    """Turns SIGINT/SIGTERM into a flag (when ``deferred``) or :class:`RunInterrupted`."""
+    """Turns SIGINT/SIGTERM into a flag (when ``deferred``) or :class:`RunInterrupted`.
 
-    def __init__(self, deferred: bool = True) -> None:
+    ``repeat_window_s``: a signal this soon after the first is the same request delivered
+    twice, not a second Ctrl-C (the recipe uses 1 s under several processes, 0 otherwise).
+    """
+
+    def __init__(self, deferred: bool = True, repeat_window_s: float = 0.0) -> None:
         self.signal: int | None = None
         self.deferred = deferred
+        self.repeat_window_s = repeat_window_s
+        self._at = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
@@ -38,10 +45,15 @@ class StopRequested:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.deferred and self.signal is not None and (
+                time.monotonic() - self._at <= self.repeat_window_s):
+            # The same request delivered twice (under torchrun, Ctrl-C reaches the workers
+            # directly and again forwarded by torchrun): not a second Ctrl-C.
+            return
         if not self.deferred or self.signal is not None:  # second signal: stop now
             self.signal = signum
             raise RunInterrupted(signum)
-        self.signal = signum
+        self.signal, self._at = signum, time.monotonic()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():

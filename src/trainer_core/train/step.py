@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -75,12 +76,18 @@ class TrainingSetup:
     device: Any
     precision: str
     speed: SpeedPlan
+    #: several processes: a :class:`trainer_core.train.distributed.Distributed`, else None
+    parallel: Any = None
 
 
 def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
                      facts: dict[str, Any] | None = None,
-                     schedule: Callable[[int], float] | None = None) -> TrainingSetup:
+                     schedule: Callable[[int], float] | None = None, parallel: Any = None
+                     ) -> TrainingSetup:
     """Device, precision, speed plan, model, AdamW and the LR schedule, as ``trainer run`` does.
+
+    ``parallel`` (several processes) wraps or shards the prepared model before the optimizer
+    is built, so AdamW holds what each rank owns.
 
     ``bench/throughput.py`` builds its "trainer" variant with this too, so it measures exactly
     what a run would do. ``schedule`` replaces the run's LR multiplier (a function of the global
@@ -103,12 +110,14 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     model.config.use_cache = False
     model.train()
     model = speed.prepare(model)
+    if parallel is not None:
+        model = parallel.wrap(model, speed)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, schedule or lr_lambda(total_steps, warmup_steps(cfg, total_steps),
                                          hp.lr_scheduler))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed)
+    return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed, parallel)
 
 
 def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
@@ -118,22 +127,38 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     The loss of each micro-batch is a sum divided by the trained tokens of the whole step, so
     gradients accumulate to the token-weighted mean. A non-finite loss or gradient norm skips
     the update (the caller stops the run); fp16's scaler handles its own overflow steps.
+
+    Under several processes (``setup.parallel``) ``batches`` are this rank's share,
+    ``n_trained`` counts the whole global step, gradients are summed across ranks and the
+    returned loss is the global one. A batch with ``loss_weight`` 0 only keeps the ranks'
+    collectives in step (FSDP) and trains nothing.
     """
     import torch
 
     model, optimizer, scaler = setup.model, setup.optimizer, setup.scaler
+    par = setup.parallel
     step_loss = 0.0
-    for batch in batches:
-        with autocast(setup.device, setup.precision):
-            loss, _ = setup.speed.loss(model, to_device(batch, setup.device))
-            scaled = loss / max(n_trained, 1)
-        (scaler.scale(scaled) if scaler else scaled).backward()
-        step_loss += float(scaled.detach())
+    for i, batch in enumerate(batches):
+        weight = float(batch.get("loss_weight", 1.0))
+        with par.micro_batch(last=i == len(batches) - 1) if par else contextlib.nullcontext():
+            with autocast(setup.device, setup.precision):
+                device_batch = to_device(batch, setup.device)
+                loss, _ = (par.loss(device_batch) if par
+                           else setup.speed.loss(model, device_batch))
+                scaled = loss / max(n_trained, 1)
+            grad_loss = scaled * (weight * par.loss_scale) if par else scaled
+            (scaler.scale(grad_loss) if scaler else grad_loss).backward()
+        step_loss += weight * float(scaled.detach())
+    if par:
+        step_loss = par.all_sum([step_loss])[0]
     if scaler:
         scaler.unscale_(optimizer)
     # The total norm is computed either way: a non-finite one means a broken step.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                     max_grad_norm or float("inf")))
+    if par:
+        grad_norm = par.clip_grad_norm(max_grad_norm or float("inf"))
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                         max_grad_norm or float("inf")))
     lr = float(setup.scheduler.get_last_lr()[0])
     if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
