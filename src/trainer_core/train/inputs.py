@@ -55,9 +55,10 @@ def preprocess_rows(rows: list, cfg: TrainerConfig, profile: Any, tokenizer: Any
 
 
 def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_rows: list,
-                     val_rows: list) -> tuple[list, list, dict[str, dict[str, Any]]]:
+                     val_rows: list) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
     """Transform, template, label and tokenize (cached); returns train and validation examples
-    as plain lists and the preprocessing stats of each."""
+    (sequences of ``{"input_ids": [...], "labels": [...]}``) and the preprocessing stats of
+    each."""
     train_ds, train_stats = preprocess_rows(train_rows, cfg, profile, tokenizer,
                                             str(dataset_path(cfg)))
     val_ds, val_stats = (preprocess_rows(val_rows, cfg, profile, tokenizer,
@@ -72,8 +73,7 @@ def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_row
     return train_examples, val_examples, {"train": train_stats, "validation": val_stats}
 
 
-def _examples(ds: Any) -> list[dict[str, Any]]:
-    """Materialise a preprocessed dataset as plain lists (fast random access in the loop)."""
-    cols = ds.to_dict()
-    return [{"input_ids": ids, "labels": labels}
-            for ids, labels in zip(cols["input_ids"], cols["labels"], strict=False)]
+def _examples(ds: Any) -> Any:
+    """The training view of preprocessed examples: ``{"input_ids", "labels"}`` lists built
+    when a step asks for them, not all up front (100k rows would take seconds and gigabytes)."""
+    return ds.examples()
