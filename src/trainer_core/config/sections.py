@@ -256,6 +256,12 @@ class Data:
         default=None,
         metadata=doc("Preprocessing cache; unset: $TRAINER_CACHE or ~/.cache/trainer."),
     )
+    preprocess_workers: int | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Processes that preprocess rows on a cache miss (1: in this process); "
+                     "unset: one per CPU core, at most 4, when there are >= 1024 rows each."),
+    )
 
 
 @attrs.define(frozen=True)

@@ -50,6 +50,7 @@ def preprocess_rows(rows: list, cfg: TrainerConfig, profile: Any, tokenizer: Any
     ds, stats = preprocess(
         rows, profile, tokenizer, cfg.model.chat_template, cfg.hyperparams.max_length,
         cfg.data.seed + seed_offset, cfg.data.truncation, cfg.data.cache_dir, source=source,
+        workers=cfg.data.preprocess_workers,
     )
     return ds, stats.to_dict()
 
