@@ -208,3 +208,11 @@ def test_examples_view_and_damaged_arrays(tok, rows, tmp_path):
     ids_file.write_bytes(ids_file.read_bytes()[:-40])
     again, s2 = preprocess(rows, profile, tok, "chatml", 2048, 1, False, tmp_path)
     assert not s2.cache_hit and as_tuples(again) == as_tuples(ds)
+
+
+def test_nothing_kept_round_trips_through_the_cache(tok, rows, tmp_path):
+    profile = profiles()["plain_sft"]
+    ds, stats = preprocess(rows[:5], profile, tok, "chatml", 4, 1, False, tmp_path)
+    assert len(ds) == 0 and stats.dropped == {"too_long": 5} and ds.to_dict()["line"] == []
+    again, hit = preprocess(rows[:5], profile, tok, "chatml", 4, 1, False, tmp_path)
+    assert hit.cache_hit and len(again) == 0 and len(again.examples()) == 0
