@@ -62,6 +62,11 @@ def rows(sample_rows):
             # leading whitespace and newlines at the span edges, non-ASCII
             row["messages"] = [*row["messages"][:-1], {
                 "role": "assistant", "content": "\n\n 🫠🦜 café  \n" + row["messages"][-1]["content"]}]
+        if i % 11 == 5:  # not in NFC: the tokenizer's normalizer composes it, offsets map back
+            msgs = [dict(m) for m in row["messages"]]
+            first_user = next(m for m in msgs if m["role"] == "user")
+            first_user["content"] = "cafe\u0301? " + first_user["content"]
+            row["messages"] = msgs
         out.append(row)
     return out
 
