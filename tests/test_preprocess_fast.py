@@ -217,7 +217,9 @@ def test_examples_view_and_damaged_arrays(tok, rows, tmp_path):
 
 def test_nothing_kept_round_trips_through_the_cache(tok, rows, tmp_path):
     profile = profiles()["plain_sft"]
-    ds, stats = preprocess(rows[:5], profile, tok, "chatml", 4, 1, False, tmp_path)
+    empty, stats = preprocess([], profile, tok, "chatml", 4, 1, False, use_cache=False, workers=2)
+    assert len(empty) == 0 and stats.rows_in == 0
+    ds, stats = preprocess(rows[:5], profile, tok, "chatml", 4, 1, False, tmp_path, workers=2)
     assert len(ds) == 0 and stats.dropped == {"too_long": 5} and ds.to_dict()["line"] == []
     again, hit = preprocess(rows[:5], profile, tok, "chatml", 4, 1, False, tmp_path)
     assert hit.cache_hit and len(again) == 0 and len(again.examples()) == 0

@@ -351,7 +351,7 @@ def _compute(job: _Job, workers: int) -> tuple[Tokenized, PreprocessStats]:
     job.backend = _fast_backend(job.tokenizer)
     n = len(job.rows)
     parts: list[_Part] | None = None
-    if workers > 1:
+    if workers > 1 and n > 1:
         size = -(-n // (workers * 4))  # a few chunks per worker evens out slow ones
         bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
         _current = job
