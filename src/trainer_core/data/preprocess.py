@@ -218,8 +218,9 @@ class Tokenized:
     @classmethod
     def load(cls, folder: Path, stats: PreprocessStats) -> Tokenized:
         """Memory-map a saved entry; raises ``ValueError`` when it does not match ``stats``."""
-        mode = "r" if stats.rows_kept else None  # numpy cannot map an empty array
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+        arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False,
+                                # numpy cannot map an empty array
+                                mmap_mode="r" if stats.rows_kept else None)
                   for name in _ARRAYS}
         out = cls(**arrays)
         n, tokens = stats.rows_kept, stats.total_tokens
