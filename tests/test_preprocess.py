@@ -162,8 +162,10 @@ def test_default_cache_dir_and_damaged_entry(tok, tmp_path, monkeypatch):
     _, stats = preprocess(ROWS, make(), tok, "chatml", 256, 1, False, None)
     entry = tmp_path / "tc" / "preprocess" / stats.cache_key
     assert (entry / "stats.json").is_file()
-    for arrow in (entry / "dataset").glob("*.arrow"):
-        arrow.write_bytes(b"garbage")
+    arrays = list(entry.glob("*.npy"))
+    assert arrays
+    for array in arrays:
+        array.write_bytes(b"garbage")
     CALLS.clear()
     ds, again = preprocess(ROWS, make(), tok, "chatml", 256, 1, False, None)
     assert not again.cache_hit and len(CALLS) == 6 and len(ds) == 6  # rebuilt, not fatal

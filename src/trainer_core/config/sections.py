@@ -389,6 +389,12 @@ class Data:
                      "dropped (invalid rows skipped, profile rejections, too long, nothing to "
                      "train); 1 never stops."),
     )
+    preprocess_workers: int | None = attrs.field(
+        default=None,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Processes that preprocess rows on a cache miss (1: in this process); "
+                     "unset: one per CPU core, at most 4, when there are >= 1024 rows each."),
+    )
 
 
 @attrs.define(frozen=True)

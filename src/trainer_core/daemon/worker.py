@@ -182,9 +182,7 @@ class Worker:
             self.send("failed", file_id=fid, error=str(exc), rows=len(rows),
                       invalid_rows=len({p.line for p in problems}))
             return True
-        cols = ds.to_dict()
-        examples = [{"input_ids": i, "labels": la}
-                    for i, la in zip(cols["input_ids"], cols["labels"], strict=True)]
+        examples = ds.examples()  # built per step from the (memory-mapped) arrays
         if not examples:
             self.send("failed", file_id=fid, error="no examples left after preprocessing",
                       rows=len(rows), invalid_rows=len({p.line for p in problems}))

@@ -176,19 +176,42 @@ def encode(
     turn's content cannot be found in the rendered text.
     """
     tpl = resolve_template(template, tokenizer)
-    if tpl.is_chatml:
-        text, spans = _chatml_spans(messages)
-    else:
-        text = _render_jinja(list(messages), tpl, tokenizer, generation_prompt=False)
-        spans = _locate_assistant_spans(list(messages), tpl, tokenizer, text)
+    text, spans = render_with_spans(messages, tokenizer, tpl)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
     offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    labels, turn_ends = label_offsets(input_ids, offsets, len(text), spans)
+    return Encoded(input_ids, labels, text, offsets, turn_ends)
 
+
+def render_with_spans(
+    messages: Sequence[Message], tokenizer: Any, tpl: ChatTemplate
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span (content + end-of-turn marker) of
+    each assistant turn in it: the text half of :func:`encode`, before tokenization.
+
+    Raises ``UserError`` like :func:`encode`.
+    """
+    if tpl.is_chatml:
+        return _chatml_spans(messages)
+    text = _render_jinja(list(messages), tpl, tokenizer, generation_prompt=False)
+    return text, _locate_assistant_spans(list(messages), tpl, tokenizer, text)
+
+
+def label_offsets(
+    input_ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    text_length: int,
+    spans: Sequence[tuple[int, int]],
+) -> tuple[list[int], list[int]]:
+    """Labels (a token is trained iff its characters overlap a span) and each span's turn end.
+
+    The reference rule; the batched preprocessing path applies the same rule with arrays.
+    """
     # A per-character mask keeps the overlap test linear and handles byte-level BPE pieces
     # of one character (multi-token emoji share the same offsets).
-    mask = bytearray(len(text) + 1)
-    span_id = [0] * (len(text) + 1)
+    mask = bytearray(text_length + 1)
+    span_id = [0] * (text_length + 1)
     for k, (a, b) in enumerate(spans):
         mask[a:b] = b"\x01" * (b - a)
         span_id[a:b] = [k] * (b - a)
@@ -202,7 +225,7 @@ def encode(
     # Turns whose every token was cut away would have end 0; keep ends monotonic for truncate.
     for k in range(1, len(turn_ends)):
         turn_ends[k] = max(turn_ends[k], turn_ends[k - 1])
-    return Encoded(input_ids, labels, text, offsets, turn_ends)
+    return labels, turn_ends
 
 
 def _chatml_spans(messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:

@@ -133,7 +133,7 @@ class Profile:
         ``(data.seed, index)``; use it for every random choice and never touch the global
         ``random`` state.
         """
-        return copy.deepcopy(example)
+        return copy_example(example)
 
     def validate(self, example: Example) -> list[str]:
         """Problems with the *transformed* example (what would be trained), or ``[]``.
@@ -169,13 +169,30 @@ class Profile:
         return self.transform(with_prompt, index, rng)
 
 
+def copy_example(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, strings, numbers...), several times faster
+    than ``copy.deepcopy`` on the rows preprocessing handles; other objects go through
+    ``copy.deepcopy``."""
+    kind = type(value)
+    if kind is dict:
+        return {k: copy_example(v) for k, v in value.items()}
+    if kind is list:
+        return [copy_example(v) for v in value]
+    if kind in _IMMUTABLE:
+        return value
+    return copy.deepcopy(value)
+
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+
+
 def apply_system_prompt(example: Example, prompt: str | None, mode: str) -> Example:
     """Return ``example`` with its system message handled per ``mode``.
 
     ``replace``: drop existing system messages and put ``prompt`` first; ``keep``: use ``prompt``
     only when the example has no system message; ``none``: leave messages as they are.
     """
-    out = copy.deepcopy(example)
+    out = copy_example(example)
     messages = out["messages"]
     has_system = any(m["role"] == "system" for m in messages)
     if mode == "none" or prompt is None or (mode == "keep" and has_system):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from trainer_core.config import TrainerConfig
@@ -10,7 +11,7 @@ from trainer_core.model.speed import SpeedPlan
 from trainer_core.train.step import to_device, token_budget
 
 
-def evaluate(model: Any, examples: list[dict[str, Any]], cfg: TrainerConfig, device: Any,
+def evaluate(model: Any, examples: Sequence[dict[str, Any]], cfg: TrainerConfig, device: Any,
              precision: str, pad_id: int, speed: SpeedPlan) -> float | None:
     """Token-weighted mean loss over the validation examples."""
     import torch

@@ -49,15 +49,17 @@ def preprocess_rows(rows: list, cfg: TrainerConfig, profile: Any, tokenizer: Any
         rows, profile, tokenizer, cfg.model.chat_template, cfg.hyperparams.max_length,
         cfg.data.seed + seed_offset, cfg.data.truncation, cfg.data.cache_dir, source=source,
         special_tokens=cfg.data.special_tokens_in_content, on_invalid=cfg.data.on_invalid,
+        workers=cfg.data.preprocess_workers,
     )
     return ds, stats.to_dict()
 
 
 def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_rows: list,
                      val_rows: list, skipped: dict[str, int] | None = None
-                     ) -> tuple[list, list, dict[str, dict[str, Any]]]:
+                     ) -> tuple[Any, Any, dict[str, dict[str, Any]]]:
     """Transform, template, label and tokenize (cached); returns train and validation examples
-    as plain lists and the preprocessing stats of each.
+    (sequences of ``{"input_ids": [...], "labels": [...]}``) and the preprocessing stats of
+    each.
 
     ``skipped`` (rows dropped while reading, by reason) counts towards
     ``data.max_invalid_fraction`` together with the rows preprocessing dropped.
@@ -107,8 +109,7 @@ def check_drop_fraction(cfg: TrainerConfig, skipped: dict[str, int], *stats: dic
                         + "; fix the data or profile, or raise data.max_invalid_fraction")
 
 
-def _examples(ds: Any) -> list[dict[str, Any]]:
-    """Materialise a preprocessed dataset as plain lists (fast random access in the loop)."""
-    cols = ds.to_dict()
-    return [{"input_ids": ids, "labels": labels}
-            for ids, labels in zip(cols["input_ids"], cols["labels"], strict=False)]
+def _examples(ds: Any) -> Any:
+    """The training view of preprocessed examples: ``{"input_ids", "labels"}`` lists built
+    when a step asks for them, not all up front (100k rows would take seconds and gigabytes)."""
+    return ds.examples()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,9 @@ class Run:
     tokenizer: Any
     plan: Any  # trainer_core.data.batching.StepPlan
     setup: TrainingSetup
-    train_examples: list[dict[str, Any]]
-    val_examples: list[dict[str, Any]]
+    #: Sequences of ``{"input_ids", "labels"}`` (a lazy view over the preprocessed arrays).
+    train_examples: Sequence[dict[str, Any]]
+    val_examples: Sequence[dict[str, Any]]
     prompts: list[dict[str, Any]]
     output_dir: Path
     events: RunEvents
