@@ -106,6 +106,17 @@ def _num(v: Any, spec: str, none: str = "-") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else none
 
 
+def _loss_sparkline(steps: list[dict[str, Any]], width: int, ascii_only: bool) -> list[str]:
+    """The recent training losses as one sparkline line with their range (none without losses)."""
+    losses = [r["loss"] for r in steps if isinstance(r.get("loss"), (int, float))]
+    if not losses:
+        return []
+    span = max(width - 30, 10)
+    shown = losses[-span:]
+    return [f"  loss {sparkline(shown, span, ascii_only)}  "
+            f"{_num(max(shown), '.3g')}..{_num(min(shown), '.3g')}"]
+
+
 def _bar(step: int, total: int, width: int = 24) -> str:
     filled = int(width * step / max(total, 1))
     return "#" * filled + "-" * (width - filled)
@@ -143,12 +154,7 @@ def render_run(run: Path, width: int = 100, now: float | None = None,
                  f"{_num(status.get('tokens_per_s', last.get('tokens_per_s')), ',.0f')} tok/s  "
                  f"trained {_num(status.get('tokens_trained', last.get('tokens_trained')), ',')}"
                  " tokens")
-    losses = [r["loss"] for r in steps if isinstance(r.get("loss"), (int, float))]
-    if losses:
-        span = max(width - 30, 10)
-        shown = losses[-span:]
-        lines.append(f"  loss {sparkline(shown, span, ascii_only)}  "
-                     f"{_num(max(shown), '.3g')}..{_num(min(shown), '.3g')}")
+    lines.extend(_loss_sparkline(steps, width, ascii_only))
     evals = [r["eval_loss"] for r in steps if isinstance(r.get("eval_loss"), (int, float))]
     if len(evals) > 1:
         lines.append(f"  eval {sparkline(evals, max(width - 30, 10), ascii_only)}")
@@ -232,12 +238,7 @@ def render_daemon(home: Path, width: int = 100, now: float | None = None,
     else:
         lines.append("  training: nothing")
     steps, _ = read_metrics(home / "logs" / "metrics.jsonl")
-    losses = [r["loss"] for r in steps if isinstance(r.get("loss"), (int, float))]
-    if losses:
-        span = max(width - 30, 10)
-        shown = losses[-span:]
-        lines.append(f"  loss {sparkline(shown, span, ascii_only)}  "
-                     f"{_num(max(shown), '.3g')}..{_num(min(shown), '.3g')}")
+    lines.extend(_loss_sparkline(steps, width, ascii_only))
     q = s.get("queue") or {}
     by = q.get("by_priority") or {}
     lines.append(f"  queue {q.get('total', 0)}"
