@@ -12,6 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+# The files of a run directory, named once: train/ writes them; monitor/, generate/ and the
+# daemon read them (those sit below train/ in the layering, so the names live here).
+RUN_MANIFEST = "run.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+PREVIEWS_FILE = "previews.jsonl"
+CONFIG_FILE = "trainer_config.json"
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically; on failure (disk full) no temp file stays."""

@@ -19,9 +19,8 @@ from typing import Any
 import attrs
 
 from trainer_core.errors import UserError
+from trainer_core.files import CONFIG_FILE, RUN_MANIFEST
 
-#: The run's resolved configuration, as ``trainer run`` writes it (train/rundir.py CONFIG_FILE).
-RUN_CONFIG_FILE = "trainer_config.json"
 #: Default rows per generation batch: large enough to use a batch, small enough that padding
 #: and the KV cache stay modest on a CPU.
 DEFAULT_BATCH_SIZE = 8
@@ -30,9 +29,9 @@ _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 
 def run_directory(model_dir: Path) -> Path | None:
     """The trainer run that produced ``model_dir``: itself, or the run of a checkpoint."""
-    if (model_dir / RUN_CONFIG_FILE).is_file():
+    if (model_dir / CONFIG_FILE).is_file():
         return model_dir
-    if model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / RUN_CONFIG_FILE
+    if model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / CONFIG_FILE
                                                    ).is_file():
         return model_dir.parent.parent
     return None
@@ -44,7 +43,7 @@ def has_tokenizer(folder: Path) -> bool:
 
 def run_manifest(model_dir: Path) -> dict[str, Any]:
     """The run.json of the run that produced ``model_dir`` (``{}`` for any other model)."""
-    manifest = model_dir / "run.json"
+    manifest = model_dir / RUN_MANIFEST
     if not manifest.exists():
         return {}
     try:
@@ -89,7 +88,7 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     if not (path / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
     run_dir = run_directory(path)
-    tree: dict[str, Any] = read_config_file(run_dir / RUN_CONFIG_FILE) if run_dir else {}
+    tree: dict[str, Any] = read_config_file(run_dir / CONFIG_FILE) if run_dir else {}
     recorded = dict(tree.get("profile") or {})
     manifest_dir = run_dir or path  # older runs (and some copies) have run.json only
     if not recorded:

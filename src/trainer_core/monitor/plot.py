@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from trainer_core.files import METRICS_FILE
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart, StepEnd
 
 PLOT_FILE = "loss.svg"
@@ -166,7 +167,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "") -> Path:
 
     runs = []
     for d in run_dirs:
-        metrics = Path(d) / "metrics.jsonl"
+        metrics = Path(d) / METRICS_FILE
         if not metrics.exists():
             raise UserError(f"{d}: no metrics.jsonl (is it a run directory?)")
         runs.append((Path(d).name or str(d), read_metrics(metrics)[0]))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer_core.files import write_json_atomic
+from trainer_core.files import STATUS_FILE, write_json_atomic
 
 
 class StatusWriter:
@@ -64,7 +64,7 @@ def read_status(run_dir: Path, now: float | None = None) -> dict[str, Any] | Non
     and ``process_alive`` (False when its pid no longer exists: killed or crashed).
     """
     try:
-        status = json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(status, dict):

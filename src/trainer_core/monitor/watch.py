@@ -21,11 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer_core.files import METRICS_FILE, PREVIEWS_FILE, RUN_MANIFEST, STATUS_FILE
 from trainer_core.monitor.plot import read_metrics
 from trainer_core.monitor.progress import format_duration
 from trainer_core.monitor.status import read_status
 
-RUN_MARKERS = ("status.json", "metrics.jsonl", "run.json")
+RUN_MARKERS = (STATUS_FILE, METRICS_FILE, RUN_MANIFEST)
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-~=^*#"
 CLEAR = "\x1b[H\x1b[2J"
@@ -37,7 +38,7 @@ def is_run_dir(path: Path) -> bool:
     if not (path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)):
         return False
     try:
-        status = json.loads((path / "status.json").read_text(encoding="utf-8"))
+        status = json.loads((path / STATUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True
     return not (isinstance(status, dict) and status.get("kind", "run") != "run")
@@ -87,7 +88,7 @@ def sparkline(values: list[float], width: int, ascii_only: bool = False) -> str:
 def read_previews(run: Path, last: int = 4) -> list[dict[str, Any]]:
     """The generations of the latest preview step (at most ``last``)."""
     try:
-        lines = (run / "previews.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (run / PREVIEWS_FILE).read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
     recs = []
@@ -132,7 +133,7 @@ def render_run(run: Path, width: int = 100, now: float | None = None,
     """One run: progress, latest numbers, loss sparkline, alerts, latest previews."""
     run = Path(run)
     status = read_status(run, now) or {}
-    steps, alert_log = read_metrics(run / "metrics.jsonl")
+    steps, alert_log = read_metrics(run / METRICS_FILE)
     state = status.get("state", "unknown")
     if state == "running" and status.get("process_alive") is False:
         state = "running (process gone)"
@@ -201,7 +202,7 @@ DAEMON_KIND = "trainer-daemon"
 
 def _daemon_status(home: Path) -> dict[str, Any] | None:
     try:
-        status = json.loads((home / "status.json").read_text(encoding="utf-8"))
+        status = json.loads((home / STATUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return status if isinstance(status, dict) and status.get("kind") == DAEMON_KIND else None
@@ -237,7 +238,7 @@ def render_daemon(home: Path, width: int = 100, now: float | None = None,
                            f"lr {_num(cur.get('lr'), '.2e')}", width))
     else:
         lines.append("  training: nothing")
-    steps, _ = read_metrics(home / "logs" / "metrics.jsonl")
+    steps, _ = read_metrics(home / "logs" / METRICS_FILE)
     lines.extend(_loss_sparkline(steps, width, ascii_only))
     q = s.get("queue") or {}
     by = q.get("by_priority") or {}

@@ -33,17 +33,20 @@ import attrs
 from trainer_core import __version__
 from trainer_core.config import TrainerConfig, config_hash
 from trainer_core.errors import RunFailure, UserError
-from trainer_core.files import sha256_file, write_json_atomic
+from trainer_core.files import (  # noqa: F401  (the file names are re-exported for callers)
+    CONFIG_FILE,
+    METRICS_FILE,
+    PREVIEWS_FILE,
+    RUN_MANIFEST,
+    STATUS_FILE,
+    sha256_file,
+    write_json_atomic,
+)
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
 from trainer_core.train.inputs import dataset_path
 from trainer_core.train.step import token_budget, warmup_steps
 
-RUN_MANIFEST = "run.json"
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.jsonl"
-PREVIEWS_FILE = "previews.jsonl"
-CONFIG_FILE = "trainer_config.json"
 RUN_LOCK_FILE = ".trainer-run.lock"
 RUNS_ROOT = Path("runs")
 LATEST_LINK = "latest"

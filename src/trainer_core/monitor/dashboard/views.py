@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from trainer_core.files import METRICS_FILE, PREVIEWS_FILE, RUN_MANIFEST, STATUS_FILE
 from trainer_core.monitor.dashboard.server import HTTPError, safe_path
 from trainer_core.monitor.status import read_status
 from trainer_core.monitor.watch import find_runs, is_run_dir
@@ -119,9 +120,9 @@ class RunsView:
     def snapshot(self, d: Path) -> dict[str, Any]:
         """Everything the page shows for one run, with the file offsets it has read up to
         (the page passes them back to ``events`` so that nothing is sent twice)."""
-        metrics = JsonlTail(d / "metrics.jsonl")
+        metrics = JsonlTail(d / METRICS_FILE)
         records = metrics.read()
-        previews = JsonlTail(d / "previews.jsonl")
+        previews = JsonlTail(d / PREVIEWS_FILE)
         preview_recs = previews.read()
         steps: set[int] = {p["step"] for p in preview_recs if isinstance(p.get("step"), int)}
         keep = sorted(steps)[-PREVIEW_STEPS_KEPT:]
@@ -132,7 +133,7 @@ class RunsView:
             "metrics": [r for r in records if "alert" not in r],
             "alert_log": [r for r in records if "alert" in r],
             "previews": [p for p in preview_recs if p.get("step") in keep],
-            "manifest": _read_json(d / "run.json") or {},
+            "manifest": _read_json(d / RUN_MANIFEST) or {},
             "plot": f"/files/{self.run_id(d)}/loss.svg" if plot.exists() else None,
             "offsets": {"metrics": metrics.offset, "previews": previews.offset},
         }
@@ -148,8 +149,8 @@ class RunsView:
             except ValueError:
                 raise HTTPError(400, f"bad {key}") from None
 
-        metrics = JsonlTail(d / "metrics.jsonl", offset("metrics"))
-        previews = JsonlTail(d / "previews.jsonl", offset("previews"))
+        metrics = JsonlTail(d / METRICS_FILE, offset("metrics"))
+        previews = JsonlTail(d / PREVIEWS_FILE, offset("previews"))
         status_mtime = 0.0
         last_runs = 0.0
         last_ping = time.monotonic()
@@ -172,7 +173,7 @@ class RunsView:
                     yield "previews", new_previews
                     sent = True
                 try:
-                    mtime = (d / "status.json").stat().st_mtime
+                    mtime = (d / STATUS_FILE).stat().st_mtime
                 except OSError:
                     mtime = 0.0
                 now = time.monotonic()
