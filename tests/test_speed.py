@@ -101,3 +101,57 @@ def test_varlen_attention_without_lengths_falls_back_to_masked_sdpa(micro_model_
         a = plain(input_ids=ids, attention_mask=mask).logits
         b = fast(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(a, b)
+
+
+def test_fixed_shape_batches_of_cuda_graphs_give_the_same_loss_and_gradients(
+        micro_model_dir, loss_and_grads):
+    """What a CUDA graph replays (padded tokens, padded trained indices, empty segments) is the
+    same loss and gradients as the packed batch it came from; checked with the CPU reference
+    attention here, the CUDA kernels in bench/throughput.py."""
+    from trainer_core.model.graphs import (
+        SEGMENT_MULTIPLE,
+        TOKEN_MULTIPLE,
+        TRAINED_MULTIPLE,
+        static_inputs,
+    )
+
+    register_varlen_attention()
+    examples = _examples(5, seed=3)
+    batch = collate_packed(examples)
+    model = _load(micro_model_dir, VARLEN_ATTN)
+    fn = make_loss_fn(varlen=True, fused=True)
+    ref_loss, ref_grads = loss_and_grads(model, [batch], fn)
+    n = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+    fixed = static_inputs(batch, 1.0 / n, pin=False)
+    assert fixed["input_ids"].shape[1] == TOKEN_MULTIPLE
+    assert fixed["trained_index"].shape[0] == TRAINED_MULTIPLE
+    assert fixed["cu_seqlens"].shape[0] == SEGMENT_MULTIPLE + 1  # 5 examples + filler, padded
+    cu = fixed["cu_seqlens"].tolist()
+    longest = max(b - a for a, b in zip(cu, cu[1:]))  # examples and the filler segment
+    assert longest >= max(len(ex["input_ids"]) for ex in examples)
+    assert fixed["n_trained"] == n and fixed["max_seqlen"] >= longest
+    assert fixed["max_seqlen"] == 1 << max(7, (longest - 1).bit_length())
+    assert int((fixed["trained_targets"] != -100).sum()) == n
+    model.zero_grad()
+    loss, count = fn(model, fixed)
+    (loss * fixed["scale"]).backward()
+    assert count == n
+    assert abs(float(loss.detach()) / n - ref_loss) < 1e-5 * abs(ref_loss)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graphs_only_where_they_work():
+    from trainer_core.model.graphs import graphs_wanted
+
+    ok = dict(cuda=True, compiled=True, varlen=True, fused=True, packing=True, fp16=False,
+              checkpointing=False, processes=1)
+    assert graphs_wanted("auto", **ok)
+    assert not graphs_wanted("off", **ok)
+    for key, value in (("cuda", False), ("varlen", False), ("fused", False),
+                       ("packing", False), ("fp16", True), ("checkpointing", True),
+                       ("processes", 2)):
+        assert not graphs_wanted("auto", **{**ok, key: value}), key
+        assert not graphs_wanted("on", **{**ok, key: value}), key
+    assert not graphs_wanted("auto", **{**ok, "compiled": False})
+    assert graphs_wanted("on", **{**ok, "compiled": False})

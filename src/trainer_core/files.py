@@ -44,3 +44,9 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """The trainer's cache folder: ``$TRAINER_CACHE`` if set, else ``~/.cache/trainer``."""
+    env = os.environ.get("TRAINER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "trainer"

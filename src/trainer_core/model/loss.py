@@ -68,11 +68,16 @@ def loss_sum(model: Any, batch: dict[str, Any], ce: Any = None, **decoder_kwargs
         **decoder_kwargs,
     )
     hidden = out.last_hidden_state
+    head = model.get_output_embeddings()
+    ce = ce or linear_cross_entropy_sum
+    if "trained_index" in batch:
+        # Fixed-shape form (CUDA graphs, trainer_core.model.graphs): the trained positions
+        # were found on the host, padded with ignored targets that add nothing.
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["trained_index"])
+        return ce(flat, head.weight, head.bias, batch["trained_targets"]), batch["n_trained"]
     targets = batch["targets"]
     keep = targets != IGNORE
-    head = model.get_output_embeddings()
     n = int(keep.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    ce = ce or linear_cross_entropy_sum
     return ce(hidden[keep], head.weight, head.bias, targets[keep]), n

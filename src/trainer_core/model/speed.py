@@ -31,12 +31,15 @@ On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from trainer_core.config import TrainerConfig
+from trainer_core.files import cache_root
 
 #: Name under which the varlen attention is registered with transformers.
 VARLEN_ATTN = "trainer_varlen"
@@ -56,6 +59,10 @@ class SpeedPlan:
     #: ``loss_fn(model, batch) -> (summed loss, trained tokens)``.
     loss_fn: Callable[[Any, dict[str, Any]], tuple[Any, int]] | None = None
     notes: tuple[str, ...] = ()
+    #: What was chosen (read by the CUDA-graph decision, :mod:`trainer_core.model.graphs`).
+    varlen: bool = False
+    fused: bool = False
+    compiled: bool = False
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         if self.loss_fn is not None:
@@ -91,7 +98,7 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     loss_fn = make_loss_fn(varlen, fused) if (varlen or fused) else None
     prepare = compile_blocks if use_compile else (lambda model: model)
     return SpeedPlan(attn_implementation=attn, prepare=prepare, loss_fn=loss_fn,
-                     notes=tuple(notes))
+                     notes=tuple(notes), varlen=varlen, fused=fused, compiled=use_compile)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -108,7 +115,11 @@ def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], t
         extra: dict[str, Any] = {}
         packed = (varlen and batch.get("attention_mask") is None and "seq_lens" in batch
                   and input_ids.shape[0] == 1)
-        if packed:
+        if varlen and "cu_seqlens" in batch:  # the fixed-shape form of model.graphs
+            packed = True
+            extra = {"trainer_cu_seqlens": batch["cu_seqlens"],
+                     "trainer_max_seqlen": batch["max_seqlen"]}
+        elif packed:
             extra = varlen_kwargs(batch["seq_lens"], input_ids.device)
         with _skip_masks(packed):
             return loss_sum(model, batch, ce=ce, **extra)
@@ -118,16 +129,22 @@ def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], t
 
 
 def _ce_loss_and_grad(logits: Any, targets: Any) -> tuple[Any, Any]:
-    """Summed cross-entropy of one chunk and its gradient w.r.t. the logits (softmax - onehot)."""
+    """Summed cross-entropy of one chunk and its gradient w.r.t. the logits (softmax - onehot).
+
+    Negative targets (padding of the fixed-shape batches of CUDA graphs) add no loss and no
+    gradient.
+    """
     import torch
 
     x = logits.float()
+    valid = (targets >= 0).float()
+    safe = targets.clamp_min(0)
     lse = torch.logsumexp(x, dim=-1)
-    target_logit = x.gather(1, targets.unsqueeze(1)).squeeze(1)
-    loss = (lse - target_logit).sum()
+    target_logit = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = ((lse - target_logit) * valid).sum()
     vocab = torch.arange(x.shape[1], device=x.device)
-    grad = torch.exp(x - lse.unsqueeze(1)) - (vocab.unsqueeze(0) == targets.unsqueeze(1)).float()
-    return loss, grad.to(logits.dtype)
+    grad = torch.exp(x - lse.unsqueeze(1)) - (vocab.unsqueeze(0) == safe.unsqueeze(1)).float()
+    return loss, (grad * valid.unsqueeze(1)).to(logits.dtype)
 
 
 _compiled_ce: dict[str, Callable[..., Any]] = {}
@@ -141,7 +158,10 @@ def _ce_kernel(device_type: str) -> Callable[..., Any]:
     if fn is None:
         import torch
 
-        fn = torch.compile(_ce_loss_and_grad)
+        # dynamic from the first call: chunk sizes vary, and a recompile is never wanted later
+        # (it must not happen while a CUDA graph is being captured).
+        persist_compile_cache()
+        fn = torch.compile(_ce_loss_and_grad, dynamic=True)
         _compiled_ce[device_type] = fn
     return fn
 
@@ -449,9 +469,29 @@ def register_varlen_attention() -> str:
 # --------------------------------------------------------------------------- compilation
 
 
+def persist_compile_cache() -> Path | None:
+    """Keep torch.compile's caches in ``<trainer cache>/inductor`` unless the user chose a place.
+
+    Inductor's default is a folder under /tmp, gone after a reboot (or a fresh container);
+    kept with the trainer's other caches, a second run of the same shape reuses the compiled
+    kernels and autotuning and reaches its first step in seconds (docs/throughput.md).
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    path = cache_root() / "inductor"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable cache folder only costs the warm start
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
 def compile_blocks(model: Any) -> Any:
     """Compile each decoder layer in place (state-dict names and saving are unchanged)."""
     import torch
+
+    persist_compile_cache()
 
     from trainer_core.model.loss import decoder_of
 
@@ -467,6 +507,8 @@ def compile_blocks(model: Any) -> Any:
     if layers is None:
         return model
     for layer in layers:
+        # Static first, dynamic from the first new length (torch's default): a dynamic first
+        # compile was measured 6-8 s slower to the first step (bench/throughput.py).
         layer.compile()
     return model
 

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from trainer_core.config import TrainerConfig
+from trainer_core.model.graphs import TOKEN_MULTIPLE, StepGraphs, graphs_wanted
 from trainer_core.model.loading import (
     autocast,
     check_model_locked,
@@ -78,6 +79,8 @@ class TrainingSetup:
     speed: SpeedPlan
     #: several processes: a :class:`trainer_core.train.distributed.Distributed`, else None
     parallel: Any = None
+    #: CUDA graphs for forward + backward (:class:`trainer_core.model.graphs.StepGraphs`)
+    graphs: Any = None
 
 
 def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
@@ -117,7 +120,17 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
         optimizer, schedule or lr_lambda(total_steps, warmup_steps(cfg, total_steps),
                                          hp.lr_scheduler))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed, parallel)
+    graphs = None
+    if graphs_wanted(cfg.environment.cuda_graphs, cuda=device.type == "cuda",
+                     compiled=speed.compiled, varlen=speed.varlen, fused=speed.fused,
+                     packing=cfg.data.packing, fp16=precision == "fp16",
+                     checkpointing=hp.gradient_checkpointing, processes=1 if parallel is None
+                     else 2):
+        speed = attrs.evolve(speed, pad_to_multiple=TOKEN_MULTIPLE,
+                             notes=(*speed.notes, "CUDA graphs for forward + backward"))
+        graphs = StepGraphs(speed.loss, lambda: autocast(device, precision))
+    return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed, parallel,
+                         graphs)
 
 
 def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
@@ -136,9 +149,13 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     import torch
 
     model, optimizer, scaler = setup.model, setup.optimizer, setup.scaler
-    par = setup.parallel
-    step_loss = 0.0
+    par, graphs = setup.parallel, setup.graphs
+    # Summed on the device and read once per step (no host sync per micro-batch).
+    total = torch.zeros((), dtype=torch.float64, device=setup.device)
     for i, batch in enumerate(batches):
+        if graphs is not None and graphs.accepts(batch):
+            total += graphs.forward_backward(model, batch, 1.0 / max(n_trained, 1))
+            continue
         weight = float(batch.get("loss_weight", 1.0))
         with par.micro_batch(last=i == len(batches) - 1) if par else contextlib.nullcontext():
             with autocast(setup.device, setup.precision):
@@ -148,7 +165,8 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
                 scaled = loss / max(n_trained, 1)
             grad_loss = scaled * (weight * par.loss_scale) if par else scaled
             (scaler.scale(grad_loss) if scaler else grad_loss).backward()
-        step_loss += weight * float(scaled.detach())
+        total += weight * scaled.detach().float()
+    step_loss = float(total)
     if par:
         step_loss = par.all_sum([step_loss])[0]
     if scaler:
@@ -160,8 +178,10 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                          max_grad_norm or float("inf")))
     lr = float(setup.scheduler.get_last_lr()[0])
+    # CUDA graphs accumulate into fixed .grad tensors: zero them, never drop them.
+    keep_grads = graphs is not None and graphs.active
     if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         return step_loss, grad_norm, lr
     if scaler:
         scaler.step(optimizer)
@@ -170,7 +190,7 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     else:
         optimizer.step()
     setup.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     return step_loss, grad_norm, lr
 
 

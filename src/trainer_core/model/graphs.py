@@ -1,0 +1,228 @@
+"""CUDA graphs for the forward and backward pass of one packed micro-batch.
+
+At small batches (``trainer run``'s default of 8 examples, ~4k tokens per step) the GPU
+finishes a step's ~1,900 kernels faster than Python and the dispatcher can launch them: the
+card sat idle ~40% of each step (bench/throughput.py, ``trainer_profile``). A CUDA graph
+records those launches once and replays them with one call.
+
+A graph needs fixed shapes and fixed memory addresses, so a packed micro-batch is described
+by a *shape key* and copied into static buffers:
+
+* tokens ``T``: collation pads the packed row to a multiple of :data:`TOKEN_MULTIPLE` with a
+  filler segment (its own positions, never trained);
+* trained positions ``K``: the indices of trained tokens, padded to a multiple of
+  :data:`TRAINED_MULTIPLE` with ignored targets (the fused loss gives them zero loss and
+  gradient);
+* segments ``M``: the cumulative example lengths, padded with empty segments to a multiple
+  of :data:`SEGMENT_MULTIPLE`; the varlen attention's ``max_seqlen`` is the longest
+  segment rounded up to a power of two.
+
+A key's first micro-batch runs eagerly (as do the first :data:`WARMUP`), so compilation,
+recompilation for a new size range and autotuning all happen outside a capture; its second
+is captured, and every later one replays the graph; all graphs share one memory
+pool, which is safe because a replay leaves nothing alive in the pool (gradients accumulate
+into ``.grad`` tensors allocated outside it, and the loss is copied out).
+
+The rules that keep replays correct, and that :func:`trainer_core.train.step.train_step`
+follows: ``.grad`` tensors are created before the first capture and never replaced
+(``zero_grad(set_to_none=False)``); the optimizer step, clipping and the LR schedule stay
+outside the graph (so the learning rate may change every step); nothing in the captured
+region reads a device value on the host. Off (eager, as before) on CPU, under several
+processes, with fp16's loss scaler and with gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from trainer_core.data.batching import IGNORE
+
+#: Packed rows are padded to a multiple of this many tokens (a new graph per multiple).
+TOKEN_MULTIPLE = 256
+#: Trained positions per micro-batch are padded to a multiple of this.
+TRAINED_MULTIPLE = 512
+#: Segments (examples + filler) per micro-batch are padded to a multiple of this.
+SEGMENT_MULTIPLE = 8
+#: Eager micro-batches before the first capture (compile, autotune, lazy CUDA state).
+WARMUP = 2
+#: Larger micro-batches run eagerly: their kernels are long enough to hide the launches, and
+#: their token counts rarely repeat, so each would be a new capture (measured: 64 examples
+#: per step, ~35k tokens in one row, was 1.45x slower with graphs).
+MAX_GRAPH_TOKENS = 16_384
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+class StepGraphs:
+    """Runs ``loss(model, batch) * scale`` and its backward pass from captured CUDA graphs.
+
+    ``loss_fn(model, batch) -> (summed loss, trained tokens)`` is the speed plan's loss; it
+    must accept the static form of a batch (``cu_seqlens``, ``max_seqlen``,
+    ``trained_index``, ``trained_targets``, ``n_trained``). ``amp()`` returns the autocast
+    context of the forward pass.
+    """
+
+    def __init__(self, loss_fn: Callable[[Any, dict[str, Any]], tuple[Any, int]],
+                 amp: Callable[[], Any]) -> None:
+        self.loss_fn = loss_fn
+        self.amp = amp
+        self.graphs: dict[tuple[int, int, int, int], _Captured] = {}
+        self.eager_runs = 0
+        self.captures = 0
+        self.replays = 0
+        self._seen: set[tuple[int, int, int, int]] = set()
+        self._pool: Any = None
+        self._stream: Any = None
+
+    @staticmethod
+    def accepts(batch: dict[str, Any]) -> bool:
+        """Packed single-row micro-batches (what collation builds with packing on) of at most
+        :data:`MAX_GRAPH_TOKENS` tokens."""
+        return ("seq_lens" in batch and batch.get("attention_mask") is None
+                and batch["input_ids"].shape[0] == 1
+                and batch["input_ids"].shape[1] <= MAX_GRAPH_TOKENS)
+
+    @property
+    def active(self) -> bool:
+        """A graph exists: ``.grad`` tensors must stay where they are (zeroed, not dropped)."""
+        return bool(self.graphs)
+
+    def forward_backward(self, model: Any, batch: dict[str, Any], scale: float) -> Any:
+        """Accumulate the gradients of ``scale * loss`` into ``.grad``; returns the scaled loss
+        as a device scalar (read it before this method is called again)."""
+        import torch
+
+        host = static_inputs(batch, scale)
+        key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
+               host["cu_seqlens"].shape[0], host["max_seqlen"])
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = self.graphs.get(key)
+        if graph is None:
+            # A shape's first micro-batch runs eagerly: torch.compile may recompile for a new
+            # size range, and compiling inside a capture fails. Its second one is captured.
+            if self.eager_runs < WARMUP or key not in self._seen:
+                self._seen.add(key)
+                return self._eager(model, host)
+            graph = self._capture(model, host)
+            self.graphs[key] = graph
+            self.captures += 1
+        graph.load(host)
+        graph.graph.replay()
+        self.replays += 1
+        return graph.out
+
+    def _eager(self, model: Any, host: dict[str, Any]) -> Any:
+        """A warm-up micro-batch: the same code as the graph, run on the capture stream."""
+        import torch
+
+        main = torch.cuda.current_stream()
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            dev = {k: (v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v)
+                   for k, v in host.items()}
+            scaled = self._scaled_loss(model, dev)
+            scaled.backward()
+            out = scaled.detach().clone()
+        main.wait_stream(self._stream)
+        torch.cuda.synchronize()
+        self.eager_runs += 1
+        return out
+
+    def _scaled_loss(self, model: Any, dev: dict[str, Any]) -> Any:
+        with self.amp():
+            loss, _ = self.loss_fn(model, dev)
+            return loss * dev["scale"]
+
+    def _capture(self, model: Any, host: dict[str, Any]) -> _Captured:
+        import torch
+
+        for p in model.parameters():
+            # Gradients must live outside the graph pool at fixed addresses (see module doc).
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        static = {k: (torch.empty_like(v, device="cuda") if torch.is_tensor(v) else v)
+                  for k, v in host.items()}
+        out = torch.zeros((), dtype=torch.float32, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        # Capturing records kernels without running them: the gradients are untouched.
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            scaled = self._scaled_loss(model, static)
+            scaled.backward()
+            out.copy_(scaled.detach())
+        return _Captured(graph, static, out)
+
+    def stats(self) -> dict[str, int]:
+        return {"graphs": len(self.graphs), "captures": self.captures,
+                "replays": self.replays, "eager": self.eager_runs}
+
+
+class _Captured:
+    def __init__(self, graph: Any, static: dict[str, Any], out: Any) -> None:
+        self.graph, self.static, self.out = graph, static, out
+
+    def load(self, host: dict[str, Any]) -> None:
+        for k, v in host.items():
+            dst = self.static[k]
+            if hasattr(dst, "copy_"):
+                dst.copy_(v, non_blocking=True)
+
+
+def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict[str, Any]:
+    """The fixed-shape, pinned host form of a packed micro-batch (see the module doc)."""
+    import numpy as np
+    import torch
+
+    ids = batch["input_ids"]
+    pos = batch["position_ids"]
+    n = ids.shape[1]
+    width = _round_up(n, TOKEN_MULTIPLE)
+    if width != n:  # collation normally pads already; this keeps any batch valid
+        extra = width - n
+        ids = torch.cat([ids, ids.new_zeros((1, extra))], dim=1)
+        pos = torch.cat([pos, torch.arange(extra, dtype=pos.dtype).unsqueeze(0)], dim=1)
+        lens = list(batch["seq_lens"]) + [extra]
+        targets = torch.cat([batch["targets"], batch["targets"].new_full((1, extra), IGNORE)],
+                            dim=1)
+    else:
+        lens = list(batch["seq_lens"])
+        targets = batch["targets"]
+    tgt = targets.reshape(-1).numpy()
+    where = np.flatnonzero(tgt != IGNORE)
+    k = _round_up(len(where), TRAINED_MULTIPLE)
+    index = np.full(k, width - 1, dtype=np.int64)
+    index[: len(where)] = where
+    trained = np.full(k, IGNORE, dtype=np.int64)
+    trained[: len(where)] = tgt[where]
+    segs = _round_up(len(lens), SEGMENT_MULTIPLE)
+    cu = np.full(segs + 1, width, dtype=np.int32)
+    cu[: len(lens) + 1] = np.concatenate([[0], np.cumsum(lens)])
+    pinned = {
+        "input_ids": ids, "position_ids": pos,
+        "cu_seqlens": torch.from_numpy(cu), "trained_index": torch.from_numpy(index),
+        "trained_targets": torch.from_numpy(trained),
+        "scale": torch.tensor(scale, dtype=torch.float32),
+    }
+    # Pinned host memory lets the copies into the graph's buffers run asynchronously.
+    out: dict[str, Any] = ({k: v.pin_memory() for k, v in pinned.items()} if pin else pinned)
+    # The attention kernel's grid follows max_seqlen: the longest segment rounded up to a power
+    # of two (few distinct values, so few extra graphs), not the whole row.
+    out["max_seqlen"] = min(width, 1 << max(7, (max(lens) - 1).bit_length()))
+    out["n_trained"] = int(len(where))
+    return out
+
+
+def graphs_wanted(switch: str, *, cuda: bool, compiled: bool, varlen: bool, fused: bool,
+                  packing: bool, fp16: bool, checkpointing: bool, processes: int) -> bool:
+    """Whether ``environment.cuda_graphs`` turns graphs on for this run (auto: where they work)."""
+    if switch == "off" or not cuda:
+        return False
+    works = varlen and fused and packing and not fp16 and not checkpointing and processes == 1
+    if switch == "on":
+        return works
+    return works and compiled
+
