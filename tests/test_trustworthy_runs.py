@@ -426,7 +426,11 @@ def test_checkpoint_records_what_shaped_the_run(interrupted_run):
 # --------------------------------------------------------------------------- disk full
 
 
-def test_disk_full_while_checkpointing(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", ["off", "on"])
+def test_disk_full_while_checkpointing(micro_model_dir, small_jsonl, tmp_path, monkeypatch,
+                                       background):
+    """The same outcome whether the checkpoint is written in the loop or in a background
+    thread (environment.async_checkpoint, the CUDA default)."""
     import torch
 
     import trainer_core.train.checkpoint as ckpt
@@ -444,7 +448,8 @@ def test_disk_full_while_checkpointing(micro_model_dir, small_jsonl, tmp_path, m
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
     out = tmp_path / "run"
     line = one_error_line(invoke(run_args(micro_model_dir, small_jsonl, out, "--max-steps", "6",
-                                          "--save-steps", "2")), 1)
+                                          "--save-steps", "2", "--set",
+                                          f"environment.async_checkpoint={background}")), 1)
     assert "cannot write the checkpoint of step 4: No space left on device" in line
     assert read(out, "status.json")["state"] == "failed"
     assert read(out, "run.json")["state"] == "failed"
@@ -494,3 +499,65 @@ def test_inspect_run_dir_classifies_directories(interrupted_run, tmp_path):
         assert inspect_run_dir(out).kind == "locked"
         assert find_resumable_runs("plain_sft", root=tmp_path) == []
     assert [i.path for i in find_resumable_runs("plain_sft", root=tmp_path)] == [out]
+
+
+def test_background_checkpoints_equal_synchronous_ones(micro_model_dir, small_jsonl, tmp_path,
+                                                        monkeypatch):
+    """Checkpoints written in a thread hold exactly what the loop would have written at that
+    step (training goes on meanwhile)."""
+    from safetensors.torch import load_file
+
+    import trainer_core.train.checkpoint as ckpt
+
+    started = []
+    real_start = ckpt.BackgroundCheckpoint.start
+
+    def start(self, output_dir, step, *args, **kwargs):
+        started.append(step)
+        return real_start(self, output_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.BackgroundCheckpoint, "start", start)
+    runs = {}
+    for background in ("off", "on"):
+        out = tmp_path / background
+        result = invoke(run_args(micro_model_dir, small_jsonl, out, "--max-steps", "6",
+                                 "--save-steps", "2", "--set",
+                                 f"environment.async_checkpoint={background}"))
+        assert result.exit_code == 0, result.output
+        runs[background] = out
+    assert started == [2, 4]  # only the "on" run used the thread
+    sync, bg = runs["off"], runs["on"]
+    names = [p.name for p in list_checkpoints(sync)]
+    assert names == [p.name for p in list_checkpoints(bg)] == ["step-000002", "step-000004"]
+    for name in names:
+        a = load_file(sync / "checkpoints" / name / "model.safetensors")
+        b = load_file(bg / "checkpoints" / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch_equal(a[key], b[key]), (name, key)
+        ta = json.loads((sync / "checkpoints" / name / "trainer_state.json").read_text())
+        tb = json.loads((bg / "checkpoints" / name / "trainer_state.json").read_text())
+        assert ta["step"] == tb["step"] and ta["tokens_trained"] == tb["tokens_trained"]
+        assert (bg / "checkpoints" / name / "tokenizer_config.json").exists()
+    # Every checkpoint was announced (after its step's metrics line).
+    events = [json.loads(line) for line in (bg / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    # The optimizer state, schedule and RNG too: so resuming from either is the same (exact
+    # resume from a checkpoint is tested above).
+    import torch
+
+    for name in names:
+        sa = torch.load(sync / "checkpoints" / name / "training_state.pt", weights_only=True)
+        sb = torch.load(bg / "checkpoints" / name / "training_state.pt", weights_only=True)
+        assert sa["scheduler"] == sb["scheduler"]
+        for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(),
+                          strict=True):
+            for key in pa:
+                assert torch_equal(pa[key], pb[key]), (name, key)
+        assert torch_equal(sa["rng"]["torch"], sb["rng"]["torch"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

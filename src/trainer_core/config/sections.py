@@ -497,6 +497,27 @@ class Environment:
                      "with the gradients computed in the forward pass (no logits recompute, "
                      "no full logits). auto: on CUDA; off uses the chunked checkpointed loss."),
     )
+    cuda_graphs: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("Replay each packed micro-batch's forward and backward pass from a "
+                     "captured CUDA graph (packed rows padded to a multiple of 256 tokens; one "
+                     "graph per shape, captured the first time it is seen). Removes the "
+                     "kernel-launch overhead that dominates small batches. auto: on CUDA with "
+                     "compiled blocks, varlen attention, the fused loss and packing, in a single "
+                     "process without fp16 or gradient checkpointing; on: the same without "
+                     "requiring compilation. See docs/throughput.md."),
+    )
+    async_checkpoint: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("Write checkpoints in a background thread: the loop waits only while "
+                     "the weights and optimizer state are copied to host memory, then goes on "
+                     "training while the files are written (a checkpoint is announced, and "
+                     "counts for resume, once renamed into place; a write error still stops "
+                     "the run). auto: on CUDA in a single process; off on CPU and under "
+                     "torchrun."),
+    )
     distributed: str = attrs.field(
         default="ddp",
         validator=one_of(*DISTRIBUTED),

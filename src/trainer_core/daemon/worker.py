@@ -153,7 +153,12 @@ class Worker:
 
     def train(self, job: dict[str, Any]) -> bool:
         """Train one file; returns False when the worker must exit (stop)."""
-        from trainer_core.data.batching import count_trained, micro_batches, plan_steps
+        from trainer_core.data.batching import (
+            count_tokens,
+            count_trained,
+            micro_batches,
+            plan_steps,
+        )
         from trainer_core.data.rows import check_rows, read_rows
         from trainer_core.errors import DataError
         from trainer_core.model.loading import weights_finite
@@ -243,7 +248,7 @@ class Worker:
                     f"(global step {self.state['step'] + 1}); model rolled back"))
                 return True
             file_step += 1
-            seen = sum(int(b["input_ids"].numel()) for b in batches)
+            seen = count_tokens(batches)
             self.state["step"] += 1
             self.state["tokens_trained"] += n_trained
             self.state["tokens_seen"] += seen

@@ -120,6 +120,7 @@ def collate_packed(examples: Sequence[dict[str, Any]], pad_to_multiple: int = 1
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "targets": torch.tensor([tgt], dtype=torch.long),
         "seq_lens": [len(ex["input_ids"]) for ex in examples] + ([extra] if extra else []),
+        "filler": extra,
     }
 
 
@@ -150,6 +151,19 @@ def micro_batches(examples: Sequence[dict[str, Any]], packing: bool, batch_size:
         collate_padded(examples[i : i + batch_size], pad_id)
         for i in range(0, len(examples), batch_size)
     ]
+
+
+def count_tokens(batches: Sequence[dict[str, Any]]) -> int:
+    """Tokens of real examples in ``batches``: no padding, no filler segment."""
+    total = 0
+    for b in batches:
+        if "attention_mask" in b:
+            total += int(b["attention_mask"].sum())
+        elif "seq_lens" in b:
+            total += sum(b["seq_lens"]) - int(b.get("filler", 0))
+        else:
+            total += int(b["input_ids"].numel())
+    return total
 
 
 def count_trained(batches: Sequence[dict[str, Any]]) -> int:

@@ -299,8 +299,9 @@ class Distributed:
         signal (one small all-reduce)."""
         import signal
 
-        mine = sum(int(b["input_ids"].numel()) for b in batches
-                   if b.get("loss_weight", 1.0))
+        from trainer_core.data.batching import count_tokens
+
+        mine = count_tokens([b for b in batches if b.get("loss_weight", 1.0)])
         tokens, stops = self.all_sum([float(mine), 1.0 if signal_number else 0.0])
         stop = (signal_number or int(signal.SIGTERM)) if stops else None
         return int(tokens), stop

@@ -102,6 +102,8 @@ class Run:
     previews_off: bool = False
     #: several processes (torchrun): this rank's :class:`~trainer_core.train.distributed.Distributed`
     dist: Any = None
+    #: checkpoints written in a thread (:class:`~trainer_core.train.checkpoint.BackgroundCheckpoint`)
+    saver: Any = None
 
 
 def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False,
@@ -204,7 +206,8 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
                                   cfg.data.seed + 1)
         run = Run(cfg, profile, tokenizer, plan, setup, train_examples, val_examples, prompts,
                   output_dir, events, state, start_step=state["step"], facts=facts, note=note,
-                  hint=resume_hint(cfg, target), dist=dist)
+                  hint=resume_hint(cfg, target), dist=dist,
+                  saver=background_saver(cfg, setup.device, dist))
         summary.update(train_examples=len(train_examples), precision=setup.precision,
                        device_type=setup.device.type,
                        resumed_from=str(checkpoint.path) if checkpoint is not None else None,
@@ -225,7 +228,18 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
 
 
 def train_loop(run: Run) -> tuple[str, str | None]:
-    """Steps until the plan is done, a signal arrives or a step fails; returns (state, reason)."""
+    """Steps until the plan is done, a signal arrives or a step fails; returns (state, reason).
+
+    A checkpoint still being written in the background is finished before this returns.
+    """
+    state, reason = run_steps(run)
+    error = finish_checkpoint(run, block=True)
+    if error and state != "failed":
+        return "failed", error
+    return state, reason
+
+
+def run_steps(run: Run) -> tuple[str, str | None]:
     run.loop_start = run.window_start = time.time()
     # Under torchrun, Ctrl-C can reach a rank twice (directly and forwarded): one request.
     with StopRequested(deferred=True, repeat_window_s=1.0 if run.dist else 0.0) as stop:
@@ -253,10 +267,13 @@ def train_loop(run: Run) -> tuple[str, str | None]:
                                       "without saving. The last good checkpoint is untouched.")
                 try:
                     save_checkpoint(run, done)
+                except CheckpointWriteFailed as exc:  # the previous background save
+                    return "failed", str(exc)
                 except OSError as exc:
-                    return "failed", (f"error: cannot write the checkpoint of step {done}: "
-                                      f"{exc.strerror or exc}; stopping. Earlier checkpoints are "
-                                      "kept and no final model is written.")
+                    return "failed", checkpoint_error(done, exc)
+            error = finish_checkpoint(run, block=False)
+            if error:
+                return "failed", error
             if signal is not None:
                 return "interrupted", (f"stopped by signal {signal} at step {done}; "
                                        f"checkpoint saved; {run.hint}.")
@@ -336,7 +353,9 @@ def account_step(run: Run, done: int, batches: list[dict[str, Any]], n_trained: 
 
     ``tokens``: the step's processed tokens when ``batches`` are only part of it."""
     if tokens is None:
-        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        from trainer_core.data.batching import count_tokens
+
+        tokens = count_tokens(batches)
     state = run.state
     state["step"] = done
     state["tokens_trained"] += n_trained
@@ -420,12 +439,54 @@ def want_checkpoint(run: Run, done: int) -> bool:
     return bool(save_steps and done % save_steps == 0 and done != run.plan.total_steps)
 
 
+def background_saver(cfg: TrainerConfig, device: Any, dist: Any) -> Any:
+    """A :class:`BackgroundCheckpoint` where ``environment.async_checkpoint`` wants one."""
+    switch = cfg.environment.async_checkpoint
+    if dist is not None or switch == "off" or (switch == "auto" and device.type != "cuda"):
+        return None
+    from trainer_core.train.checkpoint import BackgroundCheckpoint
+
+    return BackgroundCheckpoint()
+
+
+class CheckpointWriteFailed(Exception):
+    """A background checkpoint could not be written (the message is the run's reason)."""
+
+
+def checkpoint_error(step: int, exc: OSError) -> str:
+    return (f"error: cannot write the checkpoint of step {step}: {exc.strerror or exc}; "
+            "stopping. Earlier checkpoints are kept and no final model is written.")
+
+
+def finish_checkpoint(run: Run, block: bool) -> str | None:
+    """Announce a background checkpoint once written; its error message if writing failed."""
+    if run.saver is None or not run.saver.busy:
+        return None
+    step = run.saver.step
+    try:
+        done = run.saver.wait() if block else run.saver.finished()
+    except OSError as exc:
+        return checkpoint_error(step, exc)
+    if done is not None:
+        save_run_tokenizer(run, done[1])
+        run.events.checkpoint(CheckpointSaved(done[0], str(done[1])))
+    return None
+
+
 def save_checkpoint(run: Run, done: int) -> None:
     from trainer_core.train.checkpoint import save_checkpoint as save
 
     s = run.setup
     state = {**run.state, "segments": [*run.state["segments"], current_segment(run, done)],
              "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
+    if run.saver is not None:
+        # One save at a time; the previous one's error surfaces here as an OSError.
+        error = finish_checkpoint(run, block=True)
+        if error:
+            raise CheckpointWriteFailed(error)
+        run.saver.start(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler,
+                        state, run.cfg.hyperparams.save_total_limit, run.facts)
+        return
     if run.dist is not None:  # rank 0 writes; FSDP gathers the full state first
         path = run.dist.save_checkpoint(run.output_dir, done, s, state,
                                         run.cfg.hyperparams.save_total_limit, run.facts)
