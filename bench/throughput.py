@@ -239,6 +239,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     meter = Meter(name, warmup)
     collate_s = 0.0
     micro_counts = []
+    graph_count: list[int] = []
     prof = None
     for step in range(plan.total_steps):
         if profile and step == warmup:
@@ -258,7 +259,14 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
             raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
         processed = sum(int(b["input_ids"].numel()) for b in batches)
         meter.step(step_loss, batch_examples, processed, n_params, shape)
+        graph_count.append(_compiled_graphs())
     out = meter.result()
+    # The last step after which torch.compile produced a new graph (recompiles), 1-based.
+    out["last_compile_step"] = max((i + 1 for i in range(len(graph_count))
+                                    if graph_count[i] > (graph_count[i - 1] if i else 0)),
+                                   default=0)
+    if setup.graphs is not None:
+        out["cuda_graphs"] = setup.graphs.stats()
     try:
         from torch._dynamo.utils import counters
 
@@ -272,10 +280,22 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     return out
 
 
+def _compiled_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # pragma: no cover
+        return 0
+
+
 def _start_profiler() -> Any:
     import torch
 
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    if os.environ.get("BENCH_PROFILE_CPU"):  # host side too: what the CPU does per step
+        acts.append(torch.profiler.ProfilerActivity.CPU)
+    prof = torch.profiler.profile(activities=acts)
     prof.__enter__()
     return prof
 
@@ -309,12 +329,25 @@ def _dump_profile(prof: Any, name: str, step_times: list[float]) -> None:
     lines += [f"  {k:20s} {v:9.1f} ms {100 * v / wall:5.1f}%" for k, v in
               sorted(kinds.items(), key=lambda kv: -kv[1])]
     lines += [f"  {t:9.2f} ms x{n:<5d} {key[:110]}" for t, n, key in rows[:40]]
+    if os.environ.get("BENCH_PROFILE_CPU"):
+        cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]
+        lines.append("  host: self CPU time over 2 steps, top ops")
+        lines += [f"  {e.self_cpu_time_total / 1e3:9.2f} ms x{e.count:<6d} {e.key[:100]}"
+                  for e in cpu]
     text = "\n".join(lines)
     print(text, flush=True)
     out = os.environ.get("BENCH_PROFILE_DIR")
     if out:
         safe = "".join(c if c.isalnum() else "_" for c in name)[:60]
         Path(out, f"profile-{safe}.txt").write_text(text + "\n")
+        if os.environ.get("BENCH_PROFILE_CPU"):
+            import gzip
+
+            trace = Path(out, f"trace-{safe}.json")
+            prof.export_chrome_trace(str(trace))
+            with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
+                g.write(f.read())
+            trace.unlink()
 
 
 # --------------------------------------------------------------------------- variants 2 and 3: HF
