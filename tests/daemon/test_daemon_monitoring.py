@@ -209,6 +209,23 @@ def test_events_send_new_steps_and_queue_changes(idle_home, tmp_path, sample_row
     assert [f["name"] for f in got["queue"][-1]][:2] == ["high1.jsonl", "new.jsonl"]
 
 
+def test_the_page_starts_from_the_tail_of_a_long_metrics_log(idle_home, monkeypatch):
+    """logs/metrics.jsonl grows for the daemon's whole life: the snapshot reads only its last
+    complete lines, and hands the events the offset of its end."""
+    import trainer_core.daemon.dashboard as dash
+
+    home, _ = idle_home
+    monkeypatch.setattr(dash, "METRICS_TAIL_BYTES", 1000)
+    with open(home.metrics, "a") as fh:
+        for step in range(2, 400):
+            fh.write(json.dumps({"step": step, "file_id": 1, "loss": 1.0}) + "\n")
+    data = DaemonView(home).snapshot()
+    steps = [m["step"] for m in data["metrics"]]
+    assert steps[-1] == 399 and steps == list(range(steps[0], 400))
+    assert 20 < len(steps) < 40  # ~1000 bytes of ~45-byte lines, none of them cut
+    assert data["offsets"]["metrics"] == home.metrics.stat().st_size
+
+
 def test_not_a_daemon_home(tmp_path):
     view = DaemonView(tmp_path)
     server, board = make_server(tmp_path, "127.0.0.1", 0, views={"daemon": view}, token="tok")
