@@ -19,6 +19,8 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 PREVIEWS_FILE = "previews.jsonl"
 CONFIG_FILE = "trainer_config.json"
+#: A daemon home keeps its logs and its per-step metrics.jsonl here (``trainer watch`` reads it).
+DAEMON_LOG_DIR = "logs"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

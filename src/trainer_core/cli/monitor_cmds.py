@@ -1,4 +1,5 @@
-"""``trainer plot``, ``trainer watch`` and ``trainer dashboard``: looking at runs from their files."""
+"""``trainer plot``, ``trainer watch`` and ``trainer dashboard``: looking at runs (and daemon
+homes) from their files."""
 
 from __future__ import annotations
 
@@ -57,21 +58,29 @@ def watch(directory: Path, interval: float, once: bool, follow: bool,
 @click.option("--port", type=int, default=8080, show_default=True, help="0: any free port.")
 def dashboard(directory: Path, host: str, port: int) -> None:
     """Local web dashboard of the runs under DIRECTORY (default: .): live charts, alerts,
-    previews. Serves nothing outside DIRECTORY; needs no internet."""
+    previews; of a daemon home: its queue, history, file in training and pause/resume/skip.
+    Serves nothing outside DIRECTORY; needs no internet."""
+    from trainer_core.daemon.dashboard import DaemonView, is_daemon_home
     from trainer_core.monitor.dashboard.server import is_loopback, make_server, stop
 
+    # The monitor package sits below the daemon in the layering: the daemon's view is
+    # composed here, as one more entry in the server's views.
+    daemon = is_daemon_home(directory)
+    views = {"daemon": DaemonView(directory)} if daemon else None
+    what = "dashboard of daemon home" if daemon else "dashboard of"
     try:
-        server, board = make_server(directory, host, port)
+        server, board = make_server(directory, host, port, views=views)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_address[1]}/"
     if is_loopback(host):
-        click.echo(f"dashboard of {board.root} at {url} (Ctrl-C to stop)")
+        click.echo(f"{what} {board.root} at {url} (Ctrl-C to stop)")
     else:
-        click.echo(f"dashboard of {board.root} at {url}?token={board.token} (Ctrl-C to stop)")
+        click.echo(f"{what} {board.root} at {url}?token={board.token} (Ctrl-C to stop)")
         click.echo("warning: bound beyond loopback: anyone who can reach this address sees "
-                   "your runs; stopping a run needs the token above", err=True)
+                   "your " + ("daemon" if daemon else "runs") + "; control actions need the "
+                   "token above", err=True)
     # Serve from a thread; the main thread only waits for Ctrl-C or SIGTERM, so a signal never
     # lands in the middle of a request and shutdown is always clean.
     done = threading.Event()

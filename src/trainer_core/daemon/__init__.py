@@ -16,4 +16,6 @@ Modules:
 - :mod:`~trainer_core.daemon.service`: the daemon's loop (supervises the worker);
 - :mod:`~trainer_core.daemon.worker`: the training child process;
 - :mod:`~trainer_core.daemon.control`: what the CLI's control commands call.
+- :mod:`~trainer_core.daemon.dashboard`: the home's view in ``trainer dashboard`` (queue,
+  history, pause/resume/skip).
 """

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from trainer_core.errors import UserError
+from trainer_core.files import DAEMON_LOG_DIR, METRICS_FILE, STATUS_FILE
 
 PRIORITY_LEVELS = {"high": 2, "normal": 1, "low": 0}
 #: Folder of each final ledger state.
@@ -61,10 +62,11 @@ class Home:
         self.current = r / "current"
         self.snapshots = r / "snapshots"
         self.tokenizer = r / "tokenizer"
-        self.logs = r / "logs"
+        self.logs = r / DAEMON_LOG_DIR
+        self.metrics = self.logs / METRICS_FILE  # one line per training step
         self.ledger = r / "ledger.sqlite"
         self.config = r / "config.json"
-        self.status = r / "status.json"
+        self.status = r / STATUS_FILE
         self.lock = r / "daemon.lock"
 
     def create(self) -> None:

@@ -407,7 +407,7 @@ class Daemon:
             self.log(f"#{self.job['id']} {self.job['name']} {how} "
                      f"({msg['file_steps']} steps, global step {msg['step']})")
         elif ev == "progress" and self.job is not None:
-            append_jsonl(self.home.logs / "metrics.jsonl",
+            append_jsonl(self.home.metrics,
                          {k: msg[k] for k in ("time", "step", "file_id", "file_step", "loss",
                                               "lr", "grad_norm", "tokens")})
             elapsed = time.time() - self.job["t0"]

@@ -21,7 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer_core.files import METRICS_FILE, PREVIEWS_FILE, RUN_MANIFEST, STATUS_FILE
+from trainer_core.files import (
+    DAEMON_LOG_DIR,
+    METRICS_FILE,
+    PREVIEWS_FILE,
+    RUN_MANIFEST,
+    STATUS_FILE,
+)
 from trainer_core.monitor.plot import read_metrics
 from trainer_core.monitor.progress import format_duration
 from trainer_core.monitor.status import read_status
@@ -238,7 +244,7 @@ def render_daemon(home: Path, width: int = 100, now: float | None = None,
                            f"lr {_num(cur.get('lr'), '.2e')}", width))
     else:
         lines.append("  training: nothing")
-    steps, _ = read_metrics(home / "logs" / METRICS_FILE)
+    steps, _ = read_metrics(home / DAEMON_LOG_DIR / METRICS_FILE)
     lines.extend(_loss_sparkline(steps, width, ascii_only))
     q = s.get("queue") or {}
     by = q.get("by_priority") or {}
