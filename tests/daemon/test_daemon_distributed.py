@@ -1,0 +1,104 @@
+"""`trainer daemon` with ``daemon.nproc`` 2: the worker under torchrun (gloo on CPU) trains like
+the one-process worker, survives a SIGTERM to torchrun (checkpoint, restart, exact resume), and
+a rank that dies fails the file promptly instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from click.testing import CliRunner
+
+from trainer_core.cli import cli
+from trainer_core.daemon.control import submit_files
+from trainer_core.daemon.home import Home
+
+STEPS = 6  # 24 rows, 4 per optimizer step: 2 per process under torchrun
+
+
+def _home(root, model_dir, du, **overrides):
+    return du.make_home(root, model_dir, **{"hyperparams.batch_size": 4,
+                                            "daemon.max_attempts": 1, **overrides})
+
+
+def _stop(root, proc, du) -> int:
+    result = CliRunner().invoke(cli, ["daemon", "stop", "--home", str(root)])
+    try:
+        return proc.wait(90)
+    finally:
+        assert result.exit_code == 0, result.output
+        du.kill_group(proc)
+
+
+def _losses(root, du) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for m in du.metrics(root):
+        if m["file_id"] == 1:
+            out.setdefault(m["step"], []).append(m["loss"])
+    return out
+
+
+@pytest.fixture
+def one_process(tmp_path, micro_model_dir, sample_rows, du):
+    """The reference: the same file through the one-process worker."""
+    root = _home(tmp_path / "one", micro_model_dir, du)
+    submit_files(Home(root), [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:24])],
+                 "normal", False)
+    proc = du.start(root)
+    try:
+        du.wait_for(lambda: du.all_final(root), 180, "the file", proc, root)
+    finally:
+        assert _stop(root, proc, du) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_two_process_worker_trains_like_one_resumes_after_sigterm_and_fails_fast(
+        one_process, tmp_path, micro_model_dir, sample_rows, du):
+    import torch
+
+    root = _home(tmp_path / "two", micro_model_dir, du, **{"daemon.nproc": 2})
+    home = Home(root)
+    submit_files(home, [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:24])], "normal",
+                 False)
+    proc = du.start(root, fault="sleep:0.3,rankcrash:boom")
+    try:
+        # SIGTERM to torchrun mid-file: the ranks agree on a step, rank 0 checkpoints, the
+        # daemon restarts the worker and the file resumes there.
+        du.wait_for(lambda: len(du.metrics(root)) >= 2, 180, "two steps", proc, root)
+        torchrun = du.status(root)["worker"]["pid"]
+        os.kill(torchrun, signal.SIGTERM)
+        du.wait_for(lambda: du.all_final(root), 180, "the file", proc, root)
+        # A rank that dies: the file fails with the reason, promptly; the model rolls back.
+        submit_files(home, [du.write_jsonl(tmp_path / "boom.jsonl", sample_rows[24:32])],
+                     "normal", False)
+        du.wait_for(lambda: len(du.rows(root)) == 2 and du.all_final(root), 120, "boom",
+                    proc, root)
+        st = du.status(root)
+    finally:
+        assert _stop(root, proc, du) == 0
+    a, boom = du.rows(root)
+    assert a["state"] == "completed" and a["steps"] == STEPS and a["attempts"] == 1
+    log = (root / "logs" / "daemon.log").read_text()
+    assert "worker started under torchrun, 2 processes" in log
+    assert "--nproc-per-node=2 -m trainer_core.daemon.worker" in log
+    assert "worker stopped at global step" in log  # the SIGTERM's checkpoint
+    resumed_at = [int(line.split("resumed at file step ")[1].split()[0])
+                  for line in log.splitlines() if "resumed at file step" in line]
+    assert len(resumed_at) == 1 and 1 <= resumed_at[0] < STEPS, log
+    # one metrics line per global step: rank 0 alone talks, and the resume repeats nothing
+    two, one = _losses(root, du), _losses(one_process, du)
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        assert len(two[step]) == 1
+        assert abs(two[step][0] - one[step][0]) <= 1e-5, step
+    w1, w2 = du.weights(Home(one_process).current), du.weights(home.current)
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-5
+    assert all(torch.isfinite(t).all() for t in w2.values())
+
+    assert boom["state"] == "failed" and "rank 1 died" in boom["error"], boom["error"]
+    attempt = du.rows(root, "SELECT * FROM attempts WHERE file_id=?", (boom["id"],))[0]
+    assert attempt["finished_at"] - boom["train_started_at"] < 20
+    assert st["model"]["step"] == STEPS  # rolled back: boom never advanced the model
