@@ -485,10 +485,16 @@ class Distributed:
             )
 
             model_state = self.full_model_state()
-            full = get_optimizer_state_dict(
-                self.model, setup.optimizer,
-                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            optim_state = positional_optimizer_state(full) if self.is_main else None
+            if setup.optimizer.state:
+                full = get_optimizer_state_dict(
+                    self.model, setup.optimizer,
+                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                optim_state = positional_optimizer_state(full) if self.is_main else None
+            else:
+                # Before the first step (the daemon's step-0 checkpoint): the positional
+                # format as is. get_optimizer_state_dict would initialise the state with a
+                # zero-gradient step, so the first real step would be AdamW's second.
+                optim_state = setup.optimizer.state_dict() if self.is_main else None
         path = output_dir / "checkpoints" / f"step-{step:06d}"
         error: OSError | None = None
         if self.is_main:
