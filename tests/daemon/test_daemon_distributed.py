@@ -19,7 +19,7 @@ from trainer_core.daemon.control import submit_files
 from trainer_core.daemon.home import Home
 from trainer_core.errors import UserError
 
-STEPS = 6  # 24 rows, 4 per optimizer step: 2 per process under torchrun
+STEPS = 8  # 32 rows, 4 per optimizer step: 2 per process under torchrun
 
 
 def _home(root, model_dir, du, **overrides):
@@ -89,7 +89,7 @@ def one_process(tmp_path_factory, micro_model_dir, sample_rows, du):
     """The reference: the same file through the one-process worker."""
     tmp_path = tmp_path_factory.mktemp("daemon-one")
     root = _home(tmp_path / "one", micro_model_dir, du)
-    submit_files(Home(root), [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:24])],
+    submit_files(Home(root), [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:32])],
                  "normal", False)
     proc = du.start(root)
     try:
@@ -104,18 +104,25 @@ def test_two_process_worker_trains_like_one_resumes_after_sigterm_and_fails_fast
         one_process, tmp_path, micro_model_dir, sample_rows, du):
     root = _home(tmp_path / "two", micro_model_dir, du)
     home = Home(root)
-    submit_files(home, [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:24])], "normal",
+    submit_files(home, [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:32])], "normal",
                  False)
-    proc = _start_with_nproc(root, "sleep:0.3,rankcrash:boom", du)
+    proc = _start_with_nproc(root, "sleep:0.4,rankcrash:boom", du)
     try:
+        # pause mid-file (every rank stops after the same step, rank 0 checkpoints), then
+        # resume: the idle worker gets the file again through rank 0's broadcast
+        du.wait_for(lambda: len(du.metrics(root)) >= 1, 180, "a step", proc, root)
+        assert CliRunner().invoke(cli, ["daemon", "pause", "--home", str(root)]).exit_code == 0
+        du.wait_for(lambda: du.status(root).get("state") == "paused", 30, "pause", proc, root)
+        paused_at = len(du.metrics(root))
+        assert CliRunner().invoke(cli, ["daemon", "resume", "--home", str(root)]).exit_code == 0
         # SIGTERM to torchrun mid-file: the ranks agree on a step, rank 0 checkpoints, the
         # daemon restarts the worker and the file resumes there.
-        du.wait_for(lambda: len(du.metrics(root)) >= 2, 180, "two steps", proc, root)
+        du.wait_for(lambda: len(du.metrics(root)) > paused_at, 60, "resume", proc, root)
         torchrun = du.status(root)["worker"]["pid"]
         os.kill(torchrun, signal.SIGTERM)
         du.wait_for(lambda: du.all_final(root), 180, "the file", proc, root)
         # A rank that dies: the file fails with the reason, promptly; the model rolls back.
-        submit_files(home, [du.write_jsonl(tmp_path / "boom.jsonl", sample_rows[24:32])],
+        submit_files(home, [du.write_jsonl(tmp_path / "boom.jsonl", sample_rows[32:40])],
                      "normal", False)
         du.wait_for(lambda: len(du.rows(root)) == 2 and du.all_final(root), 120, "boom",
                     proc, root)
@@ -131,7 +138,9 @@ def test_two_process_worker_trains_like_one_resumes_after_sigterm_and_fails_fast
     assert "worker stopped at global step" in log  # the SIGTERM's checkpoint
     resumed_at = [int(line.split("resumed at file step ")[1].split()[0])
                   for line in log.splitlines() if "resumed at file step" in line]
-    assert len(resumed_at) == 1 and 1 <= resumed_at[0] < STEPS, log
+    assert "paused at global step" in log
+    assert len(resumed_at) == 2 and resumed_at[0] == paused_at, log
+    assert paused_at < resumed_at[1] < STEPS, log
     _assert_same_training(root, one_process, du)
 
     assert boom["state"] == "failed" and "rank 1 died" in boom["error"], boom["error"]
@@ -147,7 +156,7 @@ def test_two_process_fsdp_worker_trains_like_one(one_process, tmp_path, micro_mo
     # to rank 0; mid-file checkpoints too (save_steps).
     root = _home(tmp_path / "fsdp", micro_model_dir, du, **{
         "daemon.nproc": 2, "environment.distributed": "fsdp", "daemon.save_steps": 2})
-    submit_files(Home(root), [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:24])],
+    submit_files(Home(root), [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:32])],
                  "normal", False)
     proc = du.start(root)
     try:
