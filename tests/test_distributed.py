@@ -252,6 +252,25 @@ def test_sigterm_then_resume_under_two_processes_equals_uninterrupted(
     assert abs(a[STEPS]["loss"] - b[STEPS]["loss"]) <= 1e-5
 
 
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_under_two_processes(single, tmp_path, micro_model_dir,
+                                                               data_file, env):
+    out = tmp_path / "from-single"
+    ckpt = single / "checkpoints" / "step-000004"
+    assert json.loads((ckpt / "trainer_state.json").read_text()).get("world_size", 1) == 1
+    proc = _trainer(_args(micro_model_dir, data_file, out, "--nproc", "2",
+                          "--resume-from", str(ckpt)), env)
+    text = _finish(proc)
+    assert proc.returncode == 0, text
+    assert "written by 1 process(es), in 2" in text
+    a, b = _metrics(single), _metrics(out)
+    assert sorted(b) == list(range(5, STEPS + 1))  # the data position carried over
+    for step in b:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, step
+        assert abs(a[step]["lr"] - b[step]["lr"]) < 1e-12, step
+    assert _max_weight_diff(single, out) <= 1e-5
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():

@@ -39,8 +39,12 @@ def daemon_group() -> None:
 @click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Set any config field. Repeatable.")
 @click.option("--detach", is_flag=True, help="Run in the background (output in logs/).")
+@click.option("--nproc", "--gpus", "nproc", type=click.IntRange(min=1), default=None,
+              help="Train in N processes on this node (one per GPU): the worker runs under "
+                   "torchrun, as with `trainer run --nproc N` (sets daemon.nproc). See "
+                   "docs/distributed.md.")
 def start(home: str, config_file: str | None, model: str | None, sets: tuple[str, ...],
-          detach: bool) -> None:
+          detach: bool, nproc: int | None) -> None:
     """Run the daemon on HOME (in the foreground unless --detach; Ctrl-C stops it cleanly)."""
     from trainer_core.config import parse_set, resolve
     from trainer_core.daemon.home import daemon_running
@@ -60,6 +64,10 @@ def start(home: str, config_file: str | None, model: str | None, sets: tuple[str
         from trainer_core.cli.options import resolve_run_config
 
         cfg = resolve_run_config(config_file, overrides).config
+    if nproc is not None:  # on top of whichever config was chosen (the home's one too)
+        import attrs
+
+        cfg = attrs.evolve(cfg, daemon=attrs.evolve(cfg.daemon, nproc=nproc))
     from trainer_core.plugins.registry import get_profile_class
 
     get_profile_class(cfg.profile.name)  # unknown profile: exit 2 before anything starts

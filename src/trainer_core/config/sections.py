@@ -624,6 +624,15 @@ class Daemon:
         validator=check(_positive, "must be > 0"),
         metadata=doc("Seconds between rewrites of the home's status.json while training."),
     )
+    nproc: int = attrs.field(
+        default=1,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Training processes on this node, one per GPU: above 1 the daemon "
+                     "launches its worker under torchrun, as `trainer run --nproc N` does "
+                     "(environment.distributed picks ddp or fsdp; each optimizer step's "
+                     "examples are split across the processes). `trainer daemon start "
+                     "--nproc N` sets it. See docs/distributed.md."),
+    )
 
 
 SECTIONS = ("hyperparams", "profile", "monitoring", "locked", "data", "model", "output",

@@ -116,17 +116,30 @@ def skip_queued(home: Home, ledger: Ledger, row: dict[str, Any]) -> dict[str, An
 
 
 class WorkerHandle:
-    """The training child process and a thread turning its stdout into events."""
+    """The training child process and a thread turning its stdout into events.
 
-    def __init__(self, home: Home, lock_fd: int | None, log: Path):
+    ``nproc`` > 1: the child is ``torchrun`` running the worker in ``nproc`` processes (rank 0
+    speaks the protocol on the inherited pipes). torchrun gets a session of its own, so a
+    Ctrl-C in the terminal reaches only the daemon, which stops the worker through the
+    protocol; it gets SIGKILL if the daemon dies, and its ranks die with it.
+    """
+
+    def __init__(self, home: Home, lock_fd: int | None, log: Path, nproc: int = 1):
         self.events: queue.Queue = queue.Queue()
         self.log = open(log, "ab")  # noqa: SIM115 - closed in close()
         env = dict(os.environ)
+        cmd = [sys.executable, "-m", "trainer_core.daemon.worker", str(home.root)]
+        extra: dict[str, Any] = {}
+        if nproc > 1:
+            from trainer_core.train.distributed import torchrun_command
+
+            cmd = torchrun_command(nproc, [str(home.root)], module="trainer_core.daemon.worker")
+            extra = {"start_new_session": True, "preexec_fn": _parent_death_kill()}
+        self.command = cmd
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer_core.daemon.worker", str(home.root)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
             # The worker holds the home lock too: no new daemon can start while it lives.
-            pass_fds=(lock_fd,) if lock_fd is not None else (),
+            pass_fds=(lock_fd,) if lock_fd is not None else (), **extra,
         )
         self.state = "starting"
         self.started_at = time.time()
@@ -161,6 +174,22 @@ class WorkerHandle:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def _parent_death_kill() -> Any:
+    """A ``preexec_fn`` asking Linux to SIGKILL the child when the daemon dies (the worker
+    does this for itself; torchrun does not). Resolved here: the forked child only calls it."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: closed stdin still ends rank 0, then all
+        return None
+
+    def child() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return child
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -367,8 +396,16 @@ class Daemon:
             return
         if self.worker is not None:
             self.worker.close(timeout=5)
-        self.worker = WorkerHandle(self.home, self.lock.fd, self.home.logs / "worker.log")
-        self.log(f"worker started (pid {self.worker.proc.pid})")
+        nproc = self.d.nproc
+        self.worker = WorkerHandle(self.home, self.lock.fd, self.home.logs / "worker.log", nproc)
+        if nproc > 1:
+            import shlex
+
+            shown = shlex.join(["torchrun", *self.worker.command[3:]])
+            self.log(f"worker started under torchrun, {nproc} processes (pid "
+                     f"{self.worker.proc.pid}): {shown}")
+        else:
+            self.log(f"worker started (pid {self.worker.proc.pid})")
 
     def pump_worker(self, timeout: float) -> None:
         if self.worker is None:
@@ -423,7 +460,8 @@ class Daemon:
             row = self.ledger.file(msg["file_id"])
             self.commit(row, Path(msg["checkpoint"]), msg)
         elif ev == "failed":
-            w.state = "idle"
+            # exiting: a rank died under torchrun; no new work until the exit is seen
+            w.state = "exiting" if msg.get("exiting") else "idle"
             row = self.ledger.file(msg["file_id"])
             extra = {k: msg[k] for k in ("rows", "invalid_rows") if k in msg}
             self.end_attempt(row, "failed", msg["error"], **extra)
@@ -444,6 +482,8 @@ class Daemon:
             self.exit_code = 2
             self.request_stop("fatal worker error")
             w.state = "exited"
+        elif ev == "log":
+            self.log(msg["message"])
         elif ev == "exit":
             self.on_worker_exit(msg["code"])
 

@@ -13,14 +13,26 @@ Protocol: JSON lines. The daemon writes commands on stdin (``init``, ``train``, 
 ``fatal``). Everything else the process prints goes to stderr (the daemon's logs/worker.log).
 Closed stdin means the daemon is gone: the worker exits.
 
+Under torchrun (``daemon.nproc`` > 1) every rank runs this worker; rank 0 alone reads the
+daemon's commands, answers on the protocol and writes files (checkpoints through
+:class:`~trainer_core.train.distributed.Distributed`, which gathers what FSDP shards). The
+other ranks' stdout goes to stderr and they never read stdin. Rank 0's command (and a SIGTERM
+any rank got, taken as ``stop``) reaches every rank in a small collective at each step
+boundary, so all ranks take the same step, pause, skip or checkpoint; while idle, rank 0
+broadcasts the next command (or nothing) every :data:`IDLE_SYNC_S`. A rank that dies ends the
+others through the distributed watchdog; rank 0 then reports the file ``failed`` with the
+reason, and the daemon sees the worker exit.
+
 ``TRAINER_DAEMON_FAULT`` (tests only) injects faults, comma-separated: ``nan:SUBSTR`` turns the
 weights to NaN during the second step of files whose name contains SUBSTR, ``crash:SUBSTR``
-kills the worker there, ``crashdone:SUBSTR`` kills it right after the file's final checkpoint,
-``sleep:SECONDS`` slows every step down.
+kills the worker there, ``rankcrash:SUBSTR`` kills only its last rank there (under torchrun;
+the only process otherwise), ``crashdone:SUBSTR`` kills it right after the file's final
+checkpoint, ``sleep:SECONDS`` slows every step down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +45,14 @@ from typing import Any
 
 from trainer_core.daemon.home import Home
 from trainer_core.errors import UserError
+from trainer_core.train.distributed import launched_by_torchrun
+
+#: Under torchrun, seconds an idle rank 0 waits for a command before telling the others
+#: "nothing yet" (keeps every collective far below the process group's timeout).
+IDLE_SYNC_S = 0.5
+#: Commands that can arrive during a step, as numbers for one all-reduce (4: stdin closed).
+STEP_COMMANDS = {"pause": 1, "skip": 2, "stop": 3}
+EOF_CODE = 4
 
 
 def _die_with_parent() -> None:
@@ -54,12 +74,20 @@ class Stop(Exception):
 class Worker:
     def __init__(self, home: Home, out: Any):
         self.home = home
-        self.out = out
+        self.out = out  # the protocol (rank 0 only; None on the other ranks)
+        self.distributed = launched_by_torchrun()
+        self.rank = int(os.environ.get("RANK", "0")) if self.distributed else 0
+        self.is_main = self.rank == 0
         self.inbox: queue.Queue = queue.Queue()
         self.faults = parse_faults(os.environ.get("TRAINER_DAEMON_FAULT", ""))
         self.setup: Any = None  # TrainingSetup once loaded
         self.at: str | None = None  # checkpoint path whose state is in memory, None if dirty
-        threading.Thread(target=self._read_stdin, daemon=True).start()
+        self.dist: Any = None  # this rank's Distributed under torchrun
+        self.signal: int | None = None  # SIGTERM under torchrun: stop like the daemon's stop
+        self.file_id: int | None = None  # the file in training (a failure names it)
+        self.send_lock = threading.Lock()  # the watchdog thread may report a failure
+        if self.is_main:
+            threading.Thread(target=self._read_stdin, daemon=True).start()
 
     # ------------------------------------------------------------------ protocol
 
@@ -71,8 +99,12 @@ class Worker:
         self.inbox.put(None)
 
     def send(self, event: str, **fields: Any) -> None:
-        self.out.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-        self.out.flush()
+        if not self.is_main:
+            return
+        line = json.dumps({"event": event, **fields}, default=str) + "\n"
+        with self.send_lock:
+            self.out.write(line)
+            self.out.flush()
 
     def next_command(self, block: bool) -> dict[str, Any] | None:
         try:
@@ -83,11 +115,96 @@ class Worker:
             raise Stop
         return msg
 
+    def wait_command(self) -> dict[str, Any]:
+        """The daemon's next command, blocking (every rank gets rank 0's)."""
+        if self.dist is None:
+            while True:
+                msg = self.next_command(block=True)
+                if msg is not None:
+                    return msg
+
+        def take() -> dict[str, Any] | None:
+            try:
+                return self.inbox.get(timeout=IDLE_SYNC_S)
+            except queue.Empty:
+                return {}
+
+        while True:
+            msg = self.dist.share(take)
+            if msg is None:
+                raise Stop
+            if self.dist.all_sum([1.0 if self.signal else 0.0])[0]:
+                return {"cmd": "stop"}
+            if msg:
+                return msg
+
+    def step_command(self) -> str | None:
+        """A command at a step boundary, without waiting: ``pause``, ``skip``, ``stop`` or None.
+        Under torchrun one all-reduce gives every rank rank 0's command, and turns a SIGTERM
+        that any rank got into ``stop``."""
+        code, eof = 0, False
+        if self.is_main:
+            try:
+                msg = self.next_command(block=False)
+            except Stop:
+                eof = True
+            else:
+                code = STEP_COMMANDS.get(str((msg or {}).get("cmd")), 0)
+        if self.dist is None:
+            if eof:
+                raise Stop
+        else:
+            total, signals = self.dist.all_sum([float(EOF_CODE if eof else code),
+                                                1.0 if self.signal else 0.0])
+            if int(total) == EOF_CODE:
+                raise Stop
+            code = int(total) or (STEP_COMMANDS["stop"] if signals else 0)
+        return next((c for c, n in STEP_COMMANDS.items() if n == code), None)
+
+    def on_abort(self, why: str) -> None:
+        """Another rank died or failed (the watchdog, just before this process ends)."""
+        reason = why.removeprefix("error: ").removesuffix("; stopping")
+        self.report_exit(f"a training process failed under torchrun: {reason}")
+
+    def report_exit(self, error: str) -> None:
+        """This worker is going away: the file in training (if any) failed with ``error``.
+        Said once, whichever thread sees the failure first."""
+        with self.send_lock:
+            fid, self.file_id = self.file_id, None
+        if fid is not None:
+            self.send("failed", file_id=fid, exiting=True, error=error)
+        else:
+            self.send("log", message=error)
+
+    # ------------------------------------------------------------------ several processes
+
+    def first(self, fn: Any) -> Any:
+        """``fn()`` on every rank, rank 0 first (it fills a cache the others then read); its
+        ``UserError`` is raised on every rank alike (the same input fails the same way)."""
+        if self.dist is None:
+            return fn()
+
+        def attempt() -> tuple[Any, UserError | None]:
+            try:
+                return fn(), None
+            except UserError as exc:
+                return None, exc
+
+        value, exc = self.dist.main_first(attempt)
+        if exc is not None:
+            raise exc
+        return value
+
+    def finite(self) -> bool:
+        from trainer_core.model.loading import weights_finite
+
+        return self.dist.weights_finite() if self.dist is not None else weights_finite(
+            self.setup.model)
+
     # ------------------------------------------------------------------ setup
 
-    def load(self) -> None:
-        """Config, profile, tokenizer, model, optimizer and schedule (once per process)."""
-        from trainer_core.config import resolve
+    def load(self, cfg: Any) -> None:
+        """Profile, tokenizer, model, optimizer and schedule (once per process)."""
         from trainer_core.config.lock import (
             check_and_write_lock,
             check_model_against_config,
@@ -98,25 +215,38 @@ class Worker:
         from trainer_core.data.tokenizer import load_tokenizer
         from trainer_core.model.loading import model_directory, quiet_hf
         from trainer_core.plugins.registry import build_profile
+        from trainer_core.train.distributed import main_first, share_from_main
         from trainer_core.train.step import prepare_training
 
-        self.cfg = cfg = resolve(file=self.home.config).config
+        self.cfg = cfg
+        dist = self.dist
         quiet_hf()
         self.profile = build_profile(cfg)
-        model_dir = model_directory(cfg)
+        model_dir = main_first(dist, lambda: model_directory(cfg))
         check_model_against_config(cfg, model_facts(model_dir))
         base = cfg.locked.base_model or (cfg.model.path or "trainer/tiny-qwen3-demo")
         facts = expected_facts(cfg, model_dir, base)
-        check_and_write_lock(self.home.root, facts)
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or str(model_dir),
-                                        trust_remote_code=cfg.model.trust_remote_code)
-        if not self.home.tokenizer.is_dir():
-            tmp = self.home.root / ".tokenizer.tmp"
-            self.tokenizer.save_pretrained(tmp)
-            os.replace(tmp, self.home.tokenizer)
+        share_from_main(dist, lambda: check_and_write_lock(self.home.root, facts))
+
+        def tokenizer() -> Any:
+            tok = load_tokenizer(cfg.model.tokenizer or str(model_dir),
+                                 trust_remote_code=cfg.model.trust_remote_code)
+            if self.is_main and not self.home.tokenizer.is_dir():
+                tmp = self.home.root / ".tokenizer.tmp"
+                tok.save_pretrained(tmp)
+                os.replace(tmp, self.home.tokenizer)
+            return tok
+
+        self.tokenizer = main_first(dist, tokenizer)
         hp, d = cfg.hyperparams, cfg.daemon
+        per_step = hp.batch_size * hp.gradient_accumulation
+        if dist is not None and per_step < dist.world:
+            raise UserError(f"hyperparams: {per_step} examples per optimizer step cannot be "
+                            f"split over {dist.world} processes (daemon.nproc); raise "
+                            "batch_size x gradient_accumulation to at least daemon.nproc")
         self.schedule = DaemonSchedule(hp.warmup_steps or 0, d.lr_schedule, hp.lr_scheduler)
-        self.setup = prepare_training(cfg, model_dir, 0, facts, schedule=self.schedule)
+        self.setup = prepare_training(cfg, model_dir, 0, facts, schedule=self.schedule,
+                                      parallel=dist)
         self.state: dict[str, Any] = {"step": 0, "tokens_trained": 0, "tokens_seen": 0,
                                       "first_loss": None, "history": []}
         self.at = None
@@ -125,11 +255,14 @@ class Worker:
         """Bring the in-memory state to ``checkpoint`` unless it is already there."""
         if self.at == checkpoint:
             return
-        from trainer_core.train.checkpoint import load_checkpoint
+        from trainer_core.train.checkpoint import load_checkpoint, read_checkpoint
 
         s = self.setup
-        self.state = load_checkpoint(Path(checkpoint), s.model, s.optimizer, s.scheduler,
-                                     s.scaler)
+        if self.dist is not None:  # every rank reads it; FSDP takes its shards
+            self.state = self.dist.apply_checkpoint(read_checkpoint(Path(checkpoint)), s)
+        else:
+            self.state = load_checkpoint(Path(checkpoint), s.model, s.optimizer, s.scheduler,
+                                         s.scaler)
         self.at = checkpoint
 
     def save(self, daemon_fields: dict[str, Any]) -> str:
@@ -138,8 +271,12 @@ class Worker:
         s = self.setup
         # In memory as on disk: a resume that needs no reload still knows the data position.
         self.state["daemon"] = daemon_fields
-        path = save_checkpoint(self.home.root, self.state["step"], s.model, s.optimizer,
-                               s.scheduler, s.scaler, self.state, keep=None)
+        if self.dist is not None:  # rank 0 writes (FSDP gathers first); all return together
+            path = self.dist.save_checkpoint(self.home.root, self.state["step"], s, self.state,
+                                             keep=None)
+        else:
+            path = save_checkpoint(self.home.root, self.state["step"], s.model, s.optimizer,
+                                   s.scheduler, s.scaler, self.state, keep=None)
         self.at = str(path)
         return str(path)
 
@@ -161,7 +298,6 @@ class Worker:
         )
         from trainer_core.data.rows import check_rows, read_rows
         from trainer_core.errors import DataError
-        from trainer_core.model.loading import weights_finite
         from trainer_core.train.inputs import preprocess_rows
         from trainer_core.train.step import token_budget, train_step
 
@@ -174,7 +310,7 @@ class Worker:
             resumed = {}
         # Validation: all rows, the same rules as `trainer run`.
         rows, problems = read_rows(path)
-        if problems:
+        if problems and self.is_main:
             Path(job["problems_path"]).write_text(json.dumps(
                 [{"line": p.line, "field": p.field, "reason": p.reason, "detail": p.detail}
                  for p in problems], indent=1), encoding="utf-8")
@@ -182,7 +318,8 @@ class Worker:
             check_rows(problems, cfg.data.on_invalid, job["name"])
             if not rows:
                 raise DataError(f"{job['name']}: no valid rows")
-            ds, _ = preprocess_rows(rows, cfg, self.profile, self.tokenizer, job["name"])
+            ds, _ = self.first(lambda: preprocess_rows(rows, cfg, self.profile, self.tokenizer,
+                                                       job["name"]))
         except UserError as exc:
             self.send("failed", file_id=fid, error=str(exc), rows=len(rows),
                       invalid_rows=len({p.line for p in problems}))
@@ -215,15 +352,14 @@ class Worker:
         self.send("started", file_id=fid, file_step=file_step, file_steps=plan.total_steps,
                   step=self.state["step"], resumed=mine, time=time.time())
         while file_step < plan.total_steps:
-            msg = self.next_command(block=False)
-            if msg is not None:
-                cmd = msg["cmd"]
+            cmd = self.step_command()
+            if cmd is not None:
                 if cmd == "skip":
                     self.at = None  # rolled back on the next file: reload
                     self.send("skipped", file_id=fid)
                     return True
                 if cmd in ("pause", "stop"):
-                    if not weights_finite(s.model):
+                    if not self.finite():
                         self.at = None
                         self.send("failed", file_id=fid, error="non-finite weights")
                         return cmd != "stop"
@@ -236,10 +372,15 @@ class Worker:
                     return cmd != "stop"
             self.fault_hooks(job["name"], file_step)
             batch_examples = [examples[i] for i in plan.step_indices(file_step)]
-            batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size,
-                                    token_budget(cfg), self.tokenizer.pad_token_id,
-                                    s.speed.pad_to_multiple)
-            n_trained = count_trained(batches)
+            if self.dist is not None:  # this rank's token-balanced share of the step
+                batches, n_trained = self.dist.step_share(
+                    batch_examples, cfg, token_budget(cfg), self.tokenizer.pad_token_id,
+                    s.speed.pad_to_multiple)
+            else:
+                batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size,
+                                        token_budget(cfg), self.tokenizer.pad_token_id,
+                                        s.speed.pad_to_multiple)
+                n_trained = count_trained(batches)
             self.at = None
             loss, grad_norm, lr = train_step(s, batches, n_trained, hp.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -248,7 +389,8 @@ class Worker:
                     f"(global step {self.state['step'] + 1}); model rolled back"))
                 return True
             file_step += 1
-            seen = count_tokens(batches)
+            seen = (self.dist.step_consensus(batches, None)[0] if self.dist is not None
+                    else count_tokens(batches))
             self.state["step"] += 1
             self.state["tokens_trained"] += n_trained
             self.state["tokens_seen"] += seen
@@ -262,14 +404,14 @@ class Worker:
                       grad_norm=grad_norm, tokens=tokens, time=time.time())
             if (d.save_steps and file_step % d.save_steps == 0
                     and file_step < plan.total_steps):
-                if not weights_finite(s.model):
+                if not self.finite():
                     self.at = None
                     self.send("failed", file_id=fid, error=f"non-finite weights at file step "
                               f"{file_step}; model rolled back")
                     return True
                 self.send("checkpoint", file_id=fid, checkpoint=self.save(fields(False)),
                           step=self.state["step"], file_step=file_step)
-        if not weights_finite(s.model):
+        if not self.finite():
             self.at = None
             self.send("failed", file_id=fid, error="non-finite weights at the end of the file; "
                       "model rolled back")
@@ -286,6 +428,10 @@ class Worker:
             time.sleep(float(self.faults["sleep"]))
         if file_step == 1 and self.faults.get("crash") and self.faults["crash"] in name:
             os._exit(17)
+        world = self.dist.world if self.dist is not None else 1
+        if (file_step == 1 and self.rank == world - 1 and self.faults.get("rankcrash")
+                and self.faults["rankcrash"] in name):
+            os._exit(19)
         if file_step == 1 and self.faults.get("nan") and self.faults["nan"] in name:
             import torch
 
@@ -294,29 +440,50 @@ class Worker:
                     p.fill_(float("nan"))
 
     def serve(self) -> None:
+        from trainer_core.config import resolve
+        from trainer_core.train.distributed import distributed_session
+
         self.send("hello", pid=os.getpid())
         try:
-            self.load()
-            self.send("loaded", step=self.state["step"])
-            while True:
-                msg = self.next_command(block=True)
-                if msg is None:
-                    continue
-                cmd = msg["cmd"]
-                if cmd == "init":
-                    self.init()
-                elif cmd == "train":
-                    if not self.train(msg):
-                        return
-                elif cmd == "stop":
-                    self.send("stopped", file_id=None)
-                    return
-                # pause/skip with nothing in training: nothing to do
-        except Stop:
-            return
+            cfg = resolve(file=self.home.config).config
+            with distributed_session(cfg) as dist:
+                self.dist = dist
+                if dist is not None:
+                    dist.on_abort = self.on_abort
+                self.load(cfg)
+                self.send("loaded", step=self.state["step"])
+                with contextlib.suppress(Stop):  # the daemon is gone: leave together
+                    self.commands()
         except UserError as exc:
             self.send("fatal", error=str(exc))
             sys.exit(2)
+
+    def commands(self) -> None:
+        while True:
+            msg = self.wait_command()
+            cmd = msg["cmd"]
+            if cmd == "init":
+                self.init()
+            elif cmd == "train":
+                self.file_id = msg["file_id"]
+                try:
+                    if not self.train(msg):
+                        return
+                except (UserError, Stop):
+                    raise
+                except Exception as exc:
+                    # Under torchrun a peer's death often surfaces here first (gloo: connection
+                    # reset); name the peer when the evidence is there.
+                    why = self.dist.peer_failure() if self.dist is not None else None
+                    self.report_exit(f"a training process failed under torchrun: {why}" if why
+                                     else f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+                    raise
+                finally:
+                    self.file_id = None
+            elif cmd == "stop":
+                self.send("stopped", file_id=None)
+                return
+            # pause/skip with nothing in training: nothing to do
 
 
 def parse_faults(text: str) -> dict[str, str]:
@@ -331,16 +498,26 @@ def main(argv: list[str] | None = None) -> None:
     import signal
 
     argv = sys.argv[1:] if argv is None else argv
-    _die_with_parent()
+    _die_with_parent()  # under torchrun: when torchrun dies (it dies with the daemon)
     # Ctrl-C in a terminal signals the whole process group: the daemon alone decides, and
     # tells the worker to checkpoint and stop at a step boundary.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # The protocol owns the real stdout; anything else printed goes to stderr.
-    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    # The protocol owns the real stdout (rank 0's under torchrun); anything else printed, and
+    # everything the other ranks print, goes to stderr.
+    main_rank = not launched_by_torchrun() or os.environ.get("RANK") == "0"
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8") if main_rank else None
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    Worker(Home(argv[0]), proto).serve()
+    worker = Worker(Home(argv[0]), proto)
+    if worker.distributed:
+        # torchrun forwards SIGTERM (someone stopped the job, or it is tearing it down):
+        # checkpoint and stop at the next step boundary, as on the daemon's `stop`.
+        def on_term(signum: int, _frame: Any) -> None:
+            worker.signal = signum
+
+        signal.signal(signal.SIGTERM, on_term)
+    worker.serve()
 
 
 if __name__ == "__main__":

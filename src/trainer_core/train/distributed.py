@@ -70,13 +70,13 @@ def launched_by_torchrun() -> bool:
 
 def torchrun_command(nproc: int, args: Sequence[str], *, python: str | None = None,
                      nnodes: int = 1, rdzv_endpoint: str | None = None,
-                     rdzv_id: str | None = None) -> list[str]:
-    """The command that runs ``python -m trainer_core ARGS`` in ``nproc`` processes per node.
+                     rdzv_id: str | None = None, module: str = "trainer_core") -> list[str]:
+    """The command that runs ``python -m MODULE ARGS`` in ``nproc`` processes per node.
 
     ``args`` are the trainer's arguments (e.g. ``["run", "--config", "c.json"]``). One node:
     ``--standalone`` (a local rendezvous on a free port). Several nodes: pass ``nnodes``, the
     same ``rdzv_endpoint`` (``host:port`` of one node) and ``rdzv_id`` on every node. The daemon
-    launches its worker with this too.
+    launches its worker with this too (``module="trainer_core.daemon.worker"``).
     """
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1 and rdzv_endpoint is None:
@@ -86,7 +86,7 @@ def torchrun_command(nproc: int, args: Sequence[str], *, python: str | None = No
             raise ValueError("several nodes need rdzv_endpoint (host:port of one node)")
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                 f"--rdzv-id={rdzv_id or 'trainer'}"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "trainer_core", *args]
+    cmd += [f"--nproc-per-node={nproc}", "-m", module, *args]
     return cmd
 
 
@@ -238,6 +238,22 @@ class Distributed:
         if record and self.on_abort is not None:
             with contextlib.suppress(Exception):
                 self.on_abort(why)
+
+    def peer_failure(self, wait_s: float = 2.0) -> str | None:
+        """Why a collective failed when another rank is to blame: the failure a peer published,
+        or a peer on this node whose process is gone; None if neither shows within ``wait_s``
+        (gloo can raise "connection reset" before the peer's exit is visible)."""
+        if self.watchdog is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                why = self.watchdog.peer_failure()
+            except Exception:  # the store is gone: torchrun is ending the job
+                return None
+            if why is not None or time.monotonic() >= deadline:
+                return why
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------ collectives
 
@@ -470,10 +486,16 @@ class Distributed:
             )
 
             model_state = self.full_model_state()
-            full = get_optimizer_state_dict(
-                self.model, setup.optimizer,
-                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            optim_state = positional_optimizer_state(full) if self.is_main else None
+            if setup.optimizer.state:
+                full = get_optimizer_state_dict(
+                    self.model, setup.optimizer,
+                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                optim_state = positional_optimizer_state(full) if self.is_main else None
+            else:
+                # Before the first step (the daemon's step-0 checkpoint): the positional
+                # format as is. get_optimizer_state_dict would initialise the state with a
+                # zero-gradient step, so the first real step would be AdamW's second.
+                optim_state = setup.optimizer.state_dict() if self.is_main else None
         path = output_dir / "checkpoints" / f"step-{step:06d}"
         error: OSError | None = None
         if self.is_main:
@@ -616,6 +638,16 @@ class Watchdog:
     def stop(self) -> None:
         self.stopped.set()
 
+    def peer_failure(self) -> str | None:
+        """A failure a peer published, or a peer on this node that vanished (raises if the
+        store is gone)."""
+        if self.store.check(["failed"]):
+            return f"another process of this run failed ({self.store.get('failed').decode()})"
+        for r in range(self.dist.world):
+            if r != self.dist.rank and not self.store.check([f"done/{r}"]) and self._gone(r):
+                return f"rank {r} died (its process is gone)"
+        return None
+
     def _loop(self) -> None:
         beat = 0
         seen: dict[int, tuple[str, float]] = {}
@@ -624,17 +656,14 @@ class Watchdog:
             try:
                 beat += 1
                 self.store.set(f"hb/{self.dist.rank}", str(beat))
-                if self.store.check(["failed"]):
-                    why = self.store.get("failed").decode()
-                    self._die(f"another process of this run failed ({why})")
+                why = self.peer_failure()
+                if why is not None:
+                    self._die(why)
                     return
                 now = time.monotonic()
                 for r in peers:
                     if self.store.check([f"done/{r}"]):
                         continue
-                    if self._gone(r):
-                        self._die(f"rank {r} died (its process is gone)")
-                        return
                     hb = self.store.get(f"hb/{r}").decode() if self.store.check(
                         [f"hb/{r}"]) else ""
                     if r not in seen or seen[r][0] != hb:
