@@ -240,6 +240,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     collate_s = 0.0
     micro_counts = []
     graph_count: list[int] = []
+    replay_only: list[bool] = []
     prof = None
     for step in range(plan.total_steps):
         if profile and step == warmup:
@@ -254,7 +255,12 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         n_trained = count_trained(batches)
         collate_s += time.time() - t0 if step >= warmup else 0.0
         micro_counts.append(len(batches))
+        before = setup.graphs.stats() if setup.graphs is not None else None
         step_loss, grad_norm, _ = engine.train_step(setup, batches, n_trained, hp.max_grad_norm)
+        if before is not None:  # a step served by graph replays alone (no eager, no capture)
+            after = setup.graphs.stats()
+            replay_only.append(after["eager"] == before["eager"]
+                               and after["captures"] == before["captures"])
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
         processed = sum(int(b["input_ids"].numel()) for b in batches)
@@ -267,6 +273,15 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
                                    default=0)
     if setup.graphs is not None:
         out["cuda_graphs"] = setup.graphs.stats()
+        # Steady state once a shape is captured (a long run's steps are almost all like this):
+        # the timed steps that replayed graphs only.
+        idx = [i for i in range(warmup, len(replay_only)) if replay_only[i]]
+        if idx:
+            t = sum(meter.step_times[i] for i in idx)
+            out["replay_steps"] = len(idx)
+            out["replay_tokens_per_s"] = round(sum(meter.tokens[i] for i in idx) / t, 1)
+            out["replay_step_ms_median"] = round(
+                1e3 * sorted(meter.step_times[i] for i in idx)[len(idx) // 2], 1)
     try:
         from torch._dynamo.utils import counters
 

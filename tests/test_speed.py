@@ -130,7 +130,7 @@ def test_fixed_shape_batches_of_cuda_graphs_give_the_same_loss_and_gradients(
     longest = max(b - a for a, b in zip(cu, cu[1:]))  # examples and the filler segment
     assert longest >= max(len(ex["input_ids"]) for ex in examples)
     assert fixed["n_trained"] == n and fixed["max_seqlen"] >= longest
-    assert fixed["max_seqlen"] == 1 << max(7, (longest - 1).bit_length())
+    assert fixed["max_seqlen"] == min(TOKEN_MULTIPLE, 1 << max(10, (longest - 1).bit_length()))
     assert int((fixed["trained_targets"] != -100).sum()) == n
     model.zero_grad()
     loss, count = fn(model, fixed)

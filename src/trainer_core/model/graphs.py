@@ -15,7 +15,7 @@ by a *shape key* and copied into static buffers:
   gradient);
 * segments ``M``: the cumulative example lengths, padded with empty segments to a multiple
   of :data:`SEGMENT_MULTIPLE`; the varlen attention's ``max_seqlen`` is the longest
-  segment rounded up to a power of two.
+  segment rounded up to a power of two (at least 1,024).
 
 A key's first micro-batch runs eagerly (as do the first :data:`WARMUP`), so compilation,
 recompilation for a new size range and autotuning all happen outside a capture; its second
@@ -40,8 +40,9 @@ from trainer_core.data.batching import IGNORE
 
 #: Packed rows are padded to a multiple of this many tokens (a new graph per multiple).
 TOKEN_MULTIPLE = 256
-#: Trained positions per micro-batch are padded to a multiple of this.
-TRAINED_MULTIPLE = 512
+#: Trained positions per micro-batch are padded to a multiple of this (coarse: fewer shapes,
+#: so fewer captures; the padding costs only lm_head work on ignored positions).
+TRAINED_MULTIPLE = 1024
 #: Segments (examples + filler) per micro-batch are padded to a multiple of this.
 SEGMENT_MULTIPLE = 8
 #: Eager micro-batches before the first capture (compile, autotune, lazy CUDA state).
@@ -210,8 +211,8 @@ def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict
     # Pinned host memory lets the copies into the graph's buffers run asynchronously.
     out: dict[str, Any] = ({k: v.pin_memory() for k, v in pinned.items()} if pin else pinned)
     # The attention kernel's grid follows max_seqlen: the longest segment rounded up to a power
-    # of two (few distinct values, so few extra graphs), not the whole row.
-    out["max_seqlen"] = min(width, 1 << max(7, (max(lens) - 1).bit_length()))
+    # of two of at least 1,024 (few distinct values, so few extra graphs), not the whole row.
+    out["max_seqlen"] = min(width, 1 << max(10, (max(lens) - 1).bit_length()))
     out["n_trained"] = int(len(where))
     return out
 

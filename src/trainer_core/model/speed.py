@@ -503,6 +503,13 @@ def compile_blocks(model: Any) -> Any:
             setattr(dyn, name, max(getattr(dyn, name), 64))
     if hasattr(dyn, "accumulated_recompile_limit"):
         dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 512)
+    # Inductor's mix-order reduction fusion decides by thresholds on the sequence length
+    # (>= 2,048, 4,096, 5,120 tokens...), and each decision is a guard: a packed row crossing
+    # one recompiled the blocks (seconds each, at random steps of a run). Off, one dynamic
+    # graph serves every length after the second step.
+    triton_cfg = getattr(torch._inductor.config, "triton", None)
+    if hasattr(triton_cfg, "mix_order_reduction"):
+        triton_cfg.mix_order_reduction = False
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
         return model
