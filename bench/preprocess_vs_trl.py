@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+QWEN3_VOCAB = 151_936  # embedding rows of Qwen3 models (check_tokenizer compares with it)
 
 WORDS = (
     "the of and to in is that it for was on are as with his they at be this from have or by one "
@@ -115,10 +116,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def child_trainer(data: str, cache: str, template: str) -> None:
     t0 = time.perf_counter()
+    # The calls `trainer run` makes to get its data (train/recipe.py), in the same order; what
+    # it does besides (output directory, model directory) is left out.
     from trainer_core.config import load_config
-    from trainer_core.data.tokenizer import load_tokenizer
+    from trainer_core.data.batching import plan_steps
+    from trainer_core.data.tokenizer import check_tokenizer, load_tokenizer
     from trainer_core.model.loading import quiet_hf
-    from trainer_core.plugins.registry import build_profile
+    from trainer_core.plugins.registry import build_profile, check_report_to
     from trainer_core.train.inputs import load_rows, prepare_examples
 
     t_import = time.perf_counter()
@@ -126,20 +130,26 @@ def child_trainer(data: str, cache: str, template: str) -> None:
                                  "data.validation_split": 0, "model.chat_template": template,
                                  "hyperparams.max_length": 2048})
     profile = build_profile(cfg)
-    train_rows, val_rows, _ = load_rows(cfg)
+    check_report_to(cfg)
+    train_rows, val_rows, skipped = load_rows(cfg)
     t_rows = time.perf_counter()
     quiet_hf()
     tok = load_tokenizer(None)
+    check_tokenizer(tok, QWEN3_VOCAB, cfg.model.chat_template == "chatml")
     t_tok = time.perf_counter()
-    train, _val, stats = prepare_examples(cfg, profile, tok, train_rows, val_rows)
+    train, _val, stats = prepare_examples(cfg, profile, tok, train_rows, val_rows, skipped)
+    hp = cfg.hyperparams
+    plan = plan_steps(len(train), hp.batch_size * hp.gradient_accumulation, hp.num_epochs,
+                      hp.max_steps, cfg.data.seed, cfg.data.shuffle)
     first, last = train[0], train[len(train) - 1]  # the examples are usable
-    assert first["input_ids"] and last["labels"]
+    assert first["input_ids"] and last["labels"] and plan.total_steps
     t_end = time.perf_counter()
     s = stats["train"]
     print(json.dumps({"tokens": s["total_tokens"], "trained": s["trained_tokens"],
                       "rows": s["rows_kept"], "cache_hit": s["cache_hit"],
                       "imports": t_import - t0, "rows_s": t_rows - t_import,
-                      "tokenizer_s": t_tok - t_rows, "prepare_s": t_end - t_tok}))
+                      "tokenizer_s": t_tok - t_rows, "prepare_s": t_end - t_tok,
+                      "torch_imported": "torch" in sys.modules}))
 
 
 def child_trl(data: str, tokenizer_dir: str, out: str) -> None:

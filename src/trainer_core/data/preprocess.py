@@ -53,7 +53,7 @@ from trainer_core.data.chat import (
     resolve_template,
     truncate,
 )
-from trainer_core.data.rows import LINE_KEY, ON_INVALID, example_of, example_problems
+from trainer_core.data.rows import LINE_KEY, ON_INVALID, Rows, example_of, example_problems
 from trainer_core.errors import DataError, UserError
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
@@ -146,6 +146,9 @@ def cache_key(
         "on_invalid": on_invalid,
     }
     digest.update(json.dumps(header, sort_keys=True, default=repr).encode())
+    if isinstance(rows, Rows):  # rows of a data file: their digest stands for them
+        digest.update(b"rows:" + rows.digest.encode())
+        return digest.hexdigest()
     # All rows at once (line numbers included: they are stored in the "line" column). marshal
     # format 2 has no back-references, so equal rows give equal bytes; it is ~4x faster than
     # JSON, which stays the fallback for values marshal does not know.
@@ -309,10 +312,12 @@ def preprocess(
         if cached is not None:
             _check_rejected(cached[1], on_invalid, profile, source)
             return cached
+    from trainer_core.data.tokenizer import materialized, special_token_texts
+
+    tokenizer = materialized(tokenizer)  # a miss tokenizes: the real one, its own class
     job = _Job(rows, profile, tokenizer, tpl, max_length, seed, truncation, source,
                on_invalid=on_invalid)
     if special_tokens == "reject":
-        from trainer_core.data.tokenizer import special_token_texts
 
         job.controls = special_token_texts(tokenizer)
     result, stats = _compute(job, _worker_count(workers, len(rows)))
@@ -627,6 +632,9 @@ def _fast_backend(tokenizer: Any) -> Any:
     """The Rust ``tokenizers.Tokenizer`` behind a transformers fast tokenizer, set up exactly as
     ``tokenizer(text, add_special_tokens=False)`` sets it (no truncation, no padding); ``None``
     for other tokenizers, which take the per-row path."""
+    from trainer_core.data.tokenizer import materialized
+
+    tokenizer = materialized(tokenizer)
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch"):
         return None

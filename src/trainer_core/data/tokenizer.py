@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,7 @@ def bundled_tokenizer_dir() -> Path:
     if folder not in _verified:
         if not tokenizer_json.is_file():
             raise UserError(f"bundled tokenizer not found: {tokenizer_json} does not exist")
-        actual = sha256_file(tokenizer_json)
+        actual = _file_sha256(tokenizer_json)
         if actual != BUNDLED_SHA256:
             raise UserError(
                 f"bundled tokenizer {tokenizer_json} has sha256 {actual}, expected "
@@ -64,6 +67,11 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
     Only local files are read (``local_files_only=True``). Results are cached per
     ``(path, trust_remote_code)`` in this process and shared: do not mutate the returned object.
     A pad token is always set (``<|endoftext|>`` when the vocabulary has it, else EOS).
+
+    Returns a :class:`LazyTokenizer`: when these tokenizer files were loaded before (same
+    bytes, same transformers and tokenizers versions), what a run needs before it trains on
+    cached data (length, fingerprint, a few token ids, the chat template) is read from a small
+    facts file and transformers is not imported until something else is asked for.
     """
     folder = bundled_tokenizer_dir() if path is None else Path(path).expanduser()
     key = (str(folder.resolve()), trust_remote_code)
@@ -77,19 +85,193 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
             # transformers would build an empty tokenizer here, and every row would later be
             # dropped as "no trained tokens" with no hint why.
             raise UserError(f"no tokenizer in {folder}; pass --tokenizer DIR")
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=trust_remote_code
-            )
-        except Exception as exc:  # transformers raises many kinds; users need one line
-            raise UserError(f"cannot load tokenizer from {folder}: {exc}") from exc
-        _ensure_pad(tok)
-        # Remember where it came from so the preprocessing cache can hash the files cheaply.
-        tok.trainer_source_dir = str(folder)
+        facts_file = _facts_file(folder, trust_remote_code)
+        facts = _read_facts(facts_file) if facts_file is not None else None
+        tok = LazyTokenizer(folder, trust_remote_code, facts)
+        if facts is None:  # first time: load now, and remember the facts for the next runs
+            tok.materialize()
+            if facts_file is not None:
+                _write_facts(facts_file, tok.facts())
         _cache[key] = tok
         return tok
+
+
+def _load_now(folder: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # transformers raises many kinds; users need one line
+        raise UserError(f"cannot load tokenizer from {folder}: {exc}") from exc
+    _ensure_pad(tok)
+    # Remember where it came from so the preprocessing cache can hash the files cheaply.
+    tok.trainer_source_dir = str(folder)
+    return tok
+
+
+#: Attributes a :class:`LazyTokenizer` answers from its facts without loading.
+FACT_ATTRS = ("unk_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "unk_token",
+              "eos_token", "pad_token", "bos_token", "chat_template")
+#: Tokens whose ids the facts record (what check_tokenizer and the ChatML path ask for).
+FACT_TOKENS = ("<|im_start|>", END_OF_TURN, QWEN_PAD)
+_OWN = frozenset({"_folder", "_trust", "_facts", "_real", "trainer_source_dir"})
+
+
+class LazyTokenizer:
+    """A transformers tokenizer that is loaded when first needed.
+
+    Stands for the tokenizer everywhere (attribute access, calls, ``len``, setting attributes
+    go to the loaded tokenizer). Until then, ``len()``, :data:`FACT_ATTRS`,
+    ``convert_tokens_to_ids`` of :data:`FACT_TOKENS` and :func:`tokenizer_fingerprint` are
+    answered from ``facts``, which the same files gave when they were last loaded. Code that
+    needs the tokenizer's own class (``type()``, ``isinstance``) calls :func:`materialized`.
+    """
+
+    def __init__(self, folder: Path, trust_remote_code: bool, facts: dict[str, Any] | None
+                 ) -> None:
+        object.__setattr__(self, "_folder", folder)
+        object.__setattr__(self, "_trust", trust_remote_code)
+        object.__setattr__(self, "_facts", facts)
+        object.__setattr__(self, "_real", None)
+        object.__setattr__(self, "trainer_source_dir", str(folder))
+
+    @property
+    def loaded(self) -> bool:
+        return self._real is not None
+
+    def materialize(self) -> Any:
+        """The transformers tokenizer (loaded now if it was not)."""
+        real = self._real
+        if real is None:
+            with _load_lock:
+                real = self._real
+                if real is None:
+                    real = _load_now(self._folder, self._trust)
+                    object.__setattr__(self, "_real", real)
+        return real
+
+    def facts(self) -> dict[str, Any]:
+        """What the facts file records (from the loaded tokenizer)."""
+        real = self.materialize()
+        return {
+            "fingerprint": tokenizer_fingerprint(real),
+            "len": len(real),
+            "ids": {t: real.convert_tokens_to_ids(t) for t in FACT_TOKENS},
+            "attrs": {name: getattr(real, name, None) for name in FACT_ATTRS},
+        }
+
+    def __getattr__(self, name: str) -> Any:  # only for names not found on this object
+        if name in _OWN or name.startswith("__"):
+            raise AttributeError(name)
+        facts = self._facts
+        if self._real is None and facts is not None and name in facts["attrs"]:
+            return facts["attrs"][name]
+        return getattr(self.materialize(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.materialize(), name, value)
+
+    def __len__(self) -> int:
+        if self._real is None and self._facts is not None:
+            return int(self._facts["len"])
+        return len(self.materialize())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.materialize()(*args, **kwargs)
+
+    def convert_tokens_to_ids(self, tokens: Any) -> Any:
+        facts = self._facts
+        if (self._real is None and facts is not None and isinstance(tokens, str)
+                and tokens in facts["ids"]):
+            return facts["ids"][tokens]
+        return self.materialize().convert_tokens_to_ids(tokens)
+
+    def __repr__(self) -> str:
+        return (f"LazyTokenizer({str(self._folder)!r}, "
+                f"{'loaded' if self._real is not None else 'not loaded'})")
+
+
+def materialized(tokenizer: Any) -> Any:
+    """The real tokenizer behind ``tokenizer`` (itself unless it is a :class:`LazyTokenizer`)."""
+    return tokenizer.materialize() if isinstance(tokenizer, LazyTokenizer) else tokenizer
+
+
+_load_lock = threading.RLock()
+#: Bump when the facts (or what they are keyed on) change meaning.
+FACTS_VERSION = "1"
+#: Files in a tokenizer directory that never shape the tokenizer (model weights, optimizer
+#: state): not hashed into the facts key, so a model directory's GBs are not read each run.
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                  ".onnx", ".npy", ".npz")
+
+
+def _facts_file(folder: Path, trust_remote_code: bool) -> Path | None:
+    """Where the facts of this tokenizer live: keyed by a sha256 over every file of the
+    directory that may shape it (all but weights), the loader versions and this module's
+    facts version. ``None`` when the directory cannot be listed."""
+    import importlib.metadata as md
+
+    digest = hashlib.sha256()
+    versions = {}
+    for dist in ("transformers", "tokenizers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    digest.update(json.dumps([FACTS_VERSION, trust_remote_code, versions]).encode())
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file()
+                       and not p.name.endswith(_NOT_TOKENIZER))
+        templates = folder / CHAT_TEMPLATES_DIR
+        if templates.is_dir():
+            files += sorted(p for p in templates.iterdir() if p.is_file())
+        for p in files:
+            digest.update(f"{p.relative_to(folder)}:{_file_sha256(p)}\n".encode())
+    except OSError:
+        return None
+    root = os.environ.get("TRAINER_CACHE") or os.path.join("~", ".cache", "trainer")
+    return Path(root).expanduser() / "tokenizers" / f"{digest.hexdigest()}.json"
+
+
+_hashes: dict[tuple[str, int, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """``sha256_file``, once per file version in this process (the bundled tokenizer.json is
+    hashed by its check too)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = sha256_file(path)
+    return _hashes[key]
+
+
+def _read_facts(path: Path) -> dict[str, Any] | None:
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(facts.get("fingerprint"), str) and isinstance(facts.get("len"), int)
+                and isinstance(facts.get("ids"), dict) and isinstance(facts.get("attrs"), dict)):
+            return None
+        return facts
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_facts(path: Path, facts: dict[str, Any]) -> None:
+    try:
+        text = json.dumps(facts)
+    except (TypeError, ValueError):  # a value JSON cannot hold: no facts, always load
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache costs the load, nothing else
+        pass
 
 
 def _ensure_pad(tok: Any) -> None:
@@ -122,6 +304,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     Covers the tokenization model (``tokenizer.json`` bytes, or the backend's serialization),
     the special tokens and the chat template.
     """
+    if isinstance(tokenizer, LazyTokenizer):
+        if not tokenizer.loaded and tokenizer._facts is not None:
+            return tokenizer._facts["fingerprint"]
+        tokenizer = tokenizer.materialize()
     hit = _fingerprints.get(id(tokenizer))
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
@@ -129,7 +315,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     source = getattr(tokenizer, "trainer_source_dir", None)
     tok_json = Path(source) / "tokenizer.json" if source else None
     if tok_json is not None and tok_json.is_file():
-        digest.update(sha256_file(tok_json).encode())
+        digest.update(_file_sha256(tok_json).encode())
     else:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
