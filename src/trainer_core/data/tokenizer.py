@@ -214,7 +214,7 @@ def _facts_file(folder: Path, trust_remote_code: bool) -> Path | None:
     import importlib.metadata as md
 
     digest = hashlib.sha256()
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("transformers", "tokenizers"):
         try:
             versions[dist] = md.version(dist)
