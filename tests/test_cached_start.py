@@ -139,9 +139,13 @@ def fresh_tokenizers(monkeypatch, tmp_path):
     return tmp_path / "tc" / "tokenizers"
 
 
+def facts_files(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("*.json") if not p.name.startswith("backend-")]
+
+
 def test_lazy_tokenizer_answers_like_the_loaded_one(tok_dir, fresh_tokenizers, monkeypatch):
     first = load_tokenizer(str(tok_dir))
-    assert first.loaded and len(list(fresh_tokenizers.glob("*.json"))) == 1
+    assert first.loaded and len(facts_files(fresh_tokenizers)) == 1
     real = materialized(first)
     monkeypatch.setattr(tokmod, "_cache", {})
     lazy = load_tokenizer(str(tok_dir))
@@ -181,7 +185,7 @@ def test_changed_tokenizer_files_give_new_facts(tok_dir, fresh_tokenizers, monke
     changed = load_tokenizer(str(tok_dir))
     assert changed.loaded  # new files: loaded, not answered from the old facts
     assert tokenizer_fingerprint(changed) != base
-    assert len(list(fresh_tokenizers.glob("*.json"))) == 2
+    assert len(facts_files(fresh_tokenizers)) == 2
 
 
 def test_weights_in_a_model_directory_are_not_hashed(tok_dir, fresh_tokenizers, monkeypatch):
@@ -277,3 +281,28 @@ def test_a_second_run_gets_its_data_without_torch_or_transformers(tmp_path):
     assert not cold["hit"] and "transformers" in cold["heavy"]
     assert warm["hit"] and warm["heavy"] == []
     assert warm["first"] == cold["first"] and warm["last_val"] == cold["last_val"]
+
+
+def test_the_saved_backend_tokenizes_like_the_loaded_tokenizer(tok_dir, fresh_tokenizers,
+                                                               monkeypatch):
+    from trainer_core.data.tokenizer import rust_backend, special_token_texts
+
+    real = materialized(load_tokenizer(str(tok_dir)))
+    monkeypatch.setattr(tokmod, "_cache", {})
+    lazy = load_tokenizer(str(tok_dir))
+    backend = rust_backend(lazy)
+    assert backend is not None and backend is not real._tokenizer and not lazy.loaded
+    assert special_token_texts(lazy) == special_token_texts(real)
+    texts = ["<|im_start|>user\nCafé 🎉 naïve\r\n\n  x<|im_end|>\n", "cafe\u0301 <think>a</think>",
+             "def f():\n\treturn 'ok'  # ﬅ"]
+    for got, want in zip(backend.encode_batch(texts, add_special_tokens=False),
+                         real._tokenizer.encode_batch(texts, add_special_tokens=False),
+                         strict=True):
+        assert got.ids == want.ids and got.offsets == want.offsets
+    assert backend.to_str() == real._tokenizer.to_str()
+    # A damaged saved state: the tokenizer is loaded instead.
+    (state,) = fresh_tokenizers.glob(f"backend-{lazy._facts['backend']}.json")
+    state.write_text("{}", encoding="utf-8")
+    monkeypatch.setattr(tokmod, "_cache", {})
+    again = load_tokenizer(str(tok_dir))
+    assert rust_backend(again) is not None and again.loaded

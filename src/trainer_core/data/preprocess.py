@@ -318,7 +318,10 @@ def preprocess(
             return cached
     from trainer_core.data.tokenizer import materialized, special_token_texts
 
-    tokenizer = materialized(tokenizer)  # a miss tokenizes: the real one, its own class
+    if not (tpl.is_chatml and not truncation and _fast_backend(tokenizer) is not None):
+        # Rendering with a Jinja template, truncating and the per-row path use the
+        # tokenizer itself: load it once here, not in every worker.
+        tokenizer = materialized(tokenizer)
     job = _Job(rows, profile, tokenizer, tpl, max_length, seed, truncation, source,
                on_invalid=on_invalid)
     if special_tokens == "reject":
@@ -636,31 +639,11 @@ def _keep(job: _Job, part: _Part, line: int, messages: list, ids: np.ndarray,
 
 
 def _fast_backend(tokenizer: Any) -> Any:
-    """The Rust ``tokenizers.Tokenizer`` behind a transformers fast tokenizer, set up exactly as
-    ``tokenizer(text, add_special_tokens=False)`` sets it (no truncation, no padding); ``None``
-    for other tokenizers, which take the per-row path."""
-    from trainer_core.data.tokenizer import materialized
+    """The Rust ``tokenizers.Tokenizer`` that encodes like ``tokenizer``, or ``None`` (then the
+    per-row path); see :func:`trainer_core.data.tokenizer.rust_backend`."""
+    from trainer_core.data.tokenizer import rust_backend
 
-    tokenizer = materialized(tokenizer)
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch"):
-        return None
-    # Only when the call path is transformers' own (a subclass that rewrites text or ids on
-    # the way would make the backend's output differ).
-    for name, module in _CALL_PATH.items():
-        owner = next((k for k in type(tokenizer).__mro__ if name in vars(k)), None)
-        if owner is None or owner.__module__ != module:
-            return None
-    tokenizer("", add_special_tokens=False)  # applies the call's truncation/padding settings
-    if backend.truncation is not None or backend.padding is not None:
-        return None
-    return backend
-
-
-_CALL_PATH = {
-    "__call__": "transformers.tokenization_utils_base",
-    "_encode_plus": "transformers.tokenization_utils_tokenizers",
-}
+    return rust_backend(tokenizer)
 
 
 def _tokenize(job: _Job, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ hash so a different release of that package cannot silently change tokenization.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -87,7 +88,7 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
             raise UserError(f"no tokenizer in {folder}; pass --tokenizer DIR")
         facts_file = _facts_file(folder, trust_remote_code)
         facts = _read_facts(facts_file) if facts_file is not None else None
-        tok = LazyTokenizer(folder, trust_remote_code, facts)
+        tok = LazyTokenizer(folder, trust_remote_code, facts, facts_file)
         if facts is None:  # first time: load now, and remember the facts for the next runs
             tok.materialize()
             if facts_file is not None:
@@ -116,7 +117,8 @@ FACT_ATTRS = ("unk_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "u
               "eos_token", "pad_token", "bos_token", "chat_template")
 #: Tokens whose ids the facts record (what check_tokenizer and the ChatML path ask for).
 FACT_TOKENS = ("<|im_start|>", END_OF_TURN, QWEN_PAD)
-_OWN = frozenset({"_folder", "_trust", "_facts", "_real", "trainer_source_dir"})
+_OWN = frozenset({"_folder", "_trust", "_facts", "_facts_file", "_real", "_backend",
+                  "trainer_source_dir"})
 
 
 class LazyTokenizer:
@@ -125,16 +127,20 @@ class LazyTokenizer:
     Stands for the tokenizer everywhere (attribute access, calls, ``len``, setting attributes
     go to the loaded tokenizer). Until then, ``len()``, :data:`FACT_ATTRS`,
     ``convert_tokens_to_ids`` of :data:`FACT_TOKENS` and :func:`tokenizer_fingerprint` are
-    answered from ``facts``, which the same files gave when they were last loaded. Code that
+    answered from ``facts``, which the same files gave when they were last loaded, and
+    :func:`rust_backend` (what preprocessing tokenizes with) and :func:`special_token_texts`
+    from the Rust tokenizer state transformers had built, saved next to the facts. Code that
     needs the tokenizer's own class (``type()``, ``isinstance``) calls :func:`materialized`.
     """
 
-    def __init__(self, folder: Path, trust_remote_code: bool, facts: dict[str, Any] | None
-                 ) -> None:
+    def __init__(self, folder: Path, trust_remote_code: bool, facts: dict[str, Any] | None,
+                 facts_file: Path | None = None) -> None:
         object.__setattr__(self, "_folder", folder)
         object.__setattr__(self, "_trust", trust_remote_code)
         object.__setattr__(self, "_facts", facts)
+        object.__setattr__(self, "_facts_file", facts_file)
         object.__setattr__(self, "_real", None)
+        object.__setattr__(self, "_backend", None)
         object.__setattr__(self, "trainer_source_dir", str(folder))
 
     @property
@@ -153,14 +159,45 @@ class LazyTokenizer:
         return real
 
     def facts(self) -> dict[str, Any]:
-        """What the facts file records (from the loaded tokenizer)."""
+        """What the facts file records (from the loaded tokenizer). ``backend``: the sha256
+        of the Rust tokenizer's state, saved beside the facts as ``backend-<sha256>.json``, or None
+        when transformers does not tokenize through it as it is."""
         real = self.materialize()
+        backend = rust_backend(real)
+        backend_sha = None
+        if backend is not None and self._facts_file is not None:
+            state = backend.to_str()
+            backend_sha = hashlib.sha256(state.encode()).hexdigest()
+            _write_text(self._facts_file.parent / f"backend-{backend_sha}.json", state)
         return {
             "fingerprint": tokenizer_fingerprint(real),
             "len": len(real),
             "ids": {t: real.convert_tokens_to_ids(t) for t in FACT_TOKENS},
             "attrs": {name: getattr(real, name, None) for name in FACT_ATTRS},
+            "controls": special_token_texts(real),
+            "backend": backend_sha,
         }
+
+    def rust_backend(self) -> Any:
+        """:func:`rust_backend` of the tokenizer, from the saved state while not loaded (a
+        private ``tokenizers.Tokenizer``: transformers is not imported)."""
+        facts = self._facts
+        if self._real is None and facts is not None and facts.get("backend") \
+                and self._facts_file is not None:
+            if self._backend is None:
+                path = self._facts_file.parent / f"backend-{facts['backend']}.json"
+                try:
+                    state = path.read_bytes()
+                    if hashlib.sha256(state).hexdigest() == facts["backend"]:
+                        from tokenizers import Tokenizer
+
+                        object.__setattr__(self, "_backend",
+                                           Tokenizer.from_str(state.decode("utf-8")))
+                except Exception:  # missing, damaged, unreadable: load the tokenizer instead
+                    pass
+            if self._backend is not None:
+                return self._backend
+        return rust_backend(self.materialize())
 
     def __getattr__(self, name: str) -> Any:  # only for names not found on this object
         if name in _OWN or name.startswith("__"):
@@ -200,7 +237,7 @@ def materialized(tokenizer: Any) -> Any:
 
 _load_lock = threading.RLock()
 #: Bump when the facts (or what they are keyed on) change meaning.
-FACTS_VERSION = "1"
+FACTS_VERSION = "2"
 #: Files in a tokenizer directory that never shape the tokenizer (model weights, optimizer
 #: state): not hashed into the facts key, so a model directory's GBs are not read each run.
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
@@ -264,14 +301,52 @@ def _write_facts(path: Path, facts: dict[str, Any]) -> None:
         text = json.dumps(facts)
     except (TypeError, ValueError):  # a value JSON cannot hold: no facts, always load
         return
+    _write_text(path, text)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically (a temporary file renamed into place); a read-only or full cache disk
+    only costs the next run the full tokenizer load."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache costs the load, nothing else
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:
         pass
+
+
+def rust_backend(tokenizer: Any) -> Any:
+    """The Rust ``tokenizers.Tokenizer`` that encodes exactly like
+    ``tokenizer(text, add_special_tokens=False)`` (no truncation, no padding), or ``None``
+    (a slow tokenizer, or a subclass that changes text or ids on the way)."""
+    if isinstance(tokenizer, LazyTokenizer):
+        return tokenizer.rust_backend()
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    # Only when the call path is transformers' own (a subclass that rewrites text or ids on
+    # the way would make the backend's output differ).
+    for name, module in _CALL_PATH.items():
+        owner = next((k for k in type(tokenizer).__mro__ if name in vars(k)), None)
+        if owner is None or owner.__module__ != module:
+            return None
+    tokenizer("", add_special_tokens=False)  # applies the call's truncation/padding settings
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
+_CALL_PATH = {
+    "__call__": "transformers.tokenization_utils_base",
+    "_encode_plus": "transformers.tokenization_utils_tokenizers",
+}
 
 
 def _ensure_pad(tok: Any) -> None:
@@ -352,6 +427,9 @@ def check_tokenizer(tokenizer: Any, model_vocab_size: int | None, chatml: bool) 
 def special_token_texts(tokenizer: Any) -> list[str]:
     """The tokenizer's control tokens (added tokens marked special, e.g. ``<|im_end|>``),
     longest first. Plain added tokens such as ``<think>`` are not among them."""
+    if isinstance(tokenizer, LazyTokenizer) and not tokenizer.loaded \
+            and isinstance((tokenizer._facts or {}).get("controls"), list):
+        return list(tokenizer._facts["controls"])
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     found = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
     found.update(t for t in getattr(tokenizer, "all_special_tokens", []) if t)
