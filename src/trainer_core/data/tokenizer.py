@@ -72,7 +72,8 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
     Returns a :class:`LazyTokenizer`: when these tokenizer files were loaded before (same
     bytes, same transformers and tokenizers versions), what a run needs before it trains on
     cached data (length, fingerprint, a few token ids, the chat template) is read from a small
-    facts file and transformers is not imported until something else is asked for.
+    facts file and transformers is not imported until something else is asked for
+    (``trust_remote_code`` tokenizers are always loaded at once).
     """
     folder = bundled_tokenizer_dir() if path is None else Path(path).expanduser()
     key = (str(folder.resolve()), trust_remote_code)
@@ -86,7 +87,8 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
             # transformers would build an empty tokenizer here, and every row would later be
             # dropped as "no trained tokens" with no hint why.
             raise UserError(f"no tokenizer in {folder}; pass --tokenizer DIR")
-        facts_file = _facts_file(folder, trust_remote_code)
+        # Remote code can come from outside the directory: such tokenizers always load.
+        facts_file = None if trust_remote_code else _facts_file(folder, trust_remote_code)
         facts = _read_facts(facts_file) if facts_file is not None else None
         tok = LazyTokenizer(folder, trust_remote_code, facts, facts_file)
         if facts is None:  # first time: load now, and remember the facts for the next runs
