@@ -306,3 +306,12 @@ def test_the_saved_backend_tokenizes_like_the_loaded_tokenizer(tok_dir, fresh_to
     monkeypatch.setattr(tokmod, "_cache", {})
     again = load_tokenizer(str(tok_dir))
     assert rust_backend(again) is not None and again.loaded
+
+
+def test_the_data_path_modules_import_neither_torch_nor_transformers():
+    code = ("import sys, trainer_core.data.preprocess, trainer_core.data.tokenizer, "
+            "trainer_core.data.words, trainer_core.data.batching, trainer_core.train.inputs, "
+            "trainer_core.model.loading; "
+            "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
