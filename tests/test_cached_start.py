@@ -315,3 +315,21 @@ def test_the_data_path_modules_import_neither_torch_nor_transformers():
             "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_split_special_tokens_is_not_lost_in_the_saved_state(tok_dir, fresh_tokenizers,
+                                                             monkeypatch):
+    from trainer_core.data.tokenizer import rust_backend
+
+    config = tok_dir / "tokenizer_config.json"
+    data = json.loads(config.read_text(encoding="utf-8"))
+    data["split_special_tokens"] = True
+    config.write_text(json.dumps(data), encoding="utf-8")
+    real = materialized(load_tokenizer(str(tok_dir)))
+    spelled = real("<|im_end|>", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(tokmod, "_cache", {})
+    lazy = load_tokenizer(str(tok_dir))
+    assert not lazy.loaded and lazy._facts["backend"] is None
+    backend = rust_backend(lazy)  # loads the tokenizer rather than use a state without the flag
+    assert lazy.loaded and backend.encode("<|im_end|>", add_special_tokens=False).ids == spelled
+    assert len(spelled) > 1

@@ -392,6 +392,14 @@ def test_word_cache_declines_tokenizers_of_another_shape(backend, edit):
     assert WordEncoder.for_backend(_edited(backend, edit)) is None
 
 
+def test_word_cache_declines_spelled_out_special_tokens(backend):
+    from tokenizers import Tokenizer
+
+    spelled = Tokenizer.from_str(backend.to_str())
+    spelled.encode_special_tokens = True
+    assert WordEncoder.for_backend(spelled) is None
+
+
 def test_word_cache_leaves_words_the_tokenizer_splits_further(backend):
     words = WordEncoder.for_backend(backend)
     assert words._add_words(["hello", " world"]) == set()

@@ -167,7 +167,10 @@ class LazyTokenizer:
         real = self.materialize()
         backend = rust_backend(real)
         backend_sha = None
-        if backend is not None and self._facts_file is not None:
+        # encode_special_tokens (transformers' split_special_tokens) is not in the saved
+        # state: such a tokenizer is loaded, not stood in for.
+        if backend is not None and self._facts_file is not None \
+                and not getattr(backend, "encode_special_tokens", False):
             state = backend.to_str()
             backend_sha = hashlib.sha256(state.encode()).hexdigest()
             _write_text(self._facts_file.parent / f"backend-{backend_sha}.json", state)
@@ -239,7 +242,7 @@ def materialized(tokenizer: Any) -> Any:
 
 _load_lock = threading.RLock()
 #: Bump when the facts (or what they are keyed on) change meaning.
-FACTS_VERSION = "2"
+FACTS_VERSION = "3"
 #: Files in a tokenizer directory that never shape the tokenizer (model weights, optimizer
 #: state): not hashed into the facts key, so a model directory's GBs are not read each run.
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",

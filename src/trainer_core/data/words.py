@@ -97,8 +97,9 @@ class WordEncoder:
                         or len(tok.content) < 2:
                     return None
                 added[tok.content] = tid
-            if backend.truncation is not None or backend.padding is not None:
-                return None
+            if backend.truncation is not None or backend.padding is not None \
+                    or getattr(backend, "encode_special_tokens", False):
+                return None  # (the last: special tokens spelled out as text, not split off)
             pattern = regex.compile(split["pattern"]["Regex"])
         except Exception:  # an unknown component or a pattern `regex` does not read
             return None
