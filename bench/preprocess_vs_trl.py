@@ -9,15 +9,23 @@ with a system prompt, 30% with 2-3 rounds, some code blocks and emoji), written 
 on that same file, one after another, ``--repeats`` times in turn; the table shows medians.
 
 Variants:
-  trainer_cold      what ``trainer run`` does before it builds the model: read + validate the
-                    rows (``load_rows``), load the tokenizer, preprocess with an empty cache
-                    (plain_sft, ChatML, max_length 2048, assistant turns trained, everything
-                    else masked) and get the training examples (``prepare_examples``).
-  trainer_cold_tpl  the same with ``chat_template: tokenizer`` (Qwen3's own Jinja template,
+  trainer_cold      the calls ``trainer run`` makes to get its data, in its order, until the
+                    step plan (what it does besides - output directory, model directory - is
+                    left out): read + validate the rows (``load_rows``), load and check the
+                    tokenizer, preprocess (plain_sft, ChatML, max_length 2048, assistant turns
+                    trained, everything else masked) and get the training examples
+                    (``prepare_examples``), plan the steps. The data cache (``data.cache_dir``:
+                    rows and preprocessing) is empty; the tokenizer was loaded before (its facts
+                    and saved Rust state in the bench's ``TRAINER_CACHE``), as for any run after
+                    the first with that tokenizer.
+  trainer_first     trainer_cold with an empty ``TRAINER_CACHE`` too: the first run ever with
+                    this tokenizer (transformers loads it).
+  trainer_cold_tpl  trainer_cold with ``chat_template: tokenizer`` (Qwen3's own Jinja template,
                     the one TRL renders).
-  trainer_cached    trainer_cold again: the cache entry of the cold run is reused.
+  trainer_cached    trainer_cold again: the cache entries of the cold run are reused.
   trainer_100k      the cached run on ``--cached-rows`` short synthetic rows (the rows of
                     bench/preprocess.py); the cold run that fills its cache is not timed.
+                    "Ready" = the training examples and the step plan exist.
   trl               TRL ``SFTTrainer(..., train_dataset=...)`` construction, which prepares the
                     dataset: ``datasets.load_dataset("json")``, TRL's training version of the
                     Qwen3 chat template (``qwen3_training.jinja``, with ``{% generation %}``
@@ -50,6 +58,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+QWEN3_VOCAB = 151_936  # embedding rows of Qwen3 models (check_tokenizer compares with it)
 
 WORDS = (
     "the of and to in is that it for was on are as with his they at be this from have or by one "
@@ -115,10 +124,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def child_trainer(data: str, cache: str, template: str) -> None:
     t0 = time.perf_counter()
+    # The calls `trainer run` makes to get its data (train/recipe.py), in the same order; what
+    # it does besides (output directory, model directory) is left out.
     from trainer_core.config import load_config
-    from trainer_core.data.tokenizer import load_tokenizer
+    from trainer_core.data.batching import plan_steps
+    from trainer_core.data.tokenizer import check_tokenizer, load_tokenizer
     from trainer_core.model.loading import quiet_hf
-    from trainer_core.plugins.registry import build_profile
+    from trainer_core.plugins.registry import build_profile, check_report_to
     from trainer_core.train.inputs import load_rows, prepare_examples
 
     t_import = time.perf_counter()
@@ -126,20 +138,33 @@ def child_trainer(data: str, cache: str, template: str) -> None:
                                  "data.validation_split": 0, "model.chat_template": template,
                                  "hyperparams.max_length": 2048})
     profile = build_profile(cfg)
-    train_rows, val_rows, _ = load_rows(cfg)
+    check_report_to(cfg)
+    train_rows, val_rows, skipped = load_rows(cfg)
     t_rows = time.perf_counter()
     quiet_hf()
     tok = load_tokenizer(None)
+    check_tokenizer(tok, QWEN3_VOCAB, cfg.model.chat_template == "chatml")
     t_tok = time.perf_counter()
-    train, _val, stats = prepare_examples(cfg, profile, tok, train_rows, val_rows)
+    train, _val, stats = prepare_examples(cfg, profile, tok, train_rows, val_rows, skipped)
+    hp = cfg.hyperparams
+    plan = plan_steps(len(train), hp.batch_size * hp.gradient_accumulation, hp.num_epochs,
+                      hp.max_steps, cfg.data.seed, cfg.data.shuffle)
     first, last = train[0], train[len(train) - 1]  # the examples are usable
-    assert first["input_ids"] and last["labels"]
+    assert first["input_ids"] and last["labels"] and plan.total_steps
     t_end = time.perf_counter()
     s = stats["train"]
     print(json.dumps({"tokens": s["total_tokens"], "trained": s["trained_tokens"],
                       "rows": s["rows_kept"], "cache_hit": s["cache_hit"],
                       "imports": t_import - t0, "rows_s": t_rows - t_import,
-                      "tokenizer_s": t_tok - t_rows, "prepare_s": t_end - t_tok}))
+                      "tokenizer_s": t_tok - t_rows, "prepare_s": t_end - t_tok,
+                      "torch_imported": "torch" in sys.modules}))
+
+
+def child_tokenizer() -> None:
+    from trainer_core.data.tokenizer import load_tokenizer
+
+    load_tokenizer(None)
+    print("{}")
 
 
 def child_trl(data: str, tokenizer_dir: str, out: str) -> None:
@@ -202,13 +227,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trl-python", default=None, help="a Python with trl installed")
     ap.add_argument("--workdir", default=None, help="keep data files here (default: a temp dir)")
-    ap.add_argument("--variants", default="trainer_cold,trainer_cached,trainer_100k,trl",
+    ap.add_argument("--variants",
+                    default="trainer_cold,trainer_first,trainer_cached,trainer_100k,trl",
                     help="comma-separated; also: trainer_cold_tpl")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        (child_trainer if kind == "trainer" else child_trl)(*rest)
+        {"trainer": child_trainer, "trl": child_trl, "tokenizer": child_tokenizer}[kind](*rest)
         return
 
     variants = args.variants.split(",")
@@ -217,8 +243,10 @@ def main() -> None:
     data = work / f"chat-{args.rows}.jsonl"
     if not data.is_file():
         write_jsonl(data, chat_rows(args.rows))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
+           "TRAINER_CACHE": str(work / "trainer-cache")}
     me = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    run_child([*me, "tokenizer"], env)  # the tokenizer known (see trainer_cold)
 
     trl_python = args.trl_python
     if "trl" in variants:
@@ -253,6 +281,13 @@ def main() -> None:
             if v == "trainer_cold":
                 r = run_child([*me, "trainer", str(data), str(cache), "chatml"], env)
                 assert not r["cache_hit"]
+            elif v == "trainer_first":
+                first = work / f"first-{rep}"
+                shutil.rmtree(first, ignore_errors=True)
+                r = run_child([*me, "trainer", str(data), str(first / "data"), "chatml"],
+                              {**env, "TRAINER_CACHE": str(first / "trainer")})
+                assert not r["cache_hit"]
+                shutil.rmtree(first, ignore_errors=True)
             elif v == "trainer_cold_tpl":
                 tpl_cache = work / f"cache-tpl-{rep}"
                 shutil.rmtree(tpl_cache, ignore_errors=True)
@@ -301,7 +336,7 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, data: Path)
         print(f"{v:<17} {rows:>8,} {tokens:>11,} {wall:8.2f} {med(v, 'cpu'):8.2f} "
               f"{tokens / wall:11,.0f} {med(v, 'prepare_s'):18.2f}")
     if "trl" in results:
-        for v in ("trainer_cold", "trainer_cold_tpl"):
+        for v in ("trainer_cold", "trainer_first", "trainer_cold_tpl"):
             if v in results:
                 walls = [t["wall"] / c["wall"] for t, c in zip(results["trl"], results[v],
                                                                 strict=True)]

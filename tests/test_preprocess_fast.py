@@ -11,10 +11,14 @@ and labels them with array operations, in one or several processes; its ``input_
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import unicodedata
 
 import numpy as np
 import pytest
@@ -24,11 +28,14 @@ from trainer_core.data.preprocess import (
     Tokenized,
     _control_tokens,
     _fast_backend,
+    _Job,
+    _tokenize,
     example_rng,
     preprocess,
 )
 from trainer_core.data.rows import LINE_KEY, example_of, example_problems
 from trainer_core.data.tokenizer import bundled_tokenizer_dir, load_tokenizer, special_token_texts
+from trainer_core.data.words import WordEncoder
 from trainer_core.errors import DataError, UserError
 from trainer_core.plugins.profile import PlainSFT
 from trainer_core.plugins.registry import get_profile_class
@@ -281,3 +288,120 @@ def test_invalid_row_policies_are_the_same_with_workers_and_from_the_cache(tok, 
     assert not c1.cache_hit and c2.cache_hit and as_tuples(cold) == as_tuples(warm)
     assert {k: v for k, v in c1.to_dict().items() if k != "cache_hit"} == \
         {k: v for k, v in c2.to_dict().items() if k != "cache_hit"}
+
+
+# ------------------------------------------------------------------ the word cache
+
+#: Pieces of adversarial text: whitespace runs of every kind, CRLF, contractions in both
+#: cases, letters whose case folds to ASCII (long s, Kelvin sign), combining marks (not in NFC
+#: after a base letter), CJK, Hangul, emoji with modifiers and joiners, control and separator
+#: characters, and the tokenizer's added tokens (special and not).
+ALPHABET = [*"ab Z9 \n\r\t'sStT!?.,-_()[]{}<>|é日本語한국어🎉👍🏽", "\u0301", "\u00a0", "\u2003",
+            "\u3000", "\u200b", "\u200d", "\x1c", "\x1f", "\x85", "\u2028", "\x00", "ſ", "\u212a",
+            "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "'re", "'LL",
+            "'S", "  ", "\n\n", "\r\n", "1234", "ﬅ", "Ⅻ", "٣", "ǅ"]
+
+
+def random_texts(rng: random.Random, n: int) -> list[str]:
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 50))) for _ in range(n)]
+
+
+def backend_encode(backend, texts):
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    ids = [i for e in encs for i in e.ids]
+    offsets = [o for e in encs for o in e.offsets]
+    return ids, offsets, [len(e) for e in encs]
+
+
+@pytest.fixture(scope="module")
+def backend(tok):
+    from tokenizers import Tokenizer
+
+    # A private copy: the tests switch its normalizer off and on.
+    return Tokenizer.from_str(_fast_backend(tok).to_str())
+
+
+def test_word_cache_gives_the_tokenizer_own_ids_and_offsets(backend):
+    words = WordEncoder.for_backend(backend)
+    assert words is not None and not words.unsafe
+    rng = random.Random(12)
+    done_texts = 0
+    for _ in range(150):
+        texts = random_texts(rng, 8)
+        ids, offsets, lengths, done = words.encode(texts)
+        kept = [t for t, d in zip(texts, done, strict=True) if d]
+        want = backend_encode(backend, kept)
+        assert ids.tolist() == want[0]
+        assert [tuple(o) for o in offsets.tolist()] == want[1]
+        assert lengths[done].tolist() == want[2] and not lengths[~done].any()
+        done_texts += len(kept)
+        # Texts not in NFC are left to the tokenizer (its normalizer moves offsets).
+        assert all(d or not unicodedata.is_normalized("NFC", t) for t, d in zip(texts, done, strict=True))
+    assert done_texts > 600  # most texts took the word path
+
+
+@pytest.mark.parametrize("normalizer", [True, False], ids=["nfc", "normalizer_off"])
+def test_tokenize_mixes_word_cache_and_tokenizer_in_text_order(backend, normalizer):
+    nfc = backend.normalizer
+    words = WordEncoder.for_backend(backend)
+    # A character the word path must not take (as if a probe had disagreed on it).
+    words.safe.discard("é")
+    words.unsafe.add("é")
+    job = _Job([], None, None, None, 0, 0, False, "t", backend=backend, words=words, nfc=nfc)
+    rng = random.Random(5)
+    try:
+        if not normalizer:
+            backend.normalizer = None
+        for _ in range(40):
+            texts = [t or "x" for t in random_texts(rng, 12)]
+            if not normalizer:  # only NFC text reaches a worker without its normalizer
+                texts = [unicodedata.normalize("NFC", t) for t in texts]
+            ids, offs, lengths = _tokenize(job, texts)
+            want_ids, want_offs, want_lengths = backend_encode(backend, texts)
+            base = np.repeat(np.cumsum([0] + [len(t) for t in texts[:-1]]), want_lengths)
+            assert ids.tolist() == want_ids and lengths.tolist() == want_lengths
+            assert (offs - base[:, None]).tolist() == [list(o) for o in want_offs]
+    finally:
+        backend.normalizer = nfc
+
+
+def _edited(backend, edit):
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    edit(state)
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def _gpt2_style(state):
+    state["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False,
+                              "trim_offsets": True, "use_regex": True}
+
+
+def _stripping_added_token(state):
+    state["added_tokens"][-1]["lstrip"] = True
+
+
+def _other_normalizer(state):
+    state["normalizer"] = {"type": "NFKC"}
+
+
+@pytest.mark.parametrize("edit", [_gpt2_style, _stripping_added_token, _other_normalizer],
+                         ids=["gpt2_style", "stripping_added_token", "nfkc"])
+def test_word_cache_declines_tokenizers_of_another_shape(backend, edit):
+    assert WordEncoder.for_backend(_edited(backend, edit)) is None
+
+
+def test_word_cache_declines_spelled_out_special_tokens(backend):
+    from tokenizers import Tokenizer
+
+    spelled = Tokenizer.from_str(backend.to_str())
+    spelled.encode_special_tokens = True
+    assert WordEncoder.for_backend(spelled) is None
+
+
+def test_word_cache_leaves_words_the_tokenizer_splits_further(backend):
+    words = WordEncoder.for_backend(backend)
+    assert words._add_words(["hello", " world"]) == set()
+    # "a b" is two words to the tokenizer: cached as one it would be wrong.
+    assert words._add_words(["a b"]) == {"a b"} and "a b" not in words.index

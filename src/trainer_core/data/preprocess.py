@@ -9,15 +9,18 @@ follow ``data.on_invalid`` (``error``: stop, listing them; ``skip``: drop and co
 user opted in, truncated after their last complete assistant turn); rows with no trained token
 are dropped. Every drop is counted by reason in the stats.
 
-Fast path: rows are rendered one by one but tokenized many per call (the fast tokenizer's Rust
-``encode_batch`` with offsets) and labelled with array operations over the whole batch; large
-inputs are split into contiguous chunks handled by several forked processes. The result is
-identical to ``encode`` row by row (tests compare them); slow (non-"fast") tokenizers and
-truncated rows take the per-row path.
+Fast path: rows are rendered one by one but tokenized many per call and labelled with array
+operations over the whole batch; large inputs are split into contiguous chunks handled by
+several forked processes. Tokenizing goes through the word cache (``data.words``: each
+distinct word encoded once, for byte-level BPE tokenizers such as Qwen's) and otherwise the
+fast tokenizer's Rust ``encode_batch`` with offsets. The result is identical to ``encode`` row
+by row (tests compare them); slow (non-"fast") tokenizers and truncated rows take the per-row
+path.
 
 The result (:class:`Tokenized`) is cached on disk under ``<cache_dir>/<key>/`` as flat ``.npy``
-arrays read back memory-mapped, where ``key`` is a sha256 of every input that changes it (rows,
-profile name/version/options/date, tokenizer, template text, max_length, truncation, seed,
+arrays read back memory-mapped, where ``key`` is a sha256 of every input that changes it (rows
+- for :class:`~trainer_core.data.rows.Rows`, their digest: the data file's sha256 -, profile
+name/version/options/date, tokenizer, template text, max_length, truncation, seed,
 special-token and on_invalid policies, ``PREPROCESS_VERSION``). Entries are written to a temporary folder and renamed into place, so a
 crash or a concurrent run never leaves a half-written one.
 """
@@ -53,7 +56,8 @@ from trainer_core.data.chat import (
     resolve_template,
     truncate,
 )
-from trainer_core.data.rows import LINE_KEY, ON_INVALID, example_of, example_problems
+from trainer_core.data.rows import LINE_KEY, ON_INVALID, Rows, example_of, example_problems
+from trainer_core.data.words import WordEncoder
 from trainer_core.errors import DataError, UserError
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
@@ -146,6 +150,9 @@ def cache_key(
         "on_invalid": on_invalid,
     }
     digest.update(json.dumps(header, sort_keys=True, default=repr).encode())
+    if isinstance(rows, Rows):  # rows of a data file: their digest stands for them
+        digest.update(b"rows:" + rows.digest.encode())
+        return digest.hexdigest()
     # All rows at once (line numbers included: they are stored in the "line" column). marshal
     # format 2 has no back-references, so equal rows give equal bytes; it is ~4x faster than
     # JSON, which stays the fallback for values marshal does not know.
@@ -309,10 +316,15 @@ def preprocess(
         if cached is not None:
             _check_rejected(cached[1], on_invalid, profile, source)
             return cached
+    from trainer_core.data.tokenizer import materialized, special_token_texts
+
+    if not (tpl.is_chatml and not truncation and _fast_backend(tokenizer) is not None):
+        # Rendering with a Jinja template, truncating and the per-row path use the
+        # tokenizer itself: load it once here, not in every worker.
+        tokenizer = materialized(tokenizer)
     job = _Job(rows, profile, tokenizer, tpl, max_length, seed, truncation, source,
                on_invalid=on_invalid)
     if special_tokens == "reject":
-        from trainer_core.data.tokenizer import special_token_texts
 
         job.controls = special_token_texts(tokenizer)
     result, stats = _compute(job, _worker_count(workers, len(rows)))
@@ -400,9 +412,13 @@ class _Job:
     on_invalid: str = "error"
     #: The tokenizer's control tokens when ``special_tokens="reject"`` (else empty).
     controls: list[str] = attrs.Factory(list)
+    #: Use the word cache when it applies (off only to compare with the tokenizer's path).
+    word_cache: bool = True
     backend: Any = None
     #: In a worker: the backend's NFC normalizer, switched off for batches already in NFC.
     nfc: Any = None
+    #: The word cache (``data.words``) when the backend is of its shape, else None.
+    words: Any = None
 
 
 @attrs.define
@@ -438,6 +454,8 @@ _current: _Job | None = None  # the job forked workers inherit
 def _compute(job: _Job, workers: int) -> tuple[Tokenized, PreprocessStats]:
     global _current
     job.backend = _fast_backend(job.tokenizer)
+    if job.backend is not None and job.word_cache:
+        job.words = WordEncoder.for_backend(job.backend)
     n = len(job.rows)
     parts: list[_Part] | None = None
     if workers > 1 and n > 1:
@@ -591,10 +609,7 @@ def _encode_batch(job: _Job, pending: list[tuple[int, int, list, str, list]], pa
             _keep(job, part, line, messages, np.asarray(enc.input_ids, np.int32),
                   np.asarray(enc.labels) != IGNORE_INDEX)
         return
-    if job.nfc is not None:
-        in_nfc = all(unicodedata.is_normalized("NFC", t) for t in texts)
-        job.backend.normalizer = None if in_nfc else job.nfc
-    ids, trained, lengths = _label_batch(job.backend, texts, [p[4] for p in pending])
+    ids, trained, lengths = _label_batch(job, texts, [p[4] for p in pending])
     pos = 0
     for (_index, line, messages, _text, _spans), n in zip(pending, lengths.tolist(), strict=True):
         _keep(job, part, line, messages, ids[pos : pos + n], trained[pos : pos + n])
@@ -624,45 +639,76 @@ def _keep(job: _Job, part: _Part, line: int, messages: list, ids: np.ndarray,
 
 
 def _fast_backend(tokenizer: Any) -> Any:
-    """The Rust ``tokenizers.Tokenizer`` behind a transformers fast tokenizer, set up exactly as
-    ``tokenizer(text, add_special_tokens=False)`` sets it (no truncation, no padding); ``None``
-    for other tokenizers, which take the per-row path."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch"):
-        return None
-    # Only when the call path is transformers' own (a subclass that rewrites text or ids on
-    # the way would make the backend's output differ).
-    for name, module in _CALL_PATH.items():
-        owner = next((k for k in type(tokenizer).__mro__ if name in vars(k)), None)
-        if owner is None or owner.__module__ != module:
-            return None
-    tokenizer("", add_special_tokens=False)  # applies the call's truncation/padding settings
-    if backend.truncation is not None or backend.padding is not None:
-        return None
-    return backend
+    """The Rust ``tokenizers.Tokenizer`` that encodes like ``tokenizer``, or ``None`` (then the
+    per-row path); see :func:`trainer_core.data.tokenizer.rust_backend`."""
+    from trainer_core.data.tokenizer import rust_backend
+
+    return rust_backend(tokenizer)
 
 
-_CALL_PATH = {
-    "__call__": "transformers.tokenization_utils_base",
-    "_encode_plus": "transformers.tokenization_utils_tokenizers",
-}
+def _tokenize(job: _Job, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, offsets, lengths)`` of ``texts`` as the tokenizer's ``encode_batch`` gives them,
+    offsets moved to the concatenation of all texts: by the word cache for the texts it
+    takes, by the tokenizer for the others."""
+    if job.words is not None:
+        ids, offs, lengths, done = job.words.encode(texts)
+    else:
+        ids, offs = np.zeros(0, np.int32), np.zeros((0, 2), np.int64)
+        lengths, done = np.zeros(len(texts), np.int64), np.zeros(len(texts), np.bool_)
+    rest = np.flatnonzero(~done).tolist()
+    if rest:
+        r_ids, r_offs, r_lengths = _encode_backend(job, [texts[i] for i in rest])
+        if len(rest) == len(texts):
+            ids, offs, lengths = r_ids, r_offs, r_lengths
+        else:  # interleave both in text order
+            starts = np.zeros(len(texts), np.int64)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            r_starts = np.zeros(len(rest), np.int64)
+            np.cumsum(r_lengths[:-1], out=r_starts[1:])
+            lengths = lengths.copy()
+            lengths[rest] = r_lengths
+            slots = {i: k for k, i in enumerate(rest)}
+            pick_ids, pick_offs = [], []
+            for i in range(len(texts)):
+                k = slots.get(i)
+                if k is None:
+                    a, b = starts[i], starts[i] + lengths[i]
+                    pick_ids.append(ids[a:b])
+                    pick_offs.append(offs[a:b])
+                else:
+                    a, b = r_starts[k], r_starts[k] + r_lengths[k]
+                    pick_ids.append(r_ids[a:b])
+                    pick_offs.append(r_offs[a:b])
+            ids, offs = np.concatenate(pick_ids), np.concatenate(pick_offs)
+    # Move every text to its place in the concatenation of all texts.
+    text_base = np.zeros(len(texts), np.int64)
+    np.cumsum([len(t) for t in texts[:-1]], out=text_base[1:])
+    offs = offs + np.repeat(text_base, lengths)[:, None]
+    return ids.astype(np.int32, copy=False), offs, lengths
 
 
-def _label_batch(backend: Any, texts: list[str], spans: list[list[tuple[int, int]]]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize ``texts`` in one call; a token is trained iff its characters overlap one of its
-    text's ``spans`` (``chat.label_offsets``' rule, on the batch's concatenated text)."""
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
+def _encode_backend(job: _Job, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tokenizer's ``encode_batch``: ids, offsets inside each text, lengths."""
+    if job.nfc is not None:
+        in_nfc = all(unicodedata.is_normalized("NFC", t) for t in texts)
+        job.backend.normalizer = None if in_nfc else job.nfc
+    encodings = job.backend.encode_batch(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e) for e in encodings), np.int64, len(encodings))
     total = int(lengths.sum())
     ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int32, total)
     offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
                        np.int64, 2 * total).reshape(total, 2)
-    # Move every text to its place in the concatenation of all texts.
+    return ids, offs, lengths
+
+
+def _label_batch(job: _Job, texts: list[str], spans: list[list[tuple[int, int]]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize ``texts``; a token is trained iff its characters overlap one of its text's
+    ``spans`` (``chat.label_offsets``' rule, on the batch's concatenated text)."""
+    ids, offs, lengths = _tokenize(job, texts)
     text_base = np.zeros(len(texts), np.int64)
     np.cumsum([len(t) for t in texts[:-1]], out=text_base[1:])
     char_total = int(text_base[-1]) + len(texts[-1])
-    offs += np.repeat(text_base, lengths)[:, None]
     flat = [(a, b) for base, row in zip(text_base.tolist(), spans, strict=True)
             for a, b in ((base + a, base + b) for a, b in row)]
     edges = np.zeros(char_total + 1, np.int32)

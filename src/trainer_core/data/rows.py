@@ -11,12 +11,17 @@ Imports nothing heavy: the CLI validates data with this module before loading to
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
 import stat
+import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -65,37 +70,221 @@ def read_rows(path: str) -> tuple[list[dict[str, Any]], list[Problem]]:
     in file order as ``{"messages": [...], ..., "_line": N}``; ``prompt``/``completion`` rows are
     converted to messages. Raises ``UserError`` only when the file cannot be read at all.
     """
-    rows: list[dict[str, Any]] = []
-    problems: list[Problem] = []
     try:
-        with open(path, "rb") as fh:  # binary: decode per line so one bad byte costs one row
-            for number, line in enumerate(fh, start=1):
-                if number == 1 and line.startswith(_BOM):
-                    line = line[len(_BOM) :]
-                _read_line(line.rstrip(b"\n").removesuffix(b"\r"), path, number, rows, problems)
+        with open(path, "rb") as fh:
+            rows, problems, _spans = _scan(fh, path, None)
     except OSError as exc:
         raise UserError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
     return rows, problems
 
 
+def _scan(fh: Any, path: str, digest: Any) -> tuple[list[dict[str, Any]], list[Problem],
+                                                    array]:
+    """Valid rows, problems, and ``(start, end, line)`` of each valid row's bytes in the file;
+    ``digest`` (a hashlib object or None) is fed every byte read."""
+    rows: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    spans = array("q")
+    pos = 0
+    for number, raw in enumerate(fh, start=1):  # binary: decode per line, one bad byte = one row
+        if digest is not None:
+            digest.update(raw)
+        start, pos = pos, pos + len(raw)
+        line = raw
+        if number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+            start += len(_BOM)
+        line = line.rstrip(b"\n").removesuffix(b"\r")
+        if _read_line(line, path, number, rows, problems):
+            spans.extend((start, start + len(line), number))
+    return rows, problems, spans
+
+
 def _read_line(
     line: bytes, path: str, number: int, rows: list[dict[str, Any]], problems: list[Problem]
-) -> None:
+) -> bool:
+    """Parse one line into ``rows`` or ``problems``; True when it gave a row."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         problems.append(
             Problem(path, number, "", "invalid_utf8", f"invalid UTF-8 at byte offset {exc.start}")
         )
-        return
+        return False
     if not text.strip():
-        return
+        return False
     row, row_problems = parse_row(text, path, number)
     if row is None:
         problems.extend(row_problems)
-    else:
-        row[LINE_KEY] = number
-        rows.append(row)
+        return False
+    row[LINE_KEY] = number
+    rows.append(row)
+    return True
+
+
+class Rows(Sequence):
+    """The valid rows of one data file, in file order, with an identity for cache keys.
+
+    ``digest`` is a sha256 over the file's bytes, this module's code (which decides what a row
+    is) and, for a part (:meth:`select`), the indices taken: equal digests mean equal rows,
+    so preprocessing keys on it instead of hashing every row. Rows are held in memory, or,
+    when they came from the rows cache (:func:`read_rows_cached`), read back from the file one
+    by one when asked for (through a descriptor opened before the file was hashed, so a data
+    file replaced meanwhile does not change them). Items are fresh dicts; do not rely on
+    mutating them.
+    """
+
+    def __init__(self, digest: str, items: list[dict[str, Any]] | None = None,
+                 source: _Source | None = None, picks: Sequence[int] | None = None) -> None:
+        self.digest = digest
+        self._items = items
+        self._source = source
+        self._picks = picks  # indices into the source's spans (None: all of them)
+
+    def __len__(self) -> int:
+        if self._items is not None:
+            return len(self._items)
+        assert self._source is not None
+        return len(self._picks) if self._picks is not None else self._source.count
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if self._items is not None:
+            return self._items[key]
+        if isinstance(key, slice):
+            return [self[i] for i in range(len(self))[key]]
+        i = range(len(self))[key]  # negative indices, IndexError
+        assert self._source is not None
+        return self._source.row(self._picks[i] if self._picks is not None else i)
+
+    def select(self, indices: Sequence[int]) -> Rows:
+        """The rows at ``indices`` (in that order), with their own digest."""
+        digest = hashlib.sha256(f"{self.digest}:select:".encode()
+                                + array("q", indices).tobytes()).hexdigest()
+        if self._items is not None:
+            return Rows(digest, [self._items[i] for i in indices])
+        base = self._picks
+        return Rows(digest, source=self._source,
+                    picks=array("q", indices if base is None else (base[i] for i in indices)))
+
+
+class _Source:
+    """Rows read back from a data file by byte range (the rows cache's view of it)."""
+
+    def __init__(self, path: str, fd: int, spans: array) -> None:
+        self.path, self.fd, self.spans = path, fd, spans
+        self.count = len(spans) // 3
+
+    def row(self, i: int) -> dict[str, Any]:
+        start, end, line = self.spans[3 * i : 3 * i + 3]
+        data = os.pread(self.fd, end - start, start)
+        row, _problems = parse_row(data.decode("utf-8"), self.path, line)
+        if row is None or len(data) != end - start:  # only if the file was changed in place
+            raise UserError(f"{self.path}: line {line} changed while the run was reading it")
+        row[LINE_KEY] = line
+        return row
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, TypeError):
+            pass
+
+
+def _reader_code() -> bytes:
+    """This module's source: what a row is depends on it (a changed reader misses every cache)."""
+    global _READER_CODE
+    if _READER_CODE is None:
+        with open(__file__, "rb") as fh:
+            _READER_CODE = hashlib.sha256(fh.read()).digest()
+    return _READER_CODE
+
+
+_READER_CODE: bytes | None = None
+ROWS_CACHE_VERSION = "1"
+
+
+def read_rows_cached(path: str, cache_dir: str | os.PathLike | None
+                     ) -> tuple[Rows, list[Problem]]:
+    """:func:`read_rows` as :class:`Rows`, remembering the outcome under ``cache_dir``.
+
+    The file is hashed (sha256 of its bytes) on every call; when this content was read
+    before, the rows are not parsed again: the cache entry (``rows-<key>.bin``: the byte range
+    and line of every valid row, and the problems) is read back and rows are parsed from the
+    file only when asked for. ``cache_dir`` None: no cache (the file is parsed).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise UserError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
+    fh = os.fdopen(fd, "rb", closefd=False)
+    try:
+        digest = hashlib.sha256(f"rows:{ROWS_CACHE_VERSION}:".encode() + _reader_code() + b":")
+        entry = None
+        if cache_dir is not None:
+            inner = hashlib.sha256()
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(block)
+            digest.update(inner.digest())
+            key = digest.hexdigest()
+            entry = Path(cache_dir).expanduser() / f"rows-{key}.bin"
+            hit = _load_rows_entry(entry, path)
+            if hit is not None:
+                spans, problems = hit
+                return Rows(key, source=_Source(path, fd, spans)), problems
+            fh.seek(0)
+            rows, problems, spans = _scan(fh, path, None)
+        else:
+            inner = hashlib.sha256()
+            rows, problems, spans = _scan(fh, path, inner)
+            digest.update(inner.digest())
+            key = digest.hexdigest()
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    if entry is not None:
+        _store_rows_entry(entry, spans, problems)
+    return Rows(key, rows), problems
+
+
+def _load_rows_entry(entry: Path, path: str) -> tuple[array, list[Problem]] | None:
+    try:
+        with open(entry, "rb") as fh:
+            header = json.loads(fh.readline())
+            spans = array("q")
+            spans.frombytes(fh.read())
+        if len(spans) != 3 * header["rows"]:
+            raise ValueError("truncated")
+        problems = [Problem(path, *p) for p in header["problems"]]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: rebuilt, never fatal
+        with contextlib.suppress(OSError):
+            entry.unlink()
+        return None
+    return spans, problems
+
+
+def _store_rows_entry(entry: Path, spans: array, problems: list[Problem]) -> None:
+    header = {"rows": len(spans) // 3,
+              "problems": [[p.line, p.field, p.reason, p.detail] for p in problems]}
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-rows-", dir=entry.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(json.dumps(header).encode() + b"\n")
+                fh.write(spans.tobytes())
+            os.replace(tmp, entry)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:  # a read-only or full cache disk must not stop training
+        pass
 
 
 def parse_row(text: str, path: str, line: int) -> tuple[dict[str, Any] | None, list[Problem]]:
@@ -281,18 +470,18 @@ def example_of(row: dict[str, Any]) -> dict[str, Any]:
 
 def split_rows(
     rows: Sequence[dict[str, Any]], fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]:
     """Split rows into ``(train, validation)``: a seeded, deterministic random subset.
 
     The validation part has ``round(len(rows) * fraction)`` rows (at least 1 when
-    ``fraction > 0``); both parts keep file order. Uses its own ``random.Random`` seeded from
+    ``fraction > 0``); both parts keep file order (parts of :class:`Rows` are ``Rows``). Uses its own ``random.Random`` seeded from
     a string (stable across processes); the global ``random`` state is untouched.
     """
     if not 0 <= fraction < 1:
         raise UserError(f"data.validation_split: must be >= 0 and < 1, got {fraction}")
     n = len(rows)
     if fraction == 0 or n == 0:
-        return list(rows), []
+        return (rows if isinstance(rows, Rows) else list(rows)), []
     n_val = max(1, round(n * fraction))
     if n_val >= n:
         raise UserError(
@@ -302,6 +491,9 @@ def split_rows(
     order = list(range(n))
     random.Random(f"trainer-split:{seed}").shuffle(order)
     held_out = set(order[:n_val])
+    if isinstance(rows, Rows):  # parts keep an identity (and are not parsed yet)
+        return (rows.select([i for i in range(n) if i not in held_out]),
+                rows.select(sorted(held_out)))
     train = [r for i, r in enumerate(rows) if i not in held_out]
     val = [r for i, r in enumerate(rows) if i in held_out]
     return train, val

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +70,17 @@ def autocast(device: Any, precision: str) -> Any:
 
 
 def quiet_hf() -> None:
-    """No hub traffic and no library progress bars: ours is the one the user reads."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import transformers
+    """No hub traffic and no library progress bars: ours is the one the user reads.
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    try:  # only preprocessing needs datasets; loading a model (bench/throughput.py) does not
-        import datasets
-    except ImportError:
-        return
-    datasets.disable_progress_bars()
+    Does not import transformers (a run on cached data is ready before it needs it): when it
+    is not imported yet, the environment variables it reads at import say the same."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
 
 def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:

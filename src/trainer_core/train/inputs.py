@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +18,26 @@ def dataset_path(cfg: TrainerConfig) -> Path:
     return sample_dataset_path()
 
 
-def load_rows(cfg: TrainerConfig) -> tuple[list, list, dict[str, int]]:
-    """Validated training and validation rows, plus counts of skipped rows by reason."""
-    from trainer_core.data.rows import check_data_file, check_rows, read_rows, split_rows
+def load_rows(cfg: TrainerConfig) -> tuple[Any, Any, dict[str, int]]:
+    """Validated training and validation rows, plus counts of skipped rows by reason.
 
+    The rows are sequences (:class:`~trainer_core.data.rows.Rows`, or an empty list for no
+    validation rows): a file read before (same bytes) is not parsed again, and
+    preprocessing keys its cache on the rows' digest."""
+    from trainer_core.data.preprocess import default_cache_dir
+    from trainer_core.data.rows import check_data_file, check_rows, read_rows_cached, split_rows
+
+    cache = cfg.data.cache_dir if cfg.data.cache_dir is not None else default_cache_dir()
     path = dataset_path(cfg)
     check_data_file(path, "data.dataset")
-    rows, problems = read_rows(str(path))
+    rows, problems = read_rows_cached(str(path), cache)
+    train_rows: Sequence[dict[str, Any]]
+    val_rows: Sequence[dict[str, Any]]
     skipped = dict(check_rows(problems, cfg.data.on_invalid, str(path)))
     if cfg.data.validation is not None:
         vpath = Path(cfg.data.validation)
         check_data_file(vpath, "data.validation")
-        val_rows, vproblems = read_rows(str(vpath))
+        val_rows, vproblems = read_rows_cached(str(vpath), cache)
         for reason, n in check_rows(vproblems, cfg.data.on_invalid, str(vpath)).items():
             skipped[f"validation:{reason}"] = n
         train_rows = rows
