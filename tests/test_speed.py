@@ -127,7 +127,7 @@ def test_fixed_shape_batches_of_cuda_graphs_give_the_same_loss_and_gradients(
     assert fixed["trained_index"].shape[0] == TRAINED_MULTIPLE
     assert fixed["cu_seqlens"].shape[0] == SEGMENT_MULTIPLE + 1  # 5 examples + filler, padded
     cu = fixed["cu_seqlens"].tolist()
-    longest = max(b - a for a, b in zip(cu, cu[1:]))  # examples and the filler segment
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))  # incl. the filler
     assert longest >= max(len(ex["input_ids"]) for ex in examples)
     assert fixed["n_trained"] == n and fixed["max_seqlen"] >= longest
     assert fixed["max_seqlen"] == min(TOKEN_MULTIPLE, 1 << max(10, (longest - 1).bit_length()))

@@ -59,6 +59,7 @@ from trainer_core.data.chat import (
 from trainer_core.data.rows import LINE_KEY, ON_INVALID, Rows, example_of, example_problems
 from trainer_core.data.words import WordEncoder
 from trainer_core.errors import DataError, UserError
+from trainer_core.files import cache_root
 
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
 # 2 (main): the core applies Profile.system_prompt; 2 (issue 12): flat .npy arrays instead of
@@ -113,8 +114,7 @@ class PreprocessStats:
 
 def default_cache_dir() -> Path:
     """``$TRAINER_CACHE/preprocess``, or ``~/.cache/trainer/preprocess``."""
-    root = os.environ.get("TRAINER_CACHE") or os.path.join("~", ".cache", "trainer")
-    return Path(root).expanduser() / "preprocess"
+    return cache_root() / "preprocess"
 
 
 def cache_key(

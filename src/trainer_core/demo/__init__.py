@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer_core.files import cache_root
+
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
@@ -112,9 +114,8 @@ def build_tiny_model(
 
 
 def default_cache_dir() -> Path:
-    """``$TRAINER_CACHE`` if set, else ``~/.cache/trainer``."""
-    env = os.environ.get("TRAINER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "trainer"
+    """``$TRAINER_CACHE`` if set, else ``~/.cache/trainer`` (see :func:`files.cache_root`)."""
+    return cache_root()
 
 
 def tiny_model_dir(cache_dir: str | Path | None = None, seed: int = 0) -> Path:

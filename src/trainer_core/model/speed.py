@@ -507,8 +507,8 @@ def compile_blocks(model: Any) -> Any:
     # (>= 2,048, 4,096, 5,120 tokens...), and each decision is a guard: a packed row crossing
     # one recompiled the blocks (seconds each, at random steps of a run). Off, one dynamic
     # graph serves every length after the second step.
-    triton_cfg = getattr(torch._inductor.config, "triton", None)
-    if hasattr(triton_cfg, "mix_order_reduction"):
+    triton_cfg: Any = getattr(torch._inductor.config, "triton", None)
+    if triton_cfg is not None and hasattr(triton_cfg, "mix_order_reduction"):
         triton_cfg.mix_order_reduction = False
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:

@@ -32,7 +32,9 @@ from trainer_core.monitor.plot import read_metrics
 from trainer_core.monitor.progress import format_duration
 from trainer_core.monitor.status import read_status
 
-RUN_MARKERS = (STATUS_FILE, METRICS_FILE, RUN_MANIFEST)
+#: Files a run writes while it trains: a folder with one of them can be watched, and the
+#: newest of them dates the run.
+WATCHABLE_FILES = (STATUS_FILE, METRICS_FILE, RUN_MANIFEST)
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-~=^*#"
 CLEAR = "\x1b[H\x1b[2J"
@@ -41,7 +43,7 @@ CLEAR = "\x1b[H\x1b[2J"
 def is_run_dir(path: Path) -> bool:
     """A training run's directory (a daemon home, whose status.json names its ``kind``, is
     not one: its own view shows it)."""
-    if not (path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)):
+    if not (path.is_dir() and any((path / m).exists() for m in WATCHABLE_FILES)):
         return False
     try:
         status = json.loads((path / STATUS_FILE).read_text(encoding="utf-8"))
@@ -75,7 +77,7 @@ def find_runs(root: Path, depth: int = 2) -> list[Path]:
 
 
 def _updated(run: Path) -> float:
-    times = [(run / m).stat().st_mtime for m in RUN_MARKERS if (run / m).exists()]
+    times = [(run / m).stat().st_mtime for m in WATCHABLE_FILES if (run / m).exists()]
     return max(times, default=0.0)
 
 
