@@ -67,3 +67,64 @@ def small_jsonl(tmp_path, sample_rows) -> Path:
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in sample_rows[:48]), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def http_request():
+    """``request(port, method, path, headers=None, body=None, host=None) -> (status, bytes)``
+    against a local server, with any Host header (the dashboards check it)."""
+    import http.client
+
+    def request(port, method, path, headers=None, body=None, host=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host or f"127.0.0.1:{port}")
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        data = json.dumps(body).encode() if body is not None else b""
+        conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders(data)
+        resp = conn.getresponse()
+        out = resp.status, resp.read()
+        conn.close()
+        return out
+
+    return request
+
+
+@pytest.fixture
+def headless_chromium():
+    """``make(height=900) -> driver``: Debian's chromium, headless, through selenium (drivers
+    quit at teardown). Skips, saying what to install, where chromium, chromedriver or selenium
+    is missing (CI installs them: .ci/run)."""
+    import os
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("SKIPPED: the dashboard browser tests need Debian's chromium and "
+                    "chromium-driver (apt-get install chromium chromium-driver); not found")
+    pytest.importorskip("selenium", reason="pip install 'trainer-core[test]' (selenium)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never go online
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    drivers = []
+
+    def make(height: int = 900):
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", f"--window-size=1280,{height}"):
+            opts.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+        drivers.append(driver)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        return driver
+
+    yield make
+    for driver in drivers:
+        driver.quit()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,9 +15,6 @@ from trainer_core.config import resolve
 from trainer_core.monitor.dashboard.server import make_server, stop
 from trainer_core.monitor.events import RunListener
 from trainer_core.train.recipe import run_training
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 def _write_run(d: Path, state="completed", steps=5):
@@ -43,34 +39,19 @@ def served(tmp_path):
     stop(server, board)
 
 
-def _request(port, method, path, headers=None, body=None, host=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    conn.putheader("Host", host or f"127.0.0.1:{port}")
-    for k, v in (headers or {}).items():
-        conn.putheader(k, v)
-    data = json.dumps(body).encode() if body is not None else b""
-    conn.putheader("Content-Length", str(len(data)))
-    conn.endheaders(data)
-    resp = conn.getresponse()
-    out = resp.status, resp.read()
-    conn.close()
-    return out
-
-
-def test_api_lists_runs_and_serves_a_run(served):
+def test_api_lists_runs_and_serves_a_run(served, http_request):
     root, port, _ = served
-    status, body = _request(port, "GET", "/api/runs/list")
+    status, body = http_request(port, "GET", "/api/runs/list")
     assert status == 200
     assert [(r["id"], r["state"], r["step"]) for r in json.loads(body)] == [("a", "completed", 5)]
-    status, body = _request(port, "GET", "/api/runs/run?id=a")
+    status, body = http_request(port, "GET", "/api/runs/run?id=a")
     run = json.loads(body)
     assert [m["step"] for m in run["metrics"]] == [1, 2, 3, 4, 5]
     assert run["plot"] == "/files/a/loss.svg"
     assert run["offsets"]["metrics"] == (root / "a" / "metrics.jsonl").stat().st_size
-    status, body = _request(port, "GET", "/files/a/loss.svg")
+    status, body = http_request(port, "GET", "/files/a/loss.svg")
     assert status == 200 and body.startswith(b"<svg")
-    status, page = _request(port, "GET", "/")
+    status, page = http_request(port, "GET", "/")
     # no CDN, no remote script: every script and stylesheet is served by us
     assert status == 200 and b"http" not in page.replace(b"http://www.w3.org", b"")
     assert b'content="tok"' in page  # loopback: the page carries the control token
@@ -82,23 +63,23 @@ def test_api_lists_runs_and_serves_a_run(served):
     "/static/../server.py", "/static/%2e%2e/server.py", "/api/runs/run?id=../",
     "/api/runs/run?id=..%2F..", "/api/runs/run?id=/etc", "/files/a/link.json",
 ])
-def test_never_serves_files_outside_the_directory(served, path):
+def test_never_serves_files_outside_the_directory(served, path, http_request):
     root, port, _ = served
     (root / "a" / "link.json").symlink_to(root.parent / "secret.json")
-    status, body = _request(port, "GET", path)
+    status, body = http_request(port, "GET", path)
     assert status in (400, 404), (path, status)
     assert b"secret" not in body and b"root:" not in body
 
 
-def test_control_needs_the_token_and_a_loopback_host(served):
+def test_control_needs_the_token_and_a_loopback_host(served, http_request):
     root, port, _ = served
-    assert _request(port, "POST", "/api/runs/stop?id=a")[0] == 403
-    assert _request(port, "POST", "/api/runs/stop?id=a", {"X-Trainer-Token": "nope"})[0] == 403
+    assert http_request(port, "POST", "/api/runs/stop?id=a")[0] == 403
+    assert http_request(port, "POST", "/api/runs/stop?id=a", {"X-Trainer-Token": "nope"})[0] == 403
     # with the token the action runs (and refuses: the run is not running)
-    status, body = _request(port, "POST", "/api/runs/stop?id=a", {"X-Trainer-Token": "tok"})
+    status, body = http_request(port, "POST", "/api/runs/stop?id=a", {"X-Trainer-Token": "tok"})
     assert status == 409 and b"not running" in body
     # DNS rebinding: a page served as evil.example that resolves to 127.0.0.1
-    assert _request(port, "GET", "/api/runs/list", host="evil.example:80")[0] == 403
+    assert http_request(port, "GET", "/api/runs/list", host="evil.example:80")[0] == 403
 
 
 def test_page_on_another_address_does_not_carry_the_token(tmp_path):
@@ -110,7 +91,7 @@ def test_page_on_another_address_does_not_carry_the_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_stop_action_interrupts_a_running_run(micro_model_dir, small_jsonl, tmp_path):
+def test_stop_action_interrupts_a_running_run(micro_model_dir, small_jsonl, tmp_path, http_request):
     """SIGTERM through the dashboard: the run checkpoints and ends as interrupted."""
     import subprocess
     import sys
@@ -129,11 +110,11 @@ def test_stop_action_interrupts_a_running_run(micro_model_dir, small_jsonl, tmp_
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            s = json.loads(_request(port, "GET", "/api/runs/run?id=live")[1] or b"{}")
+            s = json.loads(http_request(port, "GET", "/api/runs/run?id=live")[1] or b"{}")
             if s.get("status", {}).get("step", 0) >= 2:
                 break
             time.sleep(0.2)
-        status, body = _request(port, "POST", "/api/runs/stop?id=live",
+        status, body = http_request(port, "POST", "/api/runs/stop?id=live",
                                 {"X-Trainer-Token": "tok"})
         assert status == 200, body
         assert proc.wait(timeout=120) == 1
@@ -185,29 +166,9 @@ class Pace(RunListener):
         time.sleep(self.slow_delay if event.step >= self.slow_from else self.delay)
 
 
-def _driver():
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never go online
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-        "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
-    return driver
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="SKIPPED: the dashboard browser test needs Debian's chromium and "
-                           "chromium-driver (apt-get install chromium chromium-driver); not found")
-def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
-    pytest.importorskip("selenium", reason="pip install 'trainer-core[test]' (selenium)")
+def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, monkeypatch,
+                                     headless_chromium):
     from selenium.webdriver.support.ui import WebDriverWait
 
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
@@ -234,7 +195,7 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
     try:
         while not (out / "status.json").exists() and trainer.is_alive():
             time.sleep(0.1)
-        driver = _driver()
+        driver = headless_chromium()
         driver.get(url)
         wait = WebDriverWait(driver, 240, poll_frequency=0.2)
         js = driver.execute_script
@@ -270,8 +231,6 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
         wait.until(lambda d: js("return document.querySelector('#state').textContent")
                    == "completed")
     finally:
-        if driver is not None:
-            driver.quit()
         stop(server, board)
         trainer.join(timeout=300)
     assert result["state"] == "completed"
@@ -302,7 +261,7 @@ def test_dashboard_command_serves_and_prints_the_token_only_off_loopback(tmp_pat
         assert ("warning: bound beyond loopback" in err) is shows_token
 
 
-def test_another_view_plugs_in_next_to_the_runs(tmp_path):
+def test_another_view_plugs_in_next_to_the_runs(tmp_path, http_request):
     """How a daemon home's view will be added: one more object in ``views``."""
     from trainer_core.monitor.dashboard.views import RunsView
 
@@ -325,11 +284,11 @@ def test_another_view_plugs_in_next_to_the_runs(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
-        assert json.loads(_request(port, "GET", "/api/views")[1]) == ["runs", "queue"]
-        assert _request(port, "GET", "/static/queue.js")[1].startswith(b"TD.views.queue")
-        assert json.loads(_request(port, "GET", "/api/queue/list")[1])["queue"] == ["a.jsonl"]
-        assert _request(port, "POST", "/api/queue/pause")[0] == 403
-        status, body = _request(port, "POST", "/api/queue/pause", {"X-Trainer-Token": "tok"})
+        assert json.loads(http_request(port, "GET", "/api/views")[1]) == ["runs", "queue"]
+        assert http_request(port, "GET", "/static/queue.js")[1].startswith(b"TD.views.queue")
+        assert json.loads(http_request(port, "GET", "/api/queue/list")[1])["queue"] == ["a.jsonl"]
+        assert http_request(port, "POST", "/api/queue/pause")[0] == 403
+        status, body = http_request(port, "POST", "/api/queue/pause", {"X-Trainer-Token": "tok"})
         assert status == 200 and json.loads(body) == {"done": "pause"}
         assert b"""content='["runs", "queue"]'""" in board.page()  # the page's tabs
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,24 +21,6 @@ from trainer_core.daemon.home import Home
 from trainer_core.daemon.ledger import Ledger
 from trainer_core.monitor.dashboard.server import make_server, stop
 from trainer_core.monitor.watch import render
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-def _request(port, method, path, headers=None, body=None, host=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    conn.putheader("Host", host or f"127.0.0.1:{port}")
-    for k, v in (headers or {}).items():
-        conn.putheader(k, v)
-    data = json.dumps(body).encode() if body is not None else b""
-    conn.putheader("Content-Length", str(len(data)))
-    conn.endheaders(data)
-    resp = conn.getresponse()
-    out = resp.status, resp.read()
-    conn.close()
-    return out
 
 
 def _serve(home: Path, host: str = "127.0.0.1"):
@@ -83,9 +64,9 @@ def idle_home(tmp_path, sample_rows, du):
     stop(server, board)
 
 
-def test_daemon_view_shows_the_queue_in_training_order_and_the_history(idle_home):
+def test_daemon_view_shows_the_queue_in_training_order_and_the_history(idle_home, http_request):
     home, port = idle_home
-    status, body = _request(port, "GET", "/api/daemon/state")
+    status, body = http_request(port, "GET", "/api/daemon/state")
     assert status == 200, body
     data = json.loads(body)
     # what runs next first: priority, then arrival
@@ -102,62 +83,62 @@ def test_daemon_view_shows_the_queue_in_training_order_and_the_history(idle_home
     assert [m["step"] for m in data["metrics"]] == [1]
     assert data["offsets"]["metrics"] == (home.logs / "metrics.jsonl").stat().st_size
     # the page has one tab, the daemon's, and its script comes from the daemon package
-    assert b"""content='["daemon"]'""" in _request(port, "GET", "/")[1]
-    status, script = _request(port, "GET", "/static/daemon.js")
+    assert b"""content='["daemon"]'""" in http_request(port, "GET", "/")[1]
+    status, script = http_request(port, "GET", "/static/daemon.js")
     assert status == 200 and b"TD.views.daemon" in script
 
 
-def test_actions_change_the_ledger_like_the_cli(idle_home):
+def test_actions_change_the_ledger_like_the_cli(idle_home, http_request):
     home, port = idle_home
     tok = {"X-Trainer-Token": "tok"}
-    status, body = _request(port, "POST", "/api/daemon/pause", tok)
+    status, body = http_request(port, "POST", "/api/daemon/pause", tok)
     assert status == 200 and "next start" in json.loads(body)["result"]
     assert _meta(home, "paused") == "1"
-    assert json.loads(_request(port, "GET", "/api/daemon/state")[1])["status"]["paused"] is True
-    assert _request(port, "POST", "/api/daemon/resume", tok)[0] == 200
+    assert json.loads(http_request(port, "GET", "/api/daemon/state")[1])["status"]["paused"] is True
+    assert http_request(port, "POST", "/api/daemon/resume", tok)[0] == 200
     assert _meta(home, "paused") == "0"
     # skip a queued file by its number: skipped/ with its report, out of the queue
-    status, body = _request(port, "POST", "/api/daemon/skip", tok, {"id": 5})
+    status, body = http_request(port, "POST", "/api/daemon/skip", tok, {"id": 5})
     assert status == 200 and json.loads(body)["result"] == "#5 norm1.jsonl skipped"
     assert (home.skipped / "000005-norm1.jsonl").exists()
     assert (home.skipped / "000005-norm1.jsonl.report.json").exists()
-    data = json.loads(_request(port, "GET", "/api/daemon/state")[1])
+    data = json.loads(http_request(port, "GET", "/api/daemon/state")[1])
     assert [f["id"] for f in data["queue"]] == [6, 7, 4]
     assert (data["history"][0]["id"], data["history"][0]["state"]) == (5, "skipped")
     # the CLI's refusals come back as 409 with its message
-    status, body = _request(port, "POST", "/api/daemon/skip", tok)
+    status, body = http_request(port, "POST", "/api/daemon/skip", tok)
     assert status == 409 and json.loads(body)["error"] == "no file is in training"
-    status, body = _request(port, "POST", "/api/daemon/skip", tok, {"id": 1})
+    status, body = http_request(port, "POST", "/api/daemon/skip", tok, {"id": 1})
     assert status == 409 and "is completed, not queued" in json.loads(body)["error"]
     for bad in ("../x", "#1", True, -1):
-        assert _request(port, "POST", "/api/daemon/skip", tok, {"id": bad})[0] == 400, bad
-    assert _request(port, "POST", "/api/daemon/stop", tok)[0] == 404  # not offered
+        assert http_request(port, "POST", "/api/daemon/skip", tok, {"id": bad})[0] == 400, bad
+    assert http_request(port, "POST", "/api/daemon/stop", tok)[0] == 404  # not offered
 
 
-def test_actions_need_the_token_and_a_loopback_host(idle_home):
+def test_actions_need_the_token_and_a_loopback_host(idle_home, http_request):
     home, port = idle_home
     for action in ("pause", "resume", "skip"):
-        assert _request(port, "POST", f"/api/daemon/{action}")[0] == 403
-        assert _request(port, "POST", f"/api/daemon/{action}", {"X-Trainer-Token": "no"}
+        assert http_request(port, "POST", f"/api/daemon/{action}")[0] == 403
+        assert http_request(port, "POST", f"/api/daemon/{action}", {"X-Trainer-Token": "no"}
                         )[0] == 403
     assert _meta(home, "paused") is None  # nothing happened
     # DNS rebinding: a page served as evil.example that resolves to 127.0.0.1
-    assert _request(port, "GET", "/api/daemon/state", host="evil.example")[0] == 403
-    assert _request(port, "POST", "/api/daemon/pause", {"X-Trainer-Token": "tok"},
+    assert http_request(port, "GET", "/api/daemon/state", host="evil.example")[0] == 403
+    assert http_request(port, "POST", "/api/daemon/pause", {"X-Trainer-Token": "tok"},
                     host="evil.example:80")[0] == 403
     assert _meta(home, "paused") is None
 
 
-def test_off_loopback_the_page_has_no_token_and_actions_need_it(idle_home):
+def test_off_loopback_the_page_has_no_token_and_actions_need_it(idle_home, http_request):
     home, _ = idle_home
     server, board, port = _serve(home.root, host="0.0.0.0")
     try:
-        page = _request(port, "GET", "/", host="192.0.2.1")[1]
+        page = http_request(port, "GET", "/", host="192.0.2.1")[1]
         assert b'content="tok"' not in page and b'content=""' in page
-        assert _request(port, "POST", "/api/daemon/pause", host="192.0.2.1")[0] == 403
+        assert http_request(port, "POST", "/api/daemon/pause", host="192.0.2.1")[0] == 403
         assert _meta(home, "paused") is None
         # the printed token (sent by the page as the header) is what works
-        assert _request(port, "POST", "/api/daemon/pause", {"X-Trainer-Token": "tok"},
+        assert http_request(port, "POST", "/api/daemon/pause", {"X-Trainer-Token": "tok"},
                         host="192.0.2.1")[0] == 200
         assert _meta(home, "paused") == "1"
     finally:
@@ -170,10 +151,10 @@ def test_off_loopback_the_page_has_no_token_and_actions_need_it(idle_home):
     "/static/../dashboard.py", "/static/%2e%2e/ledger.py", "/files/ledger.sqlite",
     "/files/link.json", "/api/daemon/../../secret.json", "/api/daemon/state/../../x",
 ])
-def test_never_serves_files_outside_the_home(idle_home, path):
+def test_never_serves_files_outside_the_home(idle_home, path, http_request):
     home, port = idle_home
     (home.root / "link.json").symlink_to(home.root.parent / "secret.json")
-    status, body = _request(port, "GET", path)
+    status, body = http_request(port, "GET", path)
     assert status in (400, 404), (path, status)
     # (an error may echo the path; the content never comes back)
     assert b"\"secret\": 1" not in body and b"root:" not in body and b"SQLite" not in body
@@ -226,16 +207,16 @@ def test_the_page_starts_from_the_tail_of_a_long_metrics_log(idle_home, monkeypa
     assert data["offsets"]["metrics"] == home.metrics.stat().st_size
 
 
-def test_not_a_daemon_home(tmp_path):
+def test_not_a_daemon_home(tmp_path, http_request):
     view = DaemonView(tmp_path)
     server, board = make_server(tmp_path, "127.0.0.1", 0, views={"daemon": view}, token="tok")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
-        status, body = _request(port, "GET", "/api/daemon/state")
+        status, body = http_request(port, "GET", "/api/daemon/state")
         assert status == 404 and b"not a daemon home" in body
-        assert _request(port, "GET", "/api/daemon/events")[0] == 404
-        assert _request(port, "POST", "/api/daemon/pause", {"X-Trainer-Token": "tok"})[0] == 404
+        assert http_request(port, "GET", "/api/daemon/events")[0] == 404
+        assert http_request(port, "POST", "/api/daemon/pause", {"X-Trainer-Token": "tok"})[0] == 404
         assert not (tmp_path / "ledger.sqlite").exists()  # looking creates nothing
     finally:
         stop(server, board)
@@ -315,31 +296,19 @@ def test_watch_on_a_running_daemon(tmp_path, micro_model_dir, sample_rows, du):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="SKIPPED: the dashboard browser test needs Debian's chromium and "
-                           "chromium-driver (apt-get install chromium chromium-driver); not found")
-def test_daemon_dashboard_in_a_real_browser(tmp_path, micro_model_dir, sample_rows, du):
-    pytest.importorskip("selenium", reason="pip install 'trainer-core[test]' (selenium)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never go online
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_daemon_dashboard_in_a_real_browser(tmp_path, micro_model_dir, sample_rows, du,
+                                            headless_chromium):
     from selenium.webdriver.support.ui import WebDriverWait
 
     root = du.make_home(tmp_path / "home", micro_model_dir)
     home = Home(root)
     _inbox(root, sample_rows, du, long_steps=12)  # skipped before it ends
     proc = du.start(root, fault="sleep:0.4")
-    server = board = driver = None
+    server = board = None
     try:
         du.wait_for(lambda: (root / "ledger.sqlite").exists(), 120, "the ledger", proc, root)
         server, board, port = _serve(root)
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1280,1100"):
-            opts.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+        driver = headless_chromium(height=1100)
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 180, poll_frequency=0.2)
         js = driver.execute_script
@@ -413,8 +382,6 @@ def test_daemon_dashboard_in_a_real_browser(tmp_path, micro_model_dir, sample_ro
         driver.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
-        if driver is not None:
-            driver.quit()
         if server is not None:
             stop(server, board)
         CliRunner().invoke(cli, ["daemon", "stop", "--home", str(root)])
