@@ -260,7 +260,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         if before is not None:  # a step served by graph replays alone (no eager, no capture)
             after = setup.graphs.stats()
             replay_only.append(after["eager"] == before["eager"]
-                               and after["captures"] == before["captures"])
+                               and after["graphs"] == before["graphs"])
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
         processed = sum(int(b["input_ids"].numel()) for b in batches)

@@ -72,7 +72,6 @@ class StepGraphs:
         self.amp = amp
         self.graphs: dict[tuple[int, int, int, int], _Captured] = {}
         self.eager_runs = 0
-        self.captures = 0
         self.replays = 0
         self._seen: set[tuple[int, int, int, int]] = set()
         self._pool: Any = None
@@ -80,11 +79,12 @@ class StepGraphs:
 
     @staticmethod
     def accepts(batch: dict[str, Any]) -> bool:
-        """Packed single-row micro-batches (what collation builds with packing on) of at most
-        :data:`MAX_GRAPH_TOKENS` tokens."""
+        """Packed single-row micro-batches of at most :data:`MAX_GRAPH_TOKENS` tokens, padded
+        by collation to a multiple of :data:`TOKEN_MULTIPLE` (the speed plan asks for it)."""
+        width = batch["input_ids"].shape[1]
         return ("seq_lens" in batch and batch.get("attention_mask") is None
                 and batch["input_ids"].shape[0] == 1
-                and batch["input_ids"].shape[1] <= MAX_GRAPH_TOKENS)
+                and width <= MAX_GRAPH_TOKENS and width % TOKEN_MULTIPLE == 0)
 
     @property
     def active(self) -> bool:
@@ -111,7 +111,6 @@ class StepGraphs:
                 return self._eager(model, host)
             graph = self._capture(model, host)
             self.graphs[key] = graph
-            self.captures += 1
         graph.load(host)
         graph.graph.replay()
         self.replays += 1
@@ -158,8 +157,7 @@ class StepGraphs:
         return _Captured(graph, static, out)
 
     def stats(self) -> dict[str, int]:
-        return {"graphs": len(self.graphs), "captures": self.captures,
-                "replays": self.replays, "eager": self.eager_runs}
+        return {"graphs": len(self.graphs), "replays": self.replays, "eager": self.eager_runs}
 
 
 class _Captured:
@@ -174,24 +172,14 @@ class _Captured:
 
 
 def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict[str, Any]:
-    """The fixed-shape, pinned host form of a packed micro-batch (see the module doc)."""
+    """The fixed-shape, pinned host form of a packed micro-batch (see the module doc), whose
+    row collation already padded to a multiple of :data:`TOKEN_MULTIPLE`."""
     import numpy as np
     import torch
 
-    ids = batch["input_ids"]
-    pos = batch["position_ids"]
-    n = ids.shape[1]
-    width = _round_up(n, TOKEN_MULTIPLE)
-    if width != n:  # collation normally pads already; this keeps any batch valid
-        extra = width - n
-        ids = torch.cat([ids, ids.new_zeros((1, extra))], dim=1)
-        pos = torch.cat([pos, torch.arange(extra, dtype=pos.dtype).unsqueeze(0)], dim=1)
-        lens = list(batch["seq_lens"]) + [extra]
-        targets = torch.cat([batch["targets"], batch["targets"].new_full((1, extra), IGNORE)],
-                            dim=1)
-    else:
-        lens = list(batch["seq_lens"])
-        targets = batch["targets"]
+    ids, pos, targets = batch["input_ids"], batch["position_ids"], batch["targets"]
+    width = ids.shape[1]
+    lens = list(batch["seq_lens"])
     tgt = targets.reshape(-1).numpy()
     where = np.flatnonzero(tgt != IGNORE)
     k = _round_up(len(where), TRAINED_MULTIPLE)

@@ -27,6 +27,7 @@ import os
 import pickle
 import random
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -241,10 +242,7 @@ class BackgroundCheckpoint:
     """
 
     def __init__(self) -> None:
-        import threading
-
-        self._threading = threading
-        self._thread: Any = None
+        self._thread: threading.Thread | None = None
         self._step = 0
         self._result: Path | None = None
         self._error: BaseException | None = None
@@ -268,21 +266,21 @@ class BackgroundCheckpoint:
         model_state = to_host(model.state_dict())
         optimizer_state = to_host(optimizer.state_dict())
         # Everything else the save reads is copied now too: the loop changes it next step.
-        args = (output_dir, step, model, optimizer, to_host(scheduler.state_dict()),
-                to_host(scaler.state_dict()) if scaler is not None else None,
-                json.loads(json.dumps(state)), keep, facts)
+        scheduler_copy = _StateOnly(to_host(scheduler.state_dict()))
+        scaler_copy = _StateOnly(to_host(scaler.state_dict())) if scaler is not None else None
+        state = json.loads(json.dumps(state))
+        rng = rng_state()
 
         def write() -> None:
             try:
-                self._result = _save_snapshot(*args, model_state=model_state,
-                                              optimizer_state=optimizer_state, rng=rng)
+                self._result = save_checkpoint(
+                    output_dir, step, model, optimizer, scheduler_copy, scaler_copy, state, keep,
+                    facts, model_state=model_state, optimizer_state=optimizer_state, rng=rng)
             except BaseException as exc:  # handed to the training thread
                 self._error = exc
 
-        rng = rng_state()
         self._step, self._result, self._error = step, None, None
-        self._thread = self._threading.Thread(target=write, name=f"checkpoint-{step}",
-                                              daemon=False)
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
         self._thread.start()
 
     def finished(self) -> tuple[int, Path] | None:
@@ -312,15 +310,6 @@ class _StateOnly:
 
     def state_dict(self) -> dict[str, Any]:
         return self._state
-
-
-def _save_snapshot(output_dir: Path, step: int, model: Any, optimizer: Any,
-                   scheduler_state: dict[str, Any], scaler_state: dict[str, Any] | None,
-                   state: dict[str, Any], keep: int | None, facts: dict[str, Any] | None,
-                   **states: Any) -> Path:
-    return save_checkpoint(output_dir, step, model, optimizer, _StateOnly(scheduler_state),
-                           _StateOnly(scaler_state) if scaler_state is not None else None,
-                           state, keep, facts, **states)
 
 
 def _plain_scheduler_state(scheduler: Any) -> dict[str, Any]:

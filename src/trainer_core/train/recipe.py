@@ -480,7 +480,7 @@ def save_checkpoint(run: Run, done: int) -> None:
     state = {**run.state, "segments": [*run.state["segments"], current_segment(run, done)],
              "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
     if run.saver is not None:
-        # One save at a time; the previous one's error surfaces here as an OSError.
+        # One save at a time; the previous one's write error stops the run here.
         error = finish_checkpoint(run, block=True)
         if error:
             raise CheckpointWriteFailed(error)

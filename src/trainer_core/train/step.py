@@ -130,8 +130,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     if graphs_wanted(cfg.environment.cuda_graphs, cuda=device.type == "cuda",
                      compiled=speed.compiled, varlen=speed.varlen, fused=speed.fused,
                      packing=cfg.data.packing, fp16=precision == "fp16",
-                     checkpointing=hp.gradient_checkpointing, processes=1 if parallel is None
-                     else 2):
+                     checkpointing=hp.gradient_checkpointing,
+                     processes=1 if parallel is None else parallel.world):
         speed = attrs.evolve(speed, pad_to_multiple=TOKEN_MULTIPLE,
                              notes=(*speed.notes, "CUDA graphs for forward + backward"))
         graphs = StepGraphs(speed.loss, lambda: autocast(device, precision))
