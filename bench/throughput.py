@@ -191,6 +191,7 @@ class Meter:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)
             if self.cuda else None,
             "losses": [round(x, 5) for x in self.losses],
+            "step_ms": [round(1e3 * x, 1) for x in self.step_times],
         }
 
 
@@ -557,8 +558,18 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
         return torch.ops.aten._cudnn_attention_forward(
             q, k, v, None, cu, cu, m, m, True, 0.0, True, False, scale=scale)[0]
 
+    def fa4(q, k, v, cu, m):
+        from trainer_core.model.speed import _flash4_varlen_op
+
+        return _flash4_varlen_op()(q, k, v, cu, m, scale, -1)[0]
+
     flops = sum(sum(6 * L * L * 16 * 128 for L in mb) for mb in mbs) * 28  # causal fwd+bwd
-    for name, fn in (("flash_gqa", flash), ("flash_mha", flash_mha), ("cudnn_mha", cudnn)):
+    res["fa4_graph_replay"] = _graph_replay_check(fa4)
+    print("fa4_graph_replay", res["fa4_graph_replay"], flush=True)
+    kernels = [("flash_gqa", flash), ("fa4_gqa", fa4)]
+    if os.environ.get("BENCH_ATTN_ALL"):  # last round's dead ends (docs/throughput.md)
+        kernels += [("flash_mha", flash_mha), ("cudnn_mha", cudnn)]
+    for name, fn in kernels:
         try:
             # correctness on one micro-batch
             lens = mbs[1]
@@ -598,11 +609,83 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
                 times.append(time.time() - t0)
             res[name] = {"rel_err_out_dq_dk_dv": [round(e, 5) for e in errs],
                          "first_pass_s": round(times[0], 3), "second_pass_s": round(times[1], 3),
-                         "tflops": round(flops / times[1] / 1e12, 1)}
+                         "tflops": round(flops / times[1] / 1e12, 1),
+                         "gpu_ms_per_step_graphed": _graphed_attention_ms(fn, mbs, 4)}
         except Exception as exc:
             res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(name, res[name], flush=True)
     return res
+
+
+def _graphed_attention_ms(fn: Any, mbs: list[list[int]], steps: int) -> float | str:
+    """GPU time of 28 layers' forward + backward per step, replayed from CUDA graphs.
+
+    Graph replay removes the launch overhead, as the trainer's graphs do, so this compares
+    the kernels themselves. ``mbs`` are the steps' micro-batches (lists of example lengths).
+    """
+    import torch
+
+    try:
+        total = 0.0
+        for lens in mbs:
+            T = sum(lens)
+            cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32,
+                              device="cuda")
+            q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=True) for h in (16, 8, 8))
+            go = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+            m = max(lens)
+            for _ in range(2):
+                torch.autograd.grad(fn(q, k, v, cu, m), (q, k, v), go)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _layer in range(28):
+                    torch.autograd.grad(fn(q, k, v, cu, m), (q, k, v), go)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            total += start.elapsed_time(end) / 3
+        return round(total / steps, 2)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _graph_replay_check(fn: Any) -> dict[str, Any]:
+    """Capture ``fn``'s forward + backward in a CUDA graph, replay on new inputs, compare."""
+    import torch
+
+    try:
+        lens = [700, 300, 1200, 96, 64]
+        T = sum(lens)
+        cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32,
+                          device="cuda")
+        q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for h in (16, 8, 8))
+        go = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):  # compile and warm up outside the capture
+            torch.autograd.grad(fn(q, k, v, cu, 2048), (q, k, v), go)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(q, k, v, cu, 2048)
+            grads = torch.autograd.grad(out, (q, k, v), go)
+        with torch.no_grad():
+            for x in (q, k, v, go):
+                x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = fn(q, k, v, cu, 2048)
+        rgrads = torch.autograd.grad(ref, (q, k, v), go)
+        diffs = [float((a - b).abs().max()) for a, b in zip((out, *grads), (ref, *rgrads),
+                                                             strict=True)]
+        return {"max_abs_diff_out_dq_dk_dv": diffs}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 # --------------------------------------------------------------------------- driver
@@ -669,7 +752,8 @@ def versions() -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "triton", "liger-kernel"):
+    for name in ("torch", "transformers", "triton", "liger-kernel", "flash-attn-4",
+                 "nvidia-cutlass-dsl"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

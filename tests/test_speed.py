@@ -155,3 +155,46 @@ def test_cuda_graphs_only_where_they_work():
         assert not graphs_wanted("on", **{**ok, key: value}), key
     assert not graphs_wanted("auto", **{**ok, "compiled": False})
     assert graphs_wanted("on", **{**ok, "compiled": False})
+
+
+def test_clipping_inside_fused_adamw_equals_clip_grad_norm():
+    """The CUDA step clips through fused AdamW's grad_scale; the result is clip_grad_norm_'s."""
+    import copy
+
+    from trainer_core.train.step import clip_in_optimizer
+
+    torch.manual_seed(0)
+    for max_norm in (0.5, None, 1e9):
+        ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+        new = copy.deepcopy(ref)
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+        opt_new = torch.optim.AdamW(new.parameters(), lr=1e-2, fused=True)
+        for _ in range(3):
+            x = torch.randn(8, 16) * 10
+            for m in (ref, new):
+                (m(x) ** 2).sum().backward()
+            norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"))
+            norm_new = clip_in_optimizer(opt_new, max_norm)
+            assert float(norm_new) == float(norm_ref) > 1.0  # the first clip really clips
+            assert (opt_new.grad_scale is None) == (max_norm is None)
+            opt_ref.step()
+            opt_new.step()
+            opt_ref.zero_grad()
+            opt_new.zero_grad()
+        for a, b in zip(ref.parameters(), new.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_attention_kernel_switch():
+    """fa2 always resolves; fa4 asked for where it cannot run is a clear error, not a crash."""
+    import pytest
+
+    from trainer_core.errors import ConfigError, UserError
+    from trainer_core.model.speed import attention_kernel
+
+    assert attention_kernel("fa2") == "fa2"
+    assert attention_kernel("auto") == "fa2"  # no Hopper GPU here
+    with pytest.raises(UserError, match="environment.attention_kernel: fa4 needs a Hopper GPU"):
+        attention_kernel("fa4")
+    with pytest.raises(ConfigError, match="environment.attention_kernel"):
+        load_config(overrides={"environment.attention_kernel": "fa3"})

@@ -497,6 +497,15 @@ class Environment:
                      "with the gradients computed in the forward pass (no logits recompute, "
                      "no full logits). auto: on CUDA; off uses the chunked checkpointed loss."),
     )
+    attention_kernel: str = attrs.field(
+        default="auto",
+        validator=one_of("auto", "fa2", "fa4"),
+        metadata=doc("Kernel behind the varlen attention of packed rows (CUDA only): fa2 is "
+                     "PyTorch's own FlashAttention-2; fa4 is FlashAttention-4 (pip install "
+                     "'trainer-core[fa4]'; Hopper GPUs; compiled at first use and cached). "
+                     "auto: fa4 on a Hopper GPU where it is installed, else fa2. See "
+                     "docs/throughput.md."),
+    )
     cuda_graphs: str = attrs.field(
         default="auto",
         validator=one_of(*SWITCHES),

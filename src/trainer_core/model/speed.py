@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 
 from trainer_core.config import TrainerConfig
+from trainer_core.errors import UserError
 from trainer_core.files import cache_root
 
 #: Name under which the varlen attention is registered with transformers.
@@ -84,9 +85,10 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     varlen = False
     if attn == "auto":
         if cuda and varlen_available():
-            attn = register_varlen_attention()
+            kernel = attention_kernel(env.attention_kernel)
+            attn = register_varlen_attention(kernel)
             varlen = True
-            notes.append("attention: varlen flash (packed rows, no mask)")
+            notes.append(f"attention: varlen {kernel} (packed rows, no mask)")
         else:
             attn = "sdpa"
     use_compile = _on(env.compile, cuda)
@@ -392,6 +394,96 @@ def _flash_varlen_op() -> Any:
     return flash_varlen
 
 
+def fa4_available() -> bool:
+    """FlashAttention-4 (the ``flash-attn-4`` wheel) importable, on a Hopper GPU (sm90).
+
+    Its kernels are written in CuTe DSL and compiled at first use; sm90 is the architecture
+    they were measured on here (docs/throughput.md), so ``auto`` picks them only there.
+    """
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+            return False
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn.cute") is None:
+            return False
+        _flash4_varlen_op()  # imports it: a broken install (say, no CUDA libraries) is "no"
+        return True
+    except Exception:  # pragma: no cover - a half-installed flash_attn package
+        return False
+
+
+def _flash4_varlen_op() -> Any:
+    """The same op as :func:`_flash_varlen_op` on FlashAttention-4's varlen kernels.
+
+    Same schema (out first), so the attention forward swaps one for the other. FA4's own
+    autograd function is not used: dynamo would trace into it inside the compiled blocks.
+    """
+    if "fa4" in _flash_op:
+        return _flash_op["fa4"]
+    import torch
+
+    # FA4 compiles its kernels at first use; keep them next to inductor's (read at import).
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache_root() / "fa4"))
+    from flash_attn.cute import interface as fa4
+
+    def window(left: int) -> dict[str, Any]:
+        return {} if left < 0 else {"window_size_left": left, "window_size_right": 0}
+
+    def forward(q, k, v, cu, max_len, scale, window_left):
+        out, lse = fa4._flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+            max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True,
+            **window(window_left))[:2]
+        return out, lse
+
+    @torch.library.custom_op(
+        "trainer::flash4_varlen", mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale, "
+               "int window_left) -> (Tensor, Tensor)")
+    def flash4_varlen(q, k, v, cu, max_len, scale, window_left):
+        return forward(q, k, v, cu, max_len, scale, window_left)
+
+    @flash4_varlen.register_fake
+    def _(q, k, v, cu, max_len, scale, window_left):
+        # varlen shapes: out [T, H, Dv], log-sum-exp [H, T] in float32
+        return (q.new_empty((*q.shape[:-1], v.shape[-1])),
+                q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu, max_len, scale, window_left = inputs
+        ctx.save_for_backward(q, k, v, cu, *output)
+        ctx.max_len, ctx.scale, ctx.window_left = max_len, scale, window_left
+
+    # The backward is an op of its own too: compiled autograd traces it with fake tensors.
+    @torch.library.custom_op(
+        "trainer::flash4_varlen_bwd", mutates_args=(),
+        schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+               "Tensor cu, SymInt max_len, float scale, int window_left) -> (Tensor, Tensor, Tensor)")
+    def flash4_varlen_bwd(grad_out, q, k, v, out, lse, cu, max_len, scale, window_left):
+        return tuple(fa4._flash_attn_bwd(
+            q, k, v, out, grad_out.contiguous(), lse, scale, True, cu_seqlens_q=cu,
+            cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+            **window(window_left))[:3])
+
+    @flash4_varlen_bwd.register_fake
+    def _(grad_out, q, k, v, out, lse, cu, max_len, scale, window_left):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def backward(ctx, grad_out, _g_lse):
+        q, k, v, cu, out, lse = ctx.saved_tensors
+        dq, dk, dv = flash4_varlen_bwd(grad_out, q, k, v, out, lse, cu, ctx.max_len,
+                                       ctx.scale, ctx.window_left)
+        return dq, dk, dv, None, None, None, None
+
+    flash4_varlen.register_autograd(backward, setup_context=setup_context)
+    _flash_op["fa4"] = flash4_varlen
+    return flash4_varlen
+
+
 def varlen_reference(q: Any, k: Any, v: Any, cu: Any, scale: float) -> Any:
     """Per-example causal sdpa over ``[T, H, D]`` tensors (CPU path and correctness reference)."""
     import torch
@@ -435,8 +527,8 @@ def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
             dtype = torch.bfloat16
         q, k, v = (x.to(dtype) for x in (q, k, v))
         window_left = int(sliding_window) - 1 if sliding_window else -1
-        out = _flash_varlen_op()(q, k, v, cu, kwargs["trainer_max_seqlen"], scale,
-                                 window_left)[0]
+        op = _state.get("op") or _flash_varlen_op()
+        out = op(q, k, v, cu, kwargs["trainer_max_seqlen"], scale, window_left)[0]
     else:
         if sliding_window:
             raise NotImplementedError("varlen reference attention: no sliding window")
@@ -453,16 +545,30 @@ def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
-def register_varlen_attention() -> str:
-    """Register the varlen attention (and its mask builder) with transformers; idempotent."""
+def attention_kernel(switch: str) -> str:
+    """``environment.attention_kernel`` resolved on this machine: ``fa2`` or ``fa4``."""
+    if switch == "fa2" or (switch == "auto" and not fa4_available()):
+        return "fa2"
+    if not fa4_available():
+        raise UserError("environment.attention_kernel: fa4 needs a Hopper GPU and the "
+                        "flash-attn-4 package (pip install 'trainer-core[fa4]'); use auto or fa2")
+    return "fa4"
+
+
+def register_varlen_attention(kernel: str = "fa2") -> str:
+    """Register the varlen attention (and its mask builder) with transformers; idempotent.
+
+    ``kernel`` (``fa2`` or ``fa4``) picks the op every later varlen call runs.
+    """
     if not _state["registered"]:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
         AttentionMaskInterface.register(VARLEN_ATTN, _varlen_mask)
-        _flash_varlen_op()  # create the op now: defining it inside a compiled block breaks it
         _state["registered"] = True
+    # Create the op now: defining it inside a compiled block breaks it.
+    _state["op"] = _flash4_varlen_op() if kernel == "fa4" else _flash_varlen_op()
     return VARLEN_ATTN
 
 

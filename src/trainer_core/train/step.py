@@ -180,6 +180,8 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     # The total norm is computed either way: a non-finite one means a broken step.
     if par:
         grad_norm = par.clip_grad_norm(max_grad_norm or float("inf"))
+    elif scaler is None and setup.device.type == "cuda" and optimizer.defaults.get("fused"):
+        grad_norm = float(clip_in_optimizer(optimizer, max_grad_norm))
     else:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                          max_grad_norm or float("inf")))
@@ -198,6 +200,24 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     setup.scheduler.step()
     optimizer.zero_grad(set_to_none=not keep_grads)
     return step_loss, grad_norm, lr
+
+
+def clip_in_optimizer(optimizer: Any, max_norm: float | None) -> Any:
+    """Total gradient norm (a device tensor); the clipping is left to fused AdamW.
+
+    Fused AdamW divides each gradient by ``optimizer.grad_scale`` as it reads it (the hook
+    GradScaler uses), so clipping costs no separate pass over the gradients: one read and one
+    write of every float32 gradient less per step than ``clip_grad_norm_``. The divisor is
+    ``max(1, norm / max_norm)``, the inverse of ``clip_grad_norm_``'s clamped coefficient.
+    """
+    import torch
+
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    optimizer.grad_scale = (None if not max_norm
+                            else torch.clamp((norm + 1e-6) / max_norm, min=1.0))
+    return norm
 
 
 def token_budget(cfg: TrainerConfig) -> int:
