@@ -172,19 +172,23 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
             grad_loss = scaled * (weight * par.loss_scale) if par else scaled
             (scaler.scale(grad_loss) if scaler else grad_loss).backward()
         total += weight * scaled.detach().float()
-    step_loss = float(total)
-    if par:
-        step_loss = par.all_sum([step_loss])[0]
-    if scaler:
-        scaler.unscale_(optimizer)
     # The total norm is computed either way: a non-finite one means a broken step.
-    if par:
-        grad_norm = par.clip_grad_norm(max_grad_norm or float("inf"))
-    elif scaler is None and setup.device.type == "cuda" and optimizer.defaults.get("fused"):
-        grad_norm = float(clip_in_optimizer(optimizer, max_grad_norm))
+    if par is None and scaler is None and setup.device.type == "cuda" and \
+            optimizer.defaults.get("fused"):
+        # The norm is queued right behind the backward pass, and one host read takes both.
+        norm = clip_in_optimizer(optimizer, max_grad_norm)
+        step_loss, grad_norm = torch.stack([total, norm.double()]).tolist()
     else:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                         max_grad_norm or float("inf")))
+        step_loss = float(total)
+        if par:
+            step_loss = par.all_sum([step_loss])[0]
+        if scaler:
+            scaler.unscale_(optimizer)
+        if par:
+            grad_norm = par.clip_grad_norm(max_grad_norm or float("inf"))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             max_grad_norm or float("inf")))
     lr = float(setup.scheduler.get_last_lr()[0])
     # CUDA graphs accumulate into fixed .grad tensors: zero them, never drop them.
     keep_grads = graphs is not None and graphs.active
