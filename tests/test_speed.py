@@ -198,3 +198,16 @@ def test_attention_kernel_switch():
         attention_kernel("fa4")
     with pytest.raises(ConfigError, match="environment.attention_kernel"):
         load_config(overrides={"environment.attention_kernel": "fa3"})
+
+
+def test_cuda_allocator_setting_keeps_the_users(monkeypatch):
+    import os
+
+    from trainer_core.model.speed import tune_cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert not tune_cuda_allocator() and "PYTORCH_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert tune_cuda_allocator()
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"

@@ -23,7 +23,12 @@ from trainer_core.model.loading import (
     pick_device,
     pick_precision,
 )
-from trainer_core.model.speed import SpeedPlan, plan_speed, tune_cpu_allocator
+from trainer_core.model.speed import (
+    SpeedPlan,
+    plan_speed,
+    tune_cpu_allocator,
+    tune_cuda_allocator,
+)
 
 
 def make_optimizer(model: Any, cfg: TrainerConfig, device: Any) -> Any:
@@ -107,6 +112,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     hp = cfg.hyperparams
     device = pick_device(cfg)
     precision = pick_precision(cfg, device)
+    if device.type == "cuda":
+        tune_cuda_allocator()
     torch.manual_seed(hp.seed)
     speed = plan_speed(cfg, device)
     if device.type == "cpu":
