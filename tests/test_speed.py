@@ -209,5 +209,33 @@ def test_cuda_allocator_setting_keeps_the_users(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert not tune_cuda_allocator() and "PYTORCH_ALLOC_CONF" not in os.environ
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
     assert tune_cuda_allocator()
-    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    assert calls == ["expandable_segments:True"]
+
+
+def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypatch):
+    """The warm-up compiles FA4 for the loaded model's heads, into the trainer's cache."""
+    import json
+    import subprocess
+
+    from trainer_core.model import speed
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)) or cmd)
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+         "hidden_size": 1024}))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not speed.warm_fa4_kernels(tmp_path) and not started  # one process per machine
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    try:
+        assert speed.warm_fa4_kernels(tmp_path)
+    finally:
+        speed._state.pop("fa4_warm", None)
+    (cmd, kw), = started
+    assert cmd[-1].endswith("_run_fa4_once(16, 8, 128)")
+    assert kw["env"]["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "cache" / "fa4")
+    assert not speed.warm_fa4_kernels(tmp_path / "missing")  # no config: nothing to warm

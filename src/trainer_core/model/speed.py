@@ -31,7 +31,10 @@ On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has t
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,8 @@ class SpeedPlan:
     notes: tuple[str, ...] = ()
     #: What was chosen (read by the CUDA-graph decision, :mod:`trainer_core.model.graphs`).
     varlen: bool = False
+    #: The varlen attention's kernel (``fa2`` or ``fa4``; empty without varlen attention).
+    attention_kernel: str = ""
     fused: bool = False
     compiled: bool = False
 
@@ -83,6 +88,7 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     notes: list[str] = []
     attn = cfg.model.attn_implementation
     varlen = False
+    kernel = ""
     if attn == "auto":
         if cuda and varlen_available():
             kernel = attention_kernel(env.attention_kernel)
@@ -100,7 +106,8 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     loss_fn = make_loss_fn(varlen, fused) if (varlen or fused) else None
     prepare = compile_blocks if use_compile else (lambda model: model)
     return SpeedPlan(attn_implementation=attn, prepare=prepare, loss_fn=loss_fn,
-                     notes=tuple(notes), varlen=varlen, fused=fused, compiled=use_compile)
+                     notes=tuple(notes), varlen=varlen, attention_kernel=kernel, fused=fused,
+                     compiled=use_compile)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -425,15 +432,19 @@ def _flash4_varlen_op() -> Any:
         return _flash_op["fa4"]
     import torch
 
-    # FA4 compiles its kernels at first use; keep them next to inductor's (read at import).
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache_root() / "fa4"))
+    _fa4_cache_env(os.environ)
     from flash_attn.cute import interface as fa4
 
     def window(left: int) -> dict[str, Any]:
         return {} if left < 0 else {"window_size_left": left, "window_size_right": 0}
 
     def forward(q, k, v, cu, max_len, scale, window_left):
+        warming = _state.pop("fa4_warm", None)
+        if warming is not None:  # load its kernels from disk rather than compile them twice
+            try:
+                warming.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                warming.kill()
         out, lse = fa4._flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
             max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True,
@@ -482,6 +493,50 @@ def _flash4_varlen_op() -> Any:
     flash4_varlen.register_autograd(backward, setup_context=setup_context)
     _flash_op["fa4"] = flash4_varlen
     return flash4_varlen
+
+
+def _fa4_cache_env(env: Any) -> Any:
+    """FA4 compiles its kernels at first use; keep them next to inductor's (read at import)."""
+    env.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    env.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache_root() / "fa4"))
+    return env
+
+
+def warm_fa4_kernels(model_dir: Path) -> bool:
+    """Compile FA4's kernels for this model's attention shape in a separate process, now.
+
+    On a machine where FA4 never ran, its first forward and backward compile for ~7 s
+    (H200, measured), on top of the decoder blocks' compilation. Started before the model
+    loads, a short-lived process compiles them into FA4's disk cache meanwhile; the first real
+    call waits for it, then loads them. A separate process, because both compilers are
+    mostly Python and would take turns on one interpreter. Only local rank 0 starts one.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return False
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        heads = int(cfg["num_attention_heads"])
+        shape = (heads, int(cfg.get("num_key_value_heads") or heads),
+                 int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    code = f"from trainer_core.model.speed import _run_fa4_once; _run_fa4_once{shape}"
+    _state["fa4_warm"] = subprocess.Popen(
+        [sys.executable, "-c", code], env=_fa4_cache_env(dict(os.environ)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return True
+
+
+def _run_fa4_once(heads: int, kv_heads: int, dim: int) -> None:
+    """One varlen forward + backward through the FA4 op (the body of the warm-up process)."""
+    import torch
+
+    op = _flash4_varlen_op()
+    q, k, v = (torch.randn(1024, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, 384, 1024], dtype=torch.int32, device="cuda")
+    op(q, k, v, cu, 1024, dim ** -0.5, -1)[0].sum().backward()
+    torch.cuda.synchronize()
 
 
 def varlen_reference(q: Any, k: Any, v: Any, cu: Any, scale: float) -> Any:
@@ -659,10 +714,12 @@ def tune_cuda_allocator() -> bool:
     Packed rows change length every step, so fixed-size cached blocks fragment: a 64-example
     step (~35k tokens) of the 0.6B model on an 80 GB H100 ran out of memory with 16 GiB
     reserved but unusable (bench/throughput.py, measured). Expandable segments map more
-    memory into one segment as needed. Read when the allocator starts, so this must run
-    before the first CUDA allocation; a ``PYTORCH_CUDA_ALLOC_CONF`` the user set is kept.
+    memory into one segment as needed; set at run time, they apply to the segments reserved
+    from then on. A ``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF`` the user set is kept.
     """
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return False
-    os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    import torch
+
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     return True

@@ -28,6 +28,7 @@ from trainer_core.model.speed import (
     plan_speed,
     tune_cpu_allocator,
     tune_cuda_allocator,
+    warm_fa4_kernels,
 )
 
 
@@ -116,6 +117,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
         tune_cuda_allocator()
     torch.manual_seed(hp.seed)
     speed = plan_speed(cfg, device)
+    if speed.attention_kernel == "fa4":
+        warm_fa4_kernels(model_dir)  # overlaps the model load and the blocks' compilation
     if device.type == "cpu":
         tune_cpu_allocator()
     model = load_model(model_dir, cfg, device, speed.attn_implementation)
