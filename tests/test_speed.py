@@ -239,3 +239,6 @@ def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypat
     assert cmd[-1].endswith("_run_fa4_once(16, 8, 128)")
     assert kw["env"]["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "cache" / "fa4")
     assert not speed.warm_fa4_kernels(tmp_path / "missing")  # no config: nothing to warm
+    (tmp_path / "cache" / "fa4").mkdir(parents=True)
+    (tmp_path / "cache" / "fa4" / "kernel.o").write_bytes(b"")
+    assert not speed.warm_fa4_kernels(tmp_path) and len(started) == 1  # warm machine: no wait

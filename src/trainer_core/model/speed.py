@@ -89,6 +89,10 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     attn = cfg.model.attn_implementation
     varlen = False
     kernel = ""
+    if cuda:
+        # Before anything imports torch._inductor (FA4's import does), which may fix its
+        # cache folder on first use.
+        persist_compile_cache()
     if attn == "auto":
         if cuda and varlen_available():
             kernel = attention_kernel(env.attention_kernel)
@@ -509,9 +513,12 @@ def warm_fa4_kernels(model_dir: Path) -> bool:
     (H200, measured), on top of the decoder blocks' compilation. Started before the model
     loads, a short-lived process compiles them into FA4's disk cache meanwhile; the first real
     call waits for it, then loads them. A separate process, because both compilers are
-    mostly Python and would take turns on one interpreter. Only local rank 0 starts one.
+    mostly Python and would take turns on one interpreter. Only where FA4's cache is still
+    empty (waiting for a process that only loads cached kernels would slow a warm start),
+    and only on local rank 0.
     """
-    if os.environ.get("LOCAL_RANK", "0") != "0":
+    cache = Path(_fa4_cache_env(dict(os.environ))["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
+    if os.environ.get("LOCAL_RANK", "0") != "0" or (cache.is_dir() and any(cache.iterdir())):
         return False
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
