@@ -573,13 +573,7 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
         try:
             # correctness on one micro-batch
             lens = mbs[1]
-            T = sum(lens)
-            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
-                              device="cuda")
-            q = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(T, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(T, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            go = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+            cu, q, k, v, go = _attention_inputs(lens)
             out = fn(q, k, v, cu, max(lens))
             grads = torch.autograd.grad(out, (q, k, v), go)
             qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
@@ -592,16 +586,7 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
             for _rep in range(2):
                 t0 = time.time()
                 for lens in mbs:
-                    T = sum(lens)
-                    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)),
-                                      dtype=torch.int32, device="cuda")
-                    q = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16,
-                                    requires_grad=True)
-                    k = torch.randn(T, 8, 128, device="cuda", dtype=torch.bfloat16,
-                                    requires_grad=True)
-                    v = torch.randn(T, 8, 128, device="cuda", dtype=torch.bfloat16,
-                                    requires_grad=True)
-                    go = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+                    cu, q, k, v, go = _attention_inputs(lens)
                     for _layer in range(28):
                         out = fn(q, k, v, cu, max(lens))
                         torch.autograd.grad(out, (q, k, v), go)
@@ -617,6 +602,19 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
     return res
 
 
+def _attention_inputs(lens: list[int]) -> tuple[Any, Any, Any, Any, Any]:
+    """Random packed bf16 ``cu_seqlens, q, k, v, grad_out`` for examples of ``lens`` tokens
+    (Qwen3-0.6B's 16 query and 8 key/value heads of 128)."""
+    import torch
+
+    T = sum(lens)
+    cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32,
+                      device="cuda")
+    q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (16, 8, 8))
+    return cu, q, k, v, torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+
+
 def _graphed_attention_ms(fn: Any, mbs: list[list[int]], steps: int) -> float | str:
     """GPU time of 28 layers' forward + backward per step, replayed from CUDA graphs.
 
@@ -628,12 +626,7 @@ def _graphed_attention_ms(fn: Any, mbs: list[list[int]], steps: int) -> float | 
     try:
         total = 0.0
         for lens in mbs:
-            T = sum(lens)
-            cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32,
-                              device="cuda")
-            q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=torch.bfloat16,
-                                   requires_grad=True) for h in (16, 8, 8))
-            go = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+            cu, q, k, v, go = _attention_inputs(lens)
             m = max(lens)
             for _ in range(2):
                 torch.autograd.grad(fn(q, k, v, cu, m), (q, k, v), go)
@@ -660,13 +653,7 @@ def _graph_replay_check(fn: Any) -> dict[str, Any]:
     import torch
 
     try:
-        lens = [700, 300, 1200, 96, 64]
-        T = sum(lens)
-        cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32,
-                          device="cuda")
-        q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=True) for h in (16, 8, 8))
-        go = torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16)
+        cu, q, k, v, go = _attention_inputs([700, 300, 1200, 96, 64])
         for _ in range(2):  # compile and warm up outside the capture
             torch.autograd.grad(fn(q, k, v, cu, 2048), (q, k, v), go)
         torch.cuda.synchronize()
