@@ -293,3 +293,24 @@ def test_another_view_plugs_in_next_to_the_runs(tmp_path, http_request):
         assert b"""content='["runs", "queue"]'""" in board.page()  # the page's tabs
     finally:
         stop(server, board)
+
+
+def test_event_streams_send_a_keep_alive_only_after_a_silence(monkeypatch):
+    """Both views' streams (runs and daemon) share poll_stream: events as polled, a keep-alive
+    after KEEPALIVE_S without one, and an end once the server is stopping."""
+    from trainer_core.monitor.dashboard import views
+
+    monkeypatch.setattr(views, "KEEPALIVE_S", 0.05)
+    stopping = threading.Event()
+    polls = iter([[("metrics", [1])], [("status", {}), ("runs", [])]])
+
+    def poll():
+        return next(polls, [])
+
+    stream = views.poll_stream(poll, stopping, every_s=0.01)
+    assert [next(stream) for _ in range(3)] == [("metrics", [1]), ("status", {}), ("runs", [])]
+    started = time.monotonic()
+    assert next(stream) == (None, None)  # nothing new: a keep-alive, after the silence
+    assert time.monotonic() - started >= 0.04
+    stopping.set()
+    assert list(stream) == []

@@ -32,7 +32,7 @@ from trainer_core.daemon.home import Home, priority_name
 from trainer_core.daemon.ledger import Ledger
 from trainer_core.errors import UserError
 from trainer_core.monitor.dashboard.server import HTTPError
-from trainer_core.monitor.dashboard.views import JsonlTail
+from trainer_core.monitor.dashboard.views import JsonlTail, poll_stream
 
 POLL_S = 0.5
 #: Status is re-read at least this often even when nothing changed (a daemon that died
@@ -161,46 +161,39 @@ class DaemonView:
         self._require()  # before the stream starts: a plain 404, not an empty stream
         metrics = JsonlTail(self.home.metrics, start)
 
+        last: dict[str, Any] = {}
+        version = None
+        status_mtime = 0.0
+        last_status = 0.0
+
+        def poll(ledger: Ledger) -> Iterator[tuple[str, Any]]:
+            nonlocal version, status_mtime, last_status
+            records = metrics.read()
+            if records:
+                yield "metrics", records
+            now = time.monotonic()
+            try:
+                v = ledger.db.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error:
+                v = version
+            try:
+                mtime = self.home.status.stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            if v != version or mtime != status_mtime or now - last_status >= STATUS_EVERY_S:
+                version, status_mtime, last_status = v, mtime, now
+                fresh = {"status": self.status(), "queue": self.queue(ledger),
+                         "history": self.history(ledger)}
+                for name, data in fresh.items():
+                    # status always (its age matters); the lists only when changed
+                    if name == "status" or data != last.get(name):
+                        last[name] = data
+                        yield name, data
+
         def gen() -> Iterator[tuple[str | None, Any]]:
             ledger = self._ledger()
-            last: dict[str, Any] = {}
-            version = None
-            status_mtime = 0.0
-            last_status = 0.0
-            last_ping = time.monotonic()
             try:
-                while not stopping.is_set():
-                    sent = False
-                    records = metrics.read()
-                    if records:
-                        yield "metrics", records
-                        sent = True
-                    now = time.monotonic()
-                    try:
-                        v = ledger.db.execute("PRAGMA data_version").fetchone()[0]
-                    except sqlite3.Error:
-                        v = version
-                    try:
-                        mtime = self.home.status.stat().st_mtime
-                    except OSError:
-                        mtime = 0.0
-                    if (v != version or mtime != status_mtime
-                            or now - last_status >= STATUS_EVERY_S):
-                        version, status_mtime, last_status = v, mtime, now
-                        fresh = {"status": self.status(), "queue": self.queue(ledger),
-                                 "history": self.history(ledger)}
-                        for name, data in fresh.items():
-                            # status always (its age matters); the lists only when changed
-                            if name == "status" or data != last.get(name):
-                                last[name] = data
-                                yield name, data
-                                sent = True
-                    if sent:
-                        last_ping = now
-                    elif now - last_ping >= 15:
-                        last_ping = now
-                        yield None, None
-                    stopping.wait(POLL_S)
+                yield from poll_stream(lambda: poll(ledger), stopping, POLL_S)
             finally:
                 ledger.close()
 

@@ -21,7 +21,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,29 @@ from trainer_core.monitor.watch import find_runs, is_run_dir
 POLL_S = 0.5
 RUNS_EVERY_S = 5.0
 PREVIEW_STEPS_KEPT = 5
+#: Seconds without an event after which a stream sends a keep-alive comment (it also tells
+#: the server that the page went away).
+KEEPALIVE_S = 15.0
+
+
+def poll_stream(poll: Callable[[], Iterable[tuple[str, Any]]], stopping: Any,
+                every_s: float = POLL_S) -> Iterator[tuple[str | None, Any]]:
+    """A view's event stream: the events ``poll()`` returns, every ``every_s`` seconds until
+    ``stopping`` is set, and a keep-alive ``(None, None)`` after :data:`KEEPALIVE_S` seconds
+    without one."""
+    last_sent = time.monotonic()
+    while not stopping.is_set():
+        sent = False
+        for event in poll():
+            yield event
+            sent = True
+        now = time.monotonic()
+        if sent:
+            last_sent = now
+        elif now - last_sent >= KEEPALIVE_S:
+            last_sent = now
+            yield None, None
+        stopping.wait(every_s)
 
 
 class JsonlTail:
@@ -153,46 +176,33 @@ class RunsView:
         previews = JsonlTail(d / PREVIEWS_FILE, offset("previews"))
         status_mtime = 0.0
         last_runs = 0.0
-        last_ping = time.monotonic()
 
-        def gen() -> Iterator[tuple[str | None, Any]]:
-            nonlocal status_mtime, last_runs, last_ping
-            while not stopping.is_set():
-                sent = False
-                records = metrics.read()
-                steps = [r for r in records if "alert" not in r]
-                alerts = [r for r in records if "alert" in r]
-                if steps:
-                    yield "metrics", steps
-                    sent = True
-                if alerts:
-                    yield "alerts", alerts
-                    sent = True
-                new_previews = previews.read()
-                if new_previews:
-                    yield "previews", new_previews
-                    sent = True
-                try:
-                    mtime = (d / STATUS_FILE).stat().st_mtime
-                except OSError:
-                    mtime = 0.0
-                now = time.monotonic()
-                # Re-sent every few seconds even if unchanged: "stalled" is judged by the clock.
-                if mtime != status_mtime or now - last_runs >= RUNS_EVERY_S:
-                    status_mtime = mtime
-                    yield "status", read_status(d) or {}
-                    sent = True
-                if now - last_runs >= RUNS_EVERY_S:
-                    last_runs = now
-                    yield "runs", [self.summary(r) for r in find_runs(self.root)]
-                if sent:
-                    last_ping = now
-                elif now - last_ping >= 15:
-                    last_ping = now
-                    yield None, None
-                stopping.wait(POLL_S)
+        def poll() -> Iterator[tuple[str, Any]]:
+            nonlocal status_mtime, last_runs
+            records = metrics.read()
+            steps = [r for r in records if "alert" not in r]
+            alerts = [r for r in records if "alert" in r]
+            if steps:
+                yield "metrics", steps
+            if alerts:
+                yield "alerts", alerts
+            new_previews = previews.read()
+            if new_previews:
+                yield "previews", new_previews
+            try:
+                mtime = (d / STATUS_FILE).stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            now = time.monotonic()
+            # Re-sent every few seconds even if unchanged: "stalled" is judged by the clock.
+            if mtime != status_mtime or now - last_runs >= RUNS_EVERY_S:
+                status_mtime = mtime
+                yield "status", read_status(d) or {}
+            if now - last_runs >= RUNS_EVERY_S:
+                last_runs = now
+                yield "runs", [self.summary(r) for r in find_runs(self.root)]
 
-        return gen()
+        return poll_stream(poll, stopping)
 
     def action(self, name: str, query: dict[str, str], body: dict[str, Any]) -> Any:
         if name != "stop":
