@@ -15,8 +15,9 @@ On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has t
   tens of thousands of tokens. Instead the loss passes each micro-batch's cumulative example
   lengths (``cu_seqlens``, built once per micro-batch from ``seq_lens``) down to every layer,
   and attention runs PyTorch's own FlashAttention-2 varlen kernel
-  (``aten._flash_attention_forward``): no mask at all, work proportional to
-  ``sum(len_i^2)``. Without those lengths (generation, padded batches) the same attention
+  (``aten._flash_attention_forward``), or FlashAttention-4's on a Hopper GPU where the
+  ``flash-attn-4`` wheel is installed (``environment.attention_kernel``): no mask at all, work
+  proportional to ``sum(len_i^2)``. Without those lengths (generation, padded batches) the same attention
   implementation falls back to plain sdpa with transformers' masks, so nothing else changes.
 * **compiled decoder blocks** (``environment.compile``): every decoder layer is compiled in
   place (regional compilation: one compiled graph serves all layers). Inductor fuses the
@@ -517,7 +518,8 @@ def warm_fa4_kernels(model_dir: Path) -> bool:
     empty (waiting for a process that only loads cached kernels would slow a warm start),
     and only on local rank 0.
     """
-    cache = Path(_fa4_cache_env(dict(os.environ))["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
+    env = _fa4_cache_env(dict(os.environ))
+    cache = Path(env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
     if os.environ.get("LOCAL_RANK", "0") != "0" or (cache.is_dir() and any(cache.iterdir())):
         return False
     try:
@@ -529,8 +531,8 @@ def warm_fa4_kernels(model_dir: Path) -> bool:
         return False
     code = f"from trainer_core.model.speed import _run_fa4_once; _run_fa4_once{shape}"
     _state["fa4_warm"] = subprocess.Popen(
-        [sys.executable, "-c", code], env=_fa4_cache_env(dict(os.environ)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     return True
 
 
