@@ -182,23 +182,7 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
             grad_loss = scaled * (weight * par.loss_scale) if par else scaled
             (scaler.scale(grad_loss) if scaler else grad_loss).backward()
         total += weight * scaled.detach().float()
-    # The total norm is computed either way: a non-finite one means a broken step.
-    if par is None and scaler is None and setup.device.type == "cuda" and \
-            optimizer.defaults.get("fused"):
-        # The norm is queued right behind the backward pass, and one host read takes both.
-        norm = clip_in_optimizer(optimizer, max_grad_norm)
-        step_loss, grad_norm = torch.stack([total, norm.double()]).tolist()
-    else:
-        step_loss = float(total)
-        if par:
-            step_loss = par.all_sum([step_loss])[0]
-        if scaler:
-            scaler.unscale_(optimizer)
-        if par:
-            grad_norm = par.clip_grad_norm(max_grad_norm or float("inf"))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                             max_grad_norm or float("inf")))
+    step_loss, grad_norm = loss_and_clip(setup, total, max_grad_norm)
     lr = float(setup.scheduler.get_last_lr()[0])
     # CUDA graphs accumulate into fixed .grad tensors: zero them, never drop them.
     keep_grads = graphs is not None and graphs.active
@@ -214,6 +198,31 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     setup.scheduler.step()
     optimizer.zero_grad(set_to_none=not keep_grads)
     return step_loss, grad_norm, lr
+
+
+def loss_and_clip(setup: TrainingSetup, total: Any, max_grad_norm: float | None
+                  ) -> tuple[float, float]:
+    """The step's loss (``total``, a device scalar) and total gradient norm, read on the host,
+    with the gradients clipped (or their clipping handed to fused AdamW).
+
+    The norm is computed either way: a non-finite one means a broken step.
+    """
+    import torch
+
+    optimizer, par, scaler = setup.optimizer, setup.parallel, setup.scaler
+    if par is None and scaler is None and setup.device.type == "cuda" and \
+            optimizer.defaults.get("fused"):
+        # The norm is queued right behind the backward pass, and one host read takes both.
+        norm = clip_in_optimizer(optimizer, max_grad_norm)
+        loss, grad_norm = torch.stack([total, norm.double()]).tolist()
+        return loss, grad_norm
+    loss = par.all_sum([float(total)])[0] if par else float(total)
+    if scaler:
+        scaler.unscale_(optimizer)
+    limit = max_grad_norm or float("inf")
+    if par:
+        return loss, par.clip_grad_norm(limit)
+    return loss, float(torch.nn.utils.clip_grad_norm_(setup.model.parameters(), limit))
 
 
 def clip_in_optimizer(optimizer: Any, max_norm: float | None) -> Any:
