@@ -23,6 +23,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,8 @@ class DaemonView:
         passes it back to ``events`` so that no line is sent twice)."""
         metrics = self.metrics_tail()
         records = metrics.read()
-        ledger = self._ledger()
-        try:
+        with closing(self._ledger()) as ledger:
             queue, history, counts = self.queue(ledger), self.history(ledger), ledger.counts()
-        finally:
-            ledger.close()
         return {"home": str(self.home.root), "name": self.home.root.name,
                 "status": self.status(), "queue": queue, "history": history, "counts": counts,
                 "metrics": records, "offsets": {"metrics": metrics.offset}}
@@ -137,18 +135,10 @@ class DaemonView:
     def get(self, what: str, query: dict[str, str]) -> Any:
         if what == "state":
             return self.snapshot()
-        if what == "queue":
-            ledger = self._ledger()
-            try:
-                return self.queue(ledger)
-            finally:
-                ledger.close()
-        if what == "history":
-            ledger = self._ledger()
-            try:
-                return self.history(ledger)
-            finally:
-                ledger.close()
+        lists = {"queue": self.queue, "history": self.history}
+        if what in lists:
+            with closing(self._ledger()) as ledger:
+                return lists[what](ledger)
         raise HTTPError(404, f"unknown daemon/{what}")
 
     def events(self, query: dict[str, str], stopping: Any) -> Iterator[tuple[str | None, Any]]:
@@ -191,11 +181,8 @@ class DaemonView:
                         yield name, data
 
         def gen() -> Iterator[tuple[str | None, Any]]:
-            ledger = self._ledger()
-            try:
+            with closing(self._ledger()) as ledger:
                 yield from poll_stream(lambda: poll(ledger), stopping, POLL_S)
-            finally:
-                ledger.close()
 
         return gen()
 
