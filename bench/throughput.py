@@ -23,7 +23,10 @@ Variants (each runs in its own process, one after another, on the same card):
                  ``trainer[key=value,...]`` sets config overrides (the lever runs), e.g.
                  ``trainer[hyperparams.batch_size=8,hyperparams.gradient_accumulation=8]``
                  (micro-batches of <= 16,384 tokens, less memory); ``bench.steps=N`` in the
-                 brackets shortens one run.
+                 brackets shortens one run. ``trainer_profile`` is ``trainer`` followed by
+                 a profile of its last 10 replayed steps run again: GPU time by kernel kind
+                 against wall time (``BENCH_PROFILE_CPU=1`` adds the host side and, with
+                 ``BENCH_PROFILE_DIR``, saves the trace).
   hf_padded      the Hugging Face Trainer default recipe as a plain loop: pad to longest,
                  8 examples per micro-batch (x8 accumulation), sdpa,
                  ``model(input_ids, attention_mask, labels, num_items_in_batch=...)`` as the
@@ -64,6 +67,7 @@ SHAPE = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_att
              max_position_embeddings=40_960)
 PEAK_TFLOPS = 989.4
 LR = 2e-4
+PROFILE_STEPS = 10  # replayed steps profiled by the trainer_profile variant
 MICRO = 8  # examples per micro-batch in the HF padded recipe (per_device_train_batch_size)
 
 
@@ -146,10 +150,13 @@ class Meter:
             torch.cuda.reset_peak_memory_stats()
 
     def step(self, loss: float, examples: list[dict[str, Any]], processed: int,
-             n_params: int, cfg: dict[str, int]) -> None:
+             n_params: int, cfg: dict[str, int], last: bool = False) -> None:
+        """Record a step that has returned. No device sync except after the ``last`` step:
+        a run does not wait for the optimizer's kernels before collating the next step, so
+        neither does the bench (each step's time is from one return to the next)."""
         import torch
 
-        if self.cuda:
+        if self.cuda and last:
             torch.cuda.synchronize()
         now = time.time()
         if self.t_first is None:
@@ -242,13 +249,8 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     micro_counts = []
     graph_count: list[int] = []
     replay_only: list[bool] = []
-    prof = None
+    replayed: list[tuple[list[dict[str, Any]], int]] = []  # replay-only steps, for the profile
     for step in range(plan.total_steps):
-        if profile and step == warmup:
-            prof = _start_profiler()
-        if prof is not None and step == warmup + 2:
-            _dump_profile(prof, name, meter.step_times[-2:])
-            prof = None
         t0 = time.time()
         batch_examples = [examples[i] for i in plan.step_indices(step)]
         batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size, budget, pad_id,
@@ -262,12 +264,18 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
             after = setup.graphs.stats()
             replay_only.append(after["eager"] == before["eager"]
                                and after["graphs"] == before["graphs"])
+            if replay_only[-1] and step >= warmup:
+                replayed = [*replayed[-PROFILE_STEPS + 1:], (batches, n_trained)]
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
         processed = sum(int(b["input_ids"].numel()) for b in batches)
-        meter.step(step_loss, batch_examples, processed, n_params, shape)
+        meter.step(step_loss, batch_examples, processed, n_params, shape,
+                   last=step == plan.total_steps - 1)
         graph_count.append(_compiled_graphs())
     out = meter.result()
+    if profile:
+        out["profile"] = profile_steps(setup, replayed or [(batches, n_trained)], hp.max_grad_norm,
+                                       name)
     # The last step after which torch.compile produced a new graph (recompiles), 1-based.
     out["last_compile_step"] = max((i + 1 for i in range(len(graph_count))
                                     if graph_count[i] > (graph_count[i - 1] if i else 0)),
@@ -305,65 +313,93 @@ def _compiled_graphs() -> int:
         return 0
 
 
-def _start_profiler() -> Any:
+def profile_steps(setup: Any, steps: list[tuple[list[dict[str, Any]], int]],
+                  max_grad_norm: float | None, name: str) -> dict[str, Any]:
+    """Run ``steps`` again (shapes already captured, so graph replays only) under the profiler.
+
+    GPU time by kernel kind against the wall time of the same steps, run back to back as the
+    loop runs them (no sync between steps); idle is the part of the wall in which no kernel
+    ran (the union of kernel intervals, so overlapping streams are not counted twice). The
+    steps train the model further: this runs after the measured steps.
+    """
+    import tempfile
+
     import torch
+
+    from trainer_core.train import step as engine
 
     acts = [torch.profiler.ProfilerActivity.CUDA]
     if os.environ.get("BENCH_PROFILE_CPU"):  # host side too: what the CPU does per step
         acts.append(torch.profiler.ProfilerActivity.CPU)
-    prof = torch.profiler.profile(activities=acts)
-    prof.__enter__()
-    return prof
-
-
-def _dump_profile(prof: Any, name: str, step_times: list[float]) -> None:
-    """GPU kernel time by kind over two steps, against their wall time (idle = the rest)."""
-    import torch
-
-    torch.cuda.synchronize()
-    prof.__exit__(None, None, None)
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
-            rows.append((t / 1e3, e.count, e.key))
-    rows.sort(reverse=True)
-    kinds: dict[str, float] = {}
-    for t, _, key in rows:
-        k = key.lower()
-        kind = ("attention" if "flash" in k or "fmha" in k else
-                "gemm" if any(x in k for x in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas"))
-                else "triton (compiled)" if k.startswith("triton") else
-                "memcpy/memset" if "memcpy" in k or "memset" in k else "other")
-        kinds[kind] = kinds.get(kind, 0.0) + t
-    wall = 1e3 * sum(step_times)
-    busy = sum(kinds.values())
-    lines = [f"profile {name}: 2 steps, wall {wall:.1f} ms, GPU kernels {busy:.1f} ms "
-             f"(idle {100 * (1 - busy / wall):.1f}%)"]
-    lines += [f"  {k:20s} {v:9.1f} ms {100 * v / wall:5.1f}%" for k, v in
-              sorted(kinds.items(), key=lambda kv: -kv[1])]
-    lines += [f"  {t:9.2f} ms x{n:<5d} {key[:110]}" for t, n, key in rows[:40]]
-    if os.environ.get("BENCH_PROFILE_CPU"):
-        cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]
-        lines.append("  host: self CPU time over 2 steps, top ops")
-        lines += [f"  {e.self_cpu_time_total / 1e3:9.2f} ms x{e.count:<6d} {e.key[:100]}"
-                  for e in cpu]
-    text = "\n".join(lines)
-    print(text, flush=True)
-    out = os.environ.get("BENCH_PROFILE_DIR")
-    if out:
-        safe = "".join(c if c.isalnum() else "_" for c in name)[:60]
-        Path(out, f"profile-{safe}.txt").write_text(text + "\n")
-        if os.environ.get("BENCH_PROFILE_CPU"):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for batches, n_trained in steps:
+            engine.train_step(setup, batches, n_trained, max_grad_norm)
+        sync()
+        wall = 1e3 * (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp, "trace.json")
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+        out_dir = os.environ.get("BENCH_PROFILE_DIR")
+        if out_dir and os.environ.get("BENCH_PROFILE_CPU"):
             import gzip
 
-            trace = Path(out, f"trace-{safe}.json")
-            prof.export_chrome_trace(str(trace))
-            with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
-                g.write(f.read())
-            trace.unlink()
+            safe = "".join(c if c.isalnum() else "_" for c in name)[:60]
+            with gzip.open(Path(out_dir, f"trace-{safe}.json.gz"), "wb") as g:
+                g.write(trace.read_bytes())
+    kernels = [(float(e["ts"]), float(e["dur"]), e["name"]) for e in events
+               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    kinds: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for _, dur, key in kernels:
+        kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + dur / 1e3
+        by_name.setdefault(key, []).append(dur / 1e3)
+    busy = _union_ms(kernels)
+    n = len(steps)
+    res = {"steps": n, "wall_ms_per_step": round(wall / n, 2),
+           "gpu_busy_ms_per_step": round(busy / n, 2),
+           "idle_pct": round(100 * (1 - busy / wall), 1),
+           "kernels_per_step": round(len(kernels) / n, 1),
+           "ms_per_step_by_kind": {k: round(v / n, 2) for k, v in
+                                   sorted(kinds.items(), key=lambda kv: -kv[1])},
+           "top_kernels": [[round(sum(v) / n, 3), len(v) // n, k[:120]] for k, v in
+                           sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]]}
+    lines = [f"profile {name}: {n} replayed steps, {res['wall_ms_per_step']} ms/step wall, "
+             f"GPU busy {res['gpu_busy_ms_per_step']} ms (idle {res['idle_pct']}%), "
+             f"{res['kernels_per_step']} kernels/step"]
+    lines += [f"  {k:20s} {v:8.2f} ms/step" for k, v in res["ms_per_step_by_kind"].items()]
+    lines += [f"  {t:8.3f} ms x{c:<4d} {k}" for t, c, k in res["top_kernels"]]
+    print("\n".join(lines), flush=True)
+    return res
+
+
+def kernel_kind(name: str) -> str:
+    k = name.lower()
+    if "flash" in k or "fmha" in k:
+        return "attention"
+    if any(x in k for x in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")):
+        return "gemm"
+    if "adam" in k:
+        return "optimizer"
+    if k.startswith("triton"):
+        return "triton (compiled)"
+    if "memcpy" in k or "memset" in k:
+        return "memcpy/memset"
+    return "other"
+
+
+def _union_ms(intervals: list[tuple[float, float, str]]) -> float:
+    """Total time (ms) covered by at least one of the ``(start_us, duration_us, _)``."""
+    total, end = 0.0, float("-inf")
+    for start, dur, _ in sorted(intervals):
+        stop = start + dur
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e3
 
 
 # --------------------------------------------------------------------------- variants 2 and 3: HF
@@ -403,7 +439,7 @@ def _hf_loop(model: Any, examples: list[dict[str, Any]], per_step: int, steps: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         processed = sum(int(b["input_ids"].numel()) for b in batches)
-        meter.step(step_loss, step_examples, processed, n_params, shape)
+        meter.step(step_loss, step_examples, processed, n_params, shape, last=step == steps - 1)
     return meter.result()
 
 
@@ -516,11 +552,25 @@ def run_tiny_equivalence(tmp: Path) -> dict[str, Any]:
     plain = run_trainer(model_dir, ex, 16, 3, 0, {
         "environment.compile": "off", "environment.fused_loss": "off",
         "model.attn_implementation": "sdpa"}, "tiny-plain")
-    diffs = [abs(a - b) / abs(b) for a, b in zip(fast["losses"], plain["losses"], strict=True)]
     res = {"fast_losses": fast["losses"], "plain_losses": plain["losses"],
-           "max_rel_diff": max(diffs)}
+           "max_rel_diff": _max_rel_diff(fast["losses"], plain["losses"])}
+    # CUDA graphs against the same plan without them, over steps that replay: the data repeat
+    # every 4 steps, and a token budget of 4,096 splits each step into several micro-batches
+    # (the first overwrites .grad, the others add to it).
+    rep = make_examples(4 * 16, seed=6, hi=1024) * 3
+    split = {"data.max_tokens_per_batch": 4096}
+    graphed = run_trainer(model_dir, rep, 16, 12, 0, split, "tiny-graphs")
+    eager = run_trainer(model_dir, rep, 16, 12, 0, {**split, "environment.cuda_graphs": "off"},
+                        "tiny-no-graphs")
+    res["graphs"] = {"cuda_graphs": graphed.get("cuda_graphs"),
+                     "micro_batches_per_step": graphed["micro_batches_per_step"],
+                     "max_rel_diff": _max_rel_diff(graphed["losses"], eager["losses"])}
     print("tiny equivalence:", json.dumps(res), flush=True)
     return res
+
+
+def _max_rel_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
 def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[str, Any]:
