@@ -23,12 +23,18 @@ is captured, and every later one replays the graph; all graphs share one memory
 pool, which is safe because a replay leaves nothing alive in the pool (gradients accumulate
 into ``.grad`` tensors allocated outside it, and the loss is copied out).
 
+A graph either adds its gradients to ``.grad`` (a step's later micro-batches) or overwrites
+``.grad`` with them (a step's first, ``overwrite=True``): then the previous step's gradients
+need no zeroing pass, and no read of the old values before the add. Measured on an H100 at 8
+examples per step, the zeroing and the adds were 4.3 ms of a 57 ms step. The two kinds are
+captured separately (the mode is part of the key).
+
 The rules that keep replays correct, and that :func:`trainer_core.train.step.train_step`
-follows: ``.grad`` tensors are created before the first capture and never replaced
-(``zero_grad(set_to_none=False)``); the optimizer step, clipping and the LR schedule stay
-outside the graph (so the learning rate may change every step); nothing in the captured
-region reads a device value on the host. Off (eager, as before) on CPU, under several
-processes, with fp16's loss scaler and with gradient checkpointing.
+follows: ``.grad`` tensors are created before the first capture and never replaced or
+dropped (between steps they keep the last step's values); the optimizer step, clipping and
+the LR schedule stay outside the graph (so the learning rate may change every step); nothing
+in the captured region reads a device value on the host. Off (eager, as before) on CPU, under
+several processes, with fp16's loss scaler and with gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -70,10 +76,10 @@ class StepGraphs:
                  amp: Callable[[], Any]) -> None:
         self.loss_fn = loss_fn
         self.amp = amp
-        self.graphs: dict[tuple[int, int, int, int], _Captured] = {}
+        self.graphs: dict[tuple[int, int, int, int, bool], _Captured] = {}
         self.eager_runs = 0
         self.replays = 0
-        self._seen: set[tuple[int, int, int, int]] = set()
+        self._seen: set[tuple[int, int, int, int, bool]] = set()
         self._pool: Any = None
         self._stream: Any = None
 
@@ -88,17 +94,19 @@ class StepGraphs:
 
     @property
     def active(self) -> bool:
-        """A graph exists: ``.grad`` tensors must stay where they are (zeroed, not dropped)."""
+        """A graph exists: ``.grad`` tensors must stay where they are (never set to None)."""
         return bool(self.graphs)
 
-    def forward_backward(self, model: Any, batch: dict[str, Any], scale: float) -> Any:
-        """Accumulate the gradients of ``scale * loss`` into ``.grad``; returns the scaled loss
-        as a device scalar (read it before this method is called again)."""
+    def forward_backward(self, model: Any, batch: dict[str, Any], scale: float,
+                         overwrite: bool = False) -> Any:
+        """Add the gradients of ``scale * loss`` to ``.grad`` (``overwrite``: replace ``.grad``
+        with them); returns the scaled loss as a device scalar (read it before this method is
+        called again)."""
         import torch
 
         host = static_inputs(batch, scale)
         key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
-               host["cu_seqlens"].shape[0], host["max_seqlen"])
+               host["cu_seqlens"].shape[0], host["max_seqlen"], overwrite)
         if self._stream is None:
             self._stream = torch.cuda.Stream()
             self._pool = torch.cuda.graph_pool_handle()
@@ -108,8 +116,11 @@ class StepGraphs:
             # size range, and compiling inside a capture fails. Its second one is captured.
             if self.eager_runs < WARMUP or key not in self._seen:
                 self._seen.add(key)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if overwrite and grads:  # the eager backward adds: start from zero
+                    torch._foreach_zero_(grads)
                 return self._eager(model, host)
-            graph = self._capture(model, host)
+            graph = self._capture(model, host, overwrite)
             self.graphs[key] = graph
         graph.load(host)
         graph.graph.replay()
@@ -138,12 +149,13 @@ class StepGraphs:
             loss, _ = self.loss_fn(model, dev)
             return loss * dev["scale"]
 
-    def _capture(self, model: Any, host: dict[str, Any]) -> _Captured:
+    def _capture(self, model: Any, host: dict[str, Any], overwrite: bool) -> _Captured:
         import torch
 
-        for p in model.parameters():
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
             # Gradients must live outside the graph pool at fixed addresses (see module doc).
-            if p.requires_grad and p.grad is None:
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
         static = {k: (torch.empty_like(v, device="cuda") if torch.is_tensor(v) else v)
                   for k, v in host.items()}
@@ -152,7 +164,14 @@ class StepGraphs:
         # Capturing records kernels without running them: the gradients are untouched.
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             scaled = self._scaled_loss(model, static)
-            scaled.backward()
+            if overwrite:
+                # The new gradients live in the pool only until copied: nothing stays alive.
+                grads = torch.autograd.grad(scaled, params, allow_unused=True,
+                                            materialize_grads=True)
+                torch._foreach_copy_([p.grad for p in params], list(grads))
+                del grads
+            else:
+                scaled.backward()
             out.copy_(scaled.detach())
         return _Captured(graph, static, out)
 

@@ -444,12 +444,7 @@ def _flash4_varlen_op() -> Any:
         return {} if left < 0 else {"window_size_left": left, "window_size_right": 0}
 
     def forward(q, k, v, cu, max_len, scale, window_left):
-        warming = _state.pop("fa4_warm", None)
-        if warming is not None:  # load its kernels from disk rather than compile them twice
-            try:
-                warming.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                warming.kill()
+        _wait_for_fa4_warm_up("fwd")
         out, lse = fa4._flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
             max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True,
@@ -480,6 +475,7 @@ def _flash4_varlen_op() -> Any:
         schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
                "Tensor cu, SymInt max_len, float scale, int window_left) -> (Tensor, Tensor, Tensor)")
     def flash4_varlen_bwd(grad_out, q, k, v, out, lse, cu, max_len, scale, window_left):
+        _wait_for_fa4_warm_up("bwd")
         return tuple(fa4._flash_attn_bwd(
             q, k, v, out, grad_out.contiguous(), lse, scale, True, cu_seqlens_q=cu,
             cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
@@ -508,15 +504,16 @@ def _fa4_cache_env(env: Any) -> Any:
 
 
 def warm_fa4_kernels(model_dir: Path) -> bool:
-    """Compile FA4's kernels for this model's attention shape in a separate process, now.
+    """Compile FA4's kernels for this model's attention shape in separate processes, now.
 
     On a machine where FA4 never ran, its first forward and backward compile for ~7 s
     (H200, measured), on top of the decoder blocks' compilation. Started before the model
-    loads, a short-lived process compiles them into FA4's disk cache meanwhile; the first real
-    call waits for it, then loads them. A separate process, because both compilers are
-    mostly Python and would take turns on one interpreter. Only where FA4's cache is still
-    empty (waiting for a process that only loads cached kernels would slow a warm start),
-    and only on local rank 0.
+    loads, two short-lived processes compile them into FA4's disk cache meanwhile, one the
+    forward kernel and one the backward kernels; the first real forward (backward) waits for
+    its process, then loads them. Separate processes, because these compilers are mostly
+    Python and would take turns on one interpreter. Only where FA4's cache is still empty
+    (waiting for a process that only loads cached kernels would slow a warm start), and only
+    on local rank 0.
     """
     env = _fa4_cache_env(dict(os.environ))
     cache = Path(env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
@@ -529,22 +526,41 @@ def warm_fa4_kernels(model_dir: Path) -> bool:
                  int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    code = f"from trainer_core.model.speed import _run_fa4_once; _run_fa4_once{shape}"
-    _state["fa4_warm"] = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    _state["fa4_warm"] = {
+        part: subprocess.Popen(
+            [sys.executable, "-c", "from trainer_core.model.speed import _run_fa4_once; "
+             f"_run_fa4_once{(*shape, part)!r}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for part in ("fwd", "bwd")}
     return True
 
 
-def _run_fa4_once(heads: int, kv_heads: int, dim: int) -> None:
-    """One varlen forward + backward through the FA4 op (the body of the warm-up process)."""
+def _wait_for_fa4_warm_up(part: str) -> None:
+    """Let the warm-up process of ``part`` finish, so its kernels load from disk rather than
+    compile a second time here."""
+    warming = _state.get("fa4_warm", {}).pop(part, None)
+    if warming is not None:
+        try:
+            warming.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            warming.kill()
+
+
+def _run_fa4_once(heads: int, kv_heads: int, dim: int, part: str) -> None:
+    """One varlen forward (``part`` "fwd") or backward ("bwd", on random forward results: the
+    kernels do not depend on the values) through the FA4 ops: a warm-up process's body."""
     import torch
 
     op = _flash4_varlen_op()
-    q, k, v = (torch.randn(1024, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(1024, h, dim, device="cuda", dtype=torch.bfloat16)
                for h in (heads, kv_heads, kv_heads))
     cu = torch.tensor([0, 384, 1024], dtype=torch.int32, device="cuda")
-    op(q, k, v, cu, 1024, dim ** -0.5, -1)[0].sum().backward()
+    if part == "fwd":
+        op(q, k, v, cu, 1024, dim ** -0.5, -1)
+    else:
+        lse = torch.zeros(heads, 1024, device="cuda", dtype=torch.float32)
+        torch.ops.trainer.flash4_varlen_bwd(torch.randn_like(q), q, k, v, torch.randn_like(q),
+                                            lse, cu, 1024, dim ** -0.5, -1)
     torch.cuda.synchronize()
 
 

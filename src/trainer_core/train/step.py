@@ -168,10 +168,17 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     par, graphs = setup.parallel, setup.graphs
     # Summed on the device and read once per step (no host sync per micro-batch).
     total = torch.zeros((), dtype=torch.float64, device=setup.device)
+    # With CUDA graphs, .grad still holds the last step's gradients (see the end): the step's
+    # first graph replay overwrites them, an eager micro-batch zeroes them first.
+    stale = graphs is not None and graphs.active
     for i, batch in enumerate(batches):
         if graphs is not None and graphs.accepts(batch):
-            total += graphs.forward_backward(model, batch, 1.0 / max(n_trained, 1))
+            total += graphs.forward_backward(model, batch, 1.0 / max(n_trained, 1), stale)
+            stale = False
             continue
+        if stale:
+            optimizer.zero_grad(set_to_none=False)
+            stale = False
         weight = float(batch.get("loss_weight", 1.0))
         with par.micro_batch(last=i == len(batches) - 1) if par else contextlib.nullcontext():
             with autocast(setup.device, setup.precision):
@@ -182,40 +189,71 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
             grad_loss = scaled * (weight * par.loss_scale) if par else scaled
             (scaler.scale(grad_loss) if scaler else grad_loss).backward()
         total += weight * scaled.detach().float()
-    step_loss, grad_norm = loss_and_clip(setup, total, max_grad_norm)
     lr = float(setup.scheduler.get_last_lr()[0])
-    # CUDA graphs accumulate into fixed .grad tensors: zero them, never drop them.
-    keep_grads = graphs is not None and graphs.active
-    if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=not keep_grads)
-        return step_loss, grad_norm, lr
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-        grad_norm = grad_norm if math.isfinite(grad_norm) else 0.0  # skipped by the scaler
+    if update_on_device(setup):
+        step_loss, grad_norm = guarded_update(optimizer, total, max_grad_norm)
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
     else:
-        optimizer.step()
-    setup.scheduler.step()
-    optimizer.zero_grad(set_to_none=not keep_grads)
+        step_loss, grad_norm = loss_and_clip(setup, total, max_grad_norm)
+        finite = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm))
+        if finite and scaler:
+            scaler.step(optimizer)
+            scaler.update()
+            grad_norm = grad_norm if math.isfinite(grad_norm) else 0.0  # skipped by the scaler
+        elif finite:
+            optimizer.step()
+    if finite:
+        setup.scheduler.step()
+    # CUDA graphs need .grad where it is: it stays, for the next step to overwrite or zero.
+    if graphs is None or not graphs.active:
+        optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, lr
+
+
+def update_on_device(setup: TrainingSetup) -> bool:
+    """Whether the step's clipping and update can be queued before its loss is read: one
+    process on CUDA with fused AdamW and no fp16 scaler (see :func:`guarded_update`)."""
+    return (setup.parallel is None and setup.scaler is None and setup.device.type == "cuda"
+            and bool(setup.optimizer.defaults.get("fused")))
+
+
+def guarded_update(optimizer: Any, total: Any, max_grad_norm: float | None
+                   ) -> tuple[float, float]:
+    """Clip and update on the device, then read the step's loss (``total``) and gradient norm.
+
+    The update is queued before the host reads anything, so the host prepares it (~3 ms of
+    Python for AdamW) while the GPU still runs the backward pass, and the next step's inputs
+    while the GPU runs AdamW: the card no longer waits for the host between steps (measured
+    idle on an H100 at 8 examples per step: 4.6 ms of a 57 ms step, before). A non-finite loss
+    or norm must still change nothing: fused AdamW skips the whole update on the device when
+    ``found_inf`` is 1 (the hook GradScaler uses), the step counters included.
+    """
+    import torch
+
+    norm = clip_in_optimizer(optimizer, max_grad_norm)
+    values = torch.stack([total, norm.double()])
+    optimizer.found_inf = (~torch.isfinite(values).all()).float()
+    host = values.to("cpu", non_blocking=True)  # pinned: copied before AdamW runs
+    copied = torch.cuda.Event() if values.is_cuda else None  # (the CPU copies at once)
+    if copied is not None:
+        copied.record()
+    optimizer.step()
+    if copied is not None:
+        copied.synchronize()
+    loss, grad_norm = host.tolist()
+    return loss, grad_norm
 
 
 def loss_and_clip(setup: TrainingSetup, total: Any, max_grad_norm: float | None
                   ) -> tuple[float, float]:
     """The step's loss (``total``, a device scalar) and total gradient norm, read on the host,
-    with the gradients clipped (or their clipping handed to fused AdamW).
+    with the gradients clipped (unscaled first under fp16's scaler).
 
     The norm is computed either way: a non-finite one means a broken step.
     """
     import torch
 
     optimizer, par, scaler = setup.optimizer, setup.parallel, setup.scaler
-    if par is None and scaler is None and setup.device.type == "cuda" and \
-            optimizer.defaults.get("fused"):
-        # The norm is queued right behind the backward pass, and one host read takes both.
-        norm = clip_in_optimizer(optimizer, max_grad_norm)
-        loss, grad_norm = torch.stack([total, norm.double()]).tolist()
-        return loss, grad_norm
     loss = par.all_sum([float(total)])[0] if par else float(total)
     if scaler:
         scaler.unscale_(optimizer)
