@@ -196,15 +196,19 @@ def test_lock_file_blocks_another_model(micro_model_dir, small_jsonl, tmp_path, 
     assert "--unlock" in second.output
 
 
-def test_nan_loss_stops_without_final_model(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device_update", ["off", "on"])
+def test_nan_loss_stops_without_final_model(micro_model_dir, small_jsonl, tmp_path, monkeypatch,
+                                            device_update):
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     # An absurd learning rate blows the weights up after the first update: the loss of a later
-    # step is not finite. Step 1 is checkpointed first and must survive untouched.
+    # step is not finite. Step 1 is checkpointed first and must survive untouched. With
+    # device_update (the CUDA default) the update is queued before the loss is read.
     result = CliRunner().invoke(cli, _run_args(
         micro_model_dir, small_jsonl, out, "--max-steps", "6", "--save-steps", "1",
         "--learning-rate", "1e30", "--set", "hyperparams.max_grad_norm=null",
-        "--set", "hyperparams.warmup_steps=0", "--quiet", "--json"))
+        "--set", "hyperparams.warmup_steps=0", "--quiet", "--json",
+        "--set", f"environment.device_update={device_update}"))
     assert result.exit_code == 1, result.output
     status = json.loads((out / "status.json").read_text())
     manifest = json.loads((out / "run.json").read_text())
@@ -219,6 +223,40 @@ def test_nan_loss_stops_without_final_model(micro_model_dir, small_jsonl, tmp_pa
     for c in ckpts:
         weights = load_file(out / "checkpoints" / c / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_device_update_trains_as_the_host_read_step(micro_model_dir, small_jsonl, tmp_path,
+                                                     monkeypatch):
+    """environment.device_update (clip + AdamW queued before the loss is read, the CUDA
+    default) gives the same run as reading the loss and norm first (on the CPU too)."""
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    from safetensors.torch import load_file
+
+    from trainer_core.train import step
+
+    calls = []
+    real = step.guarded_update
+    monkeypatch.setattr(step, "guarded_update", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for switch in ("off", "on"):
+        calls.clear()
+        out = tmp_path / switch
+        result = CliRunner().invoke(cli, _run_args(
+            micro_model_dir, small_jsonl, out, "--max-steps", "6", "--quiet",
+            "--set", "hyperparams.max_grad_norm=0.05",  # small: every step really clips
+            "--set", f"environment.device_update={switch}"))
+        assert result.exit_code == 0, result.output
+        assert len(calls) == (6 if switch == "on" else 0)
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[switch] = ([m["loss"] for m in metrics if "loss" in m],
+                        [m["grad_norm"] for m in metrics if "grad_norm" in m],
+                        load_file(out / "model.safetensors"))
+    (loss_a, norm_a, w_a), (loss_b, norm_b, w_b) = runs["off"], runs["on"]
+    assert len(loss_a) == 6 and loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert min(norm_a) > 0.05 and norm_a == pytest.approx(norm_b, rel=1e-4)
+    assert max(float((w_a[k] - w_b[k]).abs().max()) for k in w_a) <= 1e-5
+    assert max(float((w_a[k] - load_file(micro_model_dir / "model.safetensors")[k]).abs().max())
+               for k in w_a) > 1e-3  # it trained
 
 
 def _subprocess_run(args, env):

@@ -517,6 +517,17 @@ class Environment:
                      "process without fp16 or gradient checkpointing; on: the same without "
                      "requiring compilation. See docs/throughput.md."),
     )
+    device_update: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("Clip and update (fused AdamW) on the device before the step's loss and "
+                     "gradient norm are read: the host prepares the next step while the GPU "
+                     "updates, and a step whose loss or norm is not finite is skipped on the "
+                     "device (no weight or optimizer state changes; the run stops as always). "
+                     "off: read the loss and norm, then clip and update (the CPU default). "
+                     "auto: on CUDA; on: on the CPU too. Needs fused AdamW; off under fp16 and "
+                     "torchrun."),
+    )
     async_checkpoint: str = attrs.field(
         default="auto",
         validator=one_of(*SWITCHES),

@@ -211,9 +211,10 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
 
 
 def update_on_device(setup: TrainingSetup) -> bool:
-    """Whether the step's clipping and update can be queued before its loss is read: one
-    process on CUDA with fused AdamW and no fp16 scaler (see :func:`guarded_update`)."""
-    return (setup.parallel is None and setup.scaler is None and setup.device.type == "cuda"
+    """Whether the step's clipping and update are queued before its loss is read
+    (``environment.device_update``, see :func:`guarded_update`): one process, fused AdamW, no
+    fp16 scaler."""
+    return (setup.speed.device_update and setup.parallel is None and setup.scaler is None
             and bool(setup.optimizer.defaults.get("fused")))
 
 
