@@ -52,16 +52,14 @@ from trainer_core.train.distributed import (
     share_from_main,
 )
 from trainer_core.train.inputs import load_rows, prepare_examples
+from trainer_core.train.manifest import plan_summary, resume_facts, run_manifest
 from trainer_core.train.rundir import (
     CONFIG_FILE,
     claim_output,
     locate_output,
     outcome_recorded,
-    plan_summary,
     record_outcome,
-    resume_facts,
     resume_hint,
-    run_manifest,
     truncate_logs,
 )
 from trainer_core.train.signals import StopRequested
@@ -94,7 +92,7 @@ class Run:
     loop_start: float = attrs.Factory(time.time)
     tokens_per_s: float = 0.0
     eta_s: float = float("inf")
-    #: what a checkpoint records about how the run was shaped (see rundir.resume_facts)
+    #: what a checkpoint records about how the run was shaped (see manifest.resume_facts)
     facts: dict[str, Any] = attrs.Factory(dict)
     note: Any = print  #: prints a line the user must see (warnings), even when quiet
     hint: str = "continue with the same command plus --resume"
@@ -295,7 +293,8 @@ def run_listeners(cfg: TrainerConfig, output_dir: Path, quiet: bool, stream: Any
     )
     from trainer_core.monitor.plot import PLOT_FILE, PlotListener
     from trainer_core.plugins.registry import collect_run_listeners
-    from trainer_core.train.rundir import METRICS_FILE, PREVIEWS_FILE, STATUS_FILE, ManifestListener
+    from trainer_core.train.manifest import ManifestListener
+    from trainer_core.train.rundir import METRICS_FILE, PREVIEWS_FILE, STATUS_FILE
 
     metrics_dir = Path(cfg.output.logging_dir or output_dir)
     mon = cfg.monitoring
