@@ -355,7 +355,8 @@ def profile_steps(setup: Any, steps: list[tuple[list[dict[str, Any]], int]],
     kinds: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     for _, dur, key in kernels:
-        kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + dur / 1e3
+        kind = kernel_kind(key)
+        kinds[kind] = kinds.get(kind, 0.0) + dur / 1e3
         by_name.setdefault(key, []).append(dur / 1e3)
     busy = _union_ms(kernels)
     n = len(steps)

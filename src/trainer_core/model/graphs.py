@@ -116,10 +116,7 @@ class StepGraphs:
             # size range, and compiling inside a capture fails. Its second one is captured.
             if self.eager_runs < WARMUP or key not in self._seen:
                 self._seen.add(key)
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                if overwrite and grads:  # the eager backward adds: start from zero
-                    torch._foreach_zero_(grads)
-                return self._eager(model, host)
+                return self._eager(model, host, overwrite)
             graph = self._capture(model, host, overwrite)
             self.graphs[key] = graph
         graph.load(host)
@@ -127,7 +124,7 @@ class StepGraphs:
         self.replays += 1
         return graph.out
 
-    def _eager(self, model: Any, host: dict[str, Any]) -> Any:
+    def _eager(self, model: Any, host: dict[str, Any], overwrite: bool) -> Any:
         """A warm-up micro-batch: the same code as the graph, run on the capture stream."""
         import torch
 
@@ -137,7 +134,7 @@ class StepGraphs:
             dev = {k: (v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v)
                    for k, v in host.items()}
             scaled = self._scaled_loss(model, dev)
-            scaled.backward()
+            _backward(model, scaled, overwrite)
             out = scaled.detach().clone()
         main.wait_stream(self._stream)
         torch.cuda.synchronize()
@@ -152,10 +149,9 @@ class StepGraphs:
     def _capture(self, model: Any, host: dict[str, Any], overwrite: bool) -> _Captured:
         import torch
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
+        for p in model.parameters():
             # Gradients must live outside the graph pool at fixed addresses (see module doc).
-            if p.grad is None:
+            if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         static = {k: (torch.empty_like(v, device="cuda") if torch.is_tensor(v) else v)
                   for k, v in host.items()}
@@ -164,19 +160,26 @@ class StepGraphs:
         # Capturing records kernels without running them: the gradients are untouched.
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             scaled = self._scaled_loss(model, static)
-            if overwrite:
-                # The new gradients live in the pool only until copied: nothing stays alive.
-                grads = torch.autograd.grad(scaled, params, allow_unused=True,
-                                            materialize_grads=True)
-                torch._foreach_copy_([p.grad for p in params], list(grads))
-                del grads
-            else:
-                scaled.backward()
+            _backward(model, scaled, overwrite)
             out.copy_(scaled.detach())
         return _Captured(graph, static, out)
 
     def stats(self) -> dict[str, int]:
         return {"graphs": len(self.graphs), "replays": self.replays, "eager": self.eager_runs}
+
+
+def _backward(model: Any, scaled: Any, overwrite: bool) -> None:
+    """Add the gradients of ``scaled`` to ``.grad``, or (``overwrite``) copy them over it: the
+    same code eagerly and in a capture, where the new gradients live in the graph pool only
+    until copied, so nothing stays alive there."""
+    import torch
+
+    if not overwrite:
+        scaled.backward()
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(scaled, params, allow_unused=True, materialize_grads=True)
+    torch._foreach_copy_([p.grad for p in params], list(grads))
 
 
 class _Captured:
