@@ -13,7 +13,8 @@ written as JSONL and preprocessed by the run itself. ``trainer run``'s defaults 
 Printed: time to the first step, the whole-run rate (run.json: tokens seen / training time,
 which includes compilation, evaluations and checkpoints), the steady-state rate (median of the
 ``environment.logging_steps`` windows that hold no evaluation and no checkpoint), their ratio
-(goal >= 0.85), the slowest windows, and the windows that held a checkpoint or an evaluation.
+(goal >= 0.85), the slowest windows, and the windows that paid for a checkpoint or an
+evaluation (the one after the step that ran it).
 """
 
 from __future__ import annotations
@@ -92,8 +93,11 @@ def main() -> None:
     steps = [m for m in lines if "loss" in m and "tokens_per_s" in m]
     every = args.logging_steps
 
-    def holds(m: dict, n: int) -> bool:  # the window (step-every, step] contains a multiple of n
-        return n > 0 and (m["step"] // n) > ((m["step"] - every) // n)
+    def holds(m: dict, n: int) -> bool:
+        # An evaluation or checkpoint runs after its step's metrics line is written, so its time
+        # lands in the next window: window (step-every, step] pays for a multiple of n in
+        # [step-every, step-1].
+        return n > 0 and ((m["step"] - 1) // n) > ((m["step"] - every - 1) // n)
 
     quiet = [m["tokens_per_s"] for m in steps[1:]
              if not holds(m, args.eval_steps) and not holds(m, args.save_steps)]
