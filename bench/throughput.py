@@ -222,6 +222,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     from trainer_core.config import load_config
     from trainer_core.data.batching import count_trained, micro_batches, plan_steps
     from trainer_core.train import step as engine
+    from trainer_core.train.inputs import Prefetcher
 
     base = {
         "model.path": str(model_dir),
@@ -250,12 +251,18 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     graph_count: list[int] = []
     replay_only: list[bool] = []
     replayed: list[tuple[list[dict[str, Any]], int]] = []  # replay-only steps, for the profile
-    for step in range(plan.total_steps):
-        t0 = time.time()
+    def collate(step: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
         batch_examples = [examples[i] for i in plan.step_indices(step)]
         batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size, budget, pad_id,
                                 speed.pad_to_multiple)
-        n_trained = count_trained(batches)
+        return batch_examples, batches, count_trained(batches)
+
+    # As `trainer run`: the next step is collated in a thread while this one trains, so
+    # collate_ms_per_step is the time the loop waited for its inputs.
+    inputs = Prefetcher(collate, plan.total_steps)
+    for step in range(plan.total_steps):
+        t0 = time.time()
+        batch_examples, batches, n_trained = inputs.get(step)
         collate_s += time.time() - t0 if step >= warmup else 0.0
         micro_counts.append(len(batches))
         before = setup.graphs.stats() if setup.graphs is not None else None
@@ -272,6 +279,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         meter.step(step_loss, batch_examples, processed, n_params, shape,
                    last=step == plan.total_steps - 1)
         graph_count.append(_compiled_graphs())
+    inputs.close()
     out = meter.result()
     if profile:
         out["profile"] = profile_steps(setup, replayed or [(batches, n_trained)], hp.max_grad_norm,
@@ -566,6 +574,16 @@ def run_tiny_equivalence(tmp: Path) -> dict[str, Any]:
     res["graphs"] = {"cuda_graphs": graphed.get("cuda_graphs"),
                      "micro_batches_per_step": graphed["micro_batches_per_step"],
                      "max_rel_diff": _max_rel_diff(graphed["losses"], eager["losses"])}
+    # Whole-step graphs (environment.graph_update): one micro-batch per step, so forward,
+    # backward and AdamW replay as one graph; against the same plan without graphs.
+    one = make_examples(4 * 8, seed=7, hi=1024) * 3
+    whole = run_trainer(model_dir, one, 8, 12, 0, {}, "tiny-step-graphs")
+    plain_one = run_trainer(model_dir, one, 8, 12, 0, {"environment.cuda_graphs": "off"},
+                            "tiny-step-no-graphs")
+    res["step_graphs"] = {"cuda_graphs": whole.get("cuda_graphs"),
+                          "micro_batches_per_step": whole["micro_batches_per_step"],
+                          "losses": whole["losses"], "plain_losses": plain_one["losses"],
+                          "max_rel_diff": _max_rel_diff(whole["losses"], plain_one["losses"])}
     print("tiny equivalence:", json.dumps(res), flush=True)
     return res
 

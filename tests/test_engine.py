@@ -420,3 +420,38 @@ def test_loaded_model_is_checked_against_the_lock(micro_model_dir):
     check_model_locked(model, {"vocab_size": 151936, "model_architecture": "Qwen3ForCausalLM"})
     with pytest.raises(UserError, match="vocab_size: locked 1000, model has 151936"):
         check_model_locked(model, {"vocab_size": 1000, "max_context_length": 1024})
+
+
+def test_prefetcher_builds_the_next_step_in_a_thread_and_raises_its_errors():
+    """`trainer run` collates step k+1 while step k trains; what a step gets is still
+    make(step), however the steps are asked for, and a failure surfaces at its own step."""
+    import threading
+
+    import pytest
+
+    from trainer_core.train.inputs import Prefetcher
+
+    made: list[tuple[int, str]] = []
+
+    def make(step):
+        made.append((step, threading.current_thread().name))
+        if step == 3:
+            raise ValueError("bad step 3")
+        return step * 10
+
+    with Prefetcher(make, stop=5) as inputs:
+        assert inputs.get(0) == 0
+        assert inputs.get(1) == 10  # built ahead, in the thread
+        assert inputs.get(1) == 10  # asked again (not built ahead): built here
+        with pytest.raises(ValueError, match="bad step 3"):
+            inputs.get(3)
+        assert inputs.get(4) == 40
+    main = threading.current_thread().name
+    assert made[0] == (0, main)
+    assert made[1][0] == 1 and made[1][1].startswith("prefetch")
+    assert (1, main) in made and (3, main) in made
+    assert max(s for s, _ in made) == 4  # nothing at or past stop
+    assert inputs._pool is None  # leaving the block stopped the thread
+    with Prefetcher(make, stop=5, ahead=False) as inputs:
+        assert [inputs.get(s) for s in (0, 1, 2)] == [0, 10, 20]
+    assert all(name == main for _, name in made[-3:])

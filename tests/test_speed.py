@@ -250,6 +250,102 @@ def test_guarded_update_equals_clip_and_step_and_skips_non_finite_steps():
     assert not torch.equal(next(new.parameters()), before[0][0])
 
 
+def test_update_graph_records_the_same_step_as_the_eager_one(micro_model_dir):
+    """What a whole-step CUDA graph records (environment.graph_update): the optimizer's own
+    step reading the new gradients through .grad and the learning rate from the graph's input
+    tensor. Run eagerly on the CPU it equals backward + guarded_update, leaves .grad, the
+    learning rates and `capturable` as they were, and a non-finite step changes nothing."""
+    import copy
+    from contextlib import nullcontext
+
+    from trainer_core.config import TrainerConfig
+    from trainer_core.model.graphs import TOKEN_MULTIPLE, StepGraphs, static_inputs
+    from trainer_core.train.step import guarded_update, make_optimizer, queue_update
+
+    register_varlen_attention()
+    fn = make_loss_fn(varlen=True, fused=True)
+    graphs = StepGraphs(fn, nullcontext)
+    ref = _load(micro_model_dir, VARLEN_ATTN)
+    new = copy.deepcopy(ref)
+    cfg = TrainerConfig()
+    opt_ref = make_optimizer(ref, cfg, torch.device("cpu"))
+    opt_new = make_optimizer(new, cfg, torch.device("cpu"))
+    assert len(opt_new.param_groups) == 2 and opt_new.defaults["fused"]
+
+    def static(seed, scale=None):
+        examples = _examples(6, seed=seed)
+        batch = collate_packed(examples, pad_to_multiple=TOKEN_MULTIPLE)
+        n = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+        fixed = static_inputs(batch, scale if scale is not None else 1.0 / n, pin=False)
+        return fixed
+
+    for step in range(3):
+        # the schedule moves: the graph reads it from its input (float32: exact powers of two)
+        lr = (step + 1) * 2.0**-10
+        for g in opt_ref.param_groups:
+            g["lr"] = lr
+        for g in opt_new.param_groups:
+            g["lr"] = 0.5  # what the host holds must not matter, only the input tensor
+        fixed = static(step)
+        loss, _ = fn(ref, fixed)
+        scaled = loss * fixed["scale"]
+        scaled.backward()
+        ref_loss, ref_norm = guarded_update(opt_ref, scaled.detach(), 0.5)
+        opt_ref.zero_grad(set_to_none=False)
+        fixed["lr"] = torch.tensor([lr, lr], dtype=torch.float32)
+        kept = [p.grad for p in new.parameters()]
+        values = graphs.record_update(new, opt_new, fixed,
+                                      lambda total: queue_update(opt_new, total, 0.5))
+        loss_new, norm_new = values.tolist()
+        assert abs(loss_new - ref_loss) <= 1e-6 * abs(ref_loss)
+        assert abs(norm_new - ref_norm) <= 1e-5 * ref_norm and norm_new > 0.5  # clipped
+        assert all(p.grad is k for p, k in zip(new.parameters(), kept, strict=True))
+        assert [g["lr"] for g in opt_new.param_groups] == [0.5, 0.5]
+        assert not any(g["capturable"] for g in opt_new.param_groups)
+        for (name, a), b in zip(ref.named_parameters(), new.parameters(), strict=True):
+            assert torch.equal(a, b), name
+    steps = [float(st["step"]) for st in opt_new.state.values()]
+    assert steps and all(s == 3.0 for s in steps)
+
+    # A step whose loss is not finite (here: an infinite loss scale) changes nothing.
+    before = [p.detach().clone() for p in new.parameters()]
+    moments = [st["exp_avg"].clone() for st in opt_new.state.values()]
+    broken = static(7, scale=float("inf"))
+    broken["lr"] = torch.tensor([1e-3, 1e-3], dtype=torch.float32)
+    loss_bad, norm_bad = graphs.record_update(
+        new, opt_new, broken, lambda total: queue_update(opt_new, total, 0.5)).tolist()
+    assert not (math.isfinite(loss_bad) and math.isfinite(norm_bad))
+    assert all(torch.equal(a, b) for a, b in zip(before, new.parameters(), strict=True))
+    assert all(torch.equal(a, st["exp_avg"])
+               for a, st in zip(moments, opt_new.state.values(), strict=True))
+    assert all(float(st["step"]) == 3.0 for st in opt_new.state.values())
+
+
+def test_update_graphs_are_dropped_when_the_optimizer_state_is_replaced():
+    """A graph records the addresses of AdamW's state: loading a state dict (resume, the
+    daemon's rollback) or another optimizer must not replay it."""
+    from contextlib import nullcontext
+
+    from trainer_core.model.graphs import StepGraphs
+
+    graphs = StepGraphs(lambda m, b: (None, 0), nullcontext)
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    graphs._check_optimizer(opt)
+    graphs.graphs = {(256, 1024, 9, 1024, "update"): object(), (256, 1024, 9, 1024, True): 1}
+    graphs._check_optimizer(opt)  # nothing changed
+    assert len(graphs.graphs) == 2
+    opt.load_state_dict(opt.state_dict())
+    assert list(graphs.graphs) == [(256, 1024, 9, 1024, True)]  # only the update graph goes
+    graphs.graphs[(512, 1024, 9, 1024, "update")] = object()
+    opt.param_groups[0]["weight_decay"] = 0.5  # recorded as a constant: a change drops it
+    graphs._check_optimizer(opt)
+    assert list(graphs.graphs) == [(256, 1024, 9, 1024, True)]
+    graphs.graphs[(512, 1024, 9, 1024, "update")] = object()
+    graphs._check_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert list(graphs.graphs) == [(256, 1024, 9, 1024, True)]
+
+
 def test_attention_kernel_switch():
     """fa2 always resolves; fa4 asked for where it cannot run is a clear error, not a crash."""
     import pytest

@@ -528,6 +528,17 @@ class Environment:
                      "auto: on CUDA; on: on the CPU too. Needs fused AdamW; off under fp16 and "
                      "torchrun."),
     )
+    graph_update: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("A step of one micro-batch (the default batch size on a GPU) is captured "
+                     "and replayed whole: forward, backward, gradient norm, clipping and fused "
+                     "AdamW in one CUDA graph, the gradients read where the backward pass left "
+                     "them instead of copied into .grad. The guard is device_update's: a "
+                     "non-finite step changes nothing and stops the run. auto: on where "
+                     "cuda_graphs and device_update are both on; off: the graph ends with the "
+                     "backward pass and AdamW runs after it."),
+    )
     async_checkpoint: str = attrs.field(
         default="auto",
         validator=one_of(*SWITCHES),

@@ -76,10 +76,16 @@ class StepGraphs:
                  amp: Callable[[], Any]) -> None:
         self.loss_fn = loss_fn
         self.amp = amp
-        self.graphs: dict[tuple[int, int, int, int, bool], _Captured] = {}
+        self.graphs: dict[tuple[int, int, int, int, Any], _Captured] = {}
         self.eager_runs = 0
         self.replays = 0
-        self._seen: set[tuple[int, int, int, int, bool]] = set()
+        #: replays of whole steps (forward to AdamW, :meth:`update_step`), among ``replays``
+        self.update_replays = 0
+        self._seen: set[tuple[int, int, int, int, Any]] = set()
+        #: what the update graphs recorded of the optimizer (see :meth:`update_step`)
+        self._optimizer: Any = None
+        self._hyper: Any = None
+        self._read: tuple[Any, Any] | None = None
         self._pool: Any = None
         self._stream: Any = None
 
@@ -124,6 +130,112 @@ class StepGraphs:
         self.replays += 1
         return graph.out
 
+    def update_step(self, model: Any, optimizer: Any, batch: dict[str, Any], scale: float,
+                    queue: Callable[[Any], Any], eager: Callable[[Any], tuple[float, float]]
+                    ) -> tuple[float, float]:
+        """A whole optimizer step of one micro-batch: forward, backward and the update.
+
+        ``queue(scaled_loss) -> values`` queues the update on the device and returns the
+        device tensor ``[loss, gradient norm]`` (no host read: a graph records it);
+        ``eager(scaled_loss) -> (loss, norm)`` is the same update run eagerly, for a shape's
+        first steps. Once captured, the update reads the gradients where the backward pass
+        left them (no copy into ``.grad``) and the learning rate from a device tensor loaded
+        before each replay. Returns ``(loss, norm)``, read once the replay has finished.
+        """
+        import torch
+
+        host = static_inputs(batch, scale)
+        groups = optimizer.param_groups
+        host["lr"] = torch.tensor([g["lr"] for g in groups], dtype=torch.float32).pin_memory()
+        key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
+               host["cu_seqlens"].shape[0], host["max_seqlen"], "update")
+        self._check_optimizer(optimizer)
+        graph = self.graphs.get(key)
+        if graph is None:
+            ready = all(p in optimizer.state for g in groups for p in g["params"])
+            if self.eager_runs < WARMUP or key not in self._seen or not ready:
+                self._seen.add(key)
+                # .grad exists once any graph does; before that the first backward creates it
+                return eager(self._eager(model, host, overwrite=self.active).double())
+            graph = self._capture_update(model, optimizer, host, queue)
+            self.graphs[key] = graph
+        graph.load(host)
+        graph.graph.replay()
+        self.replays += 1
+        self.update_replays += 1
+        if self._read is None:
+            self._read = (torch.empty(2, dtype=torch.float64, pin_memory=True),
+                          torch.cuda.Event())
+        values, done = self._read
+        values.copy_(graph.out, non_blocking=True)
+        done.record()
+        done.synchronize()
+        loss, norm = values.tolist()
+        return loss, norm
+
+    def _check_optimizer(self, optimizer: Any) -> None:
+        """Drop the update graphs if what they recorded of ``optimizer`` may have changed: its
+        state tensors (``load_state_dict`` replaces them) or its fixed hyperparameters."""
+        hyper = [(g["betas"], g["eps"], g["weight_decay"], g.get("amsgrad"), g.get("maximize"),
+                  len(g["params"])) for g in optimizer.param_groups]
+        if optimizer is self._optimizer and hyper == self._hyper:
+            return
+        self.drop_update_graphs()
+        self._optimizer, self._hyper = optimizer, hyper
+        optimizer.register_load_state_dict_post_hook(
+            lambda opt: self.drop_update_graphs() if opt is self._optimizer else None)
+
+    def drop_update_graphs(self) -> None:
+        for key in [k for k in self.graphs if k[-1] == "update"]:
+            del self.graphs[key]
+
+    def _capture_update(self, model: Any, optimizer: Any, host: dict[str, Any],
+                        queue: Callable[[Any], Any]) -> _Captured:
+        import torch
+
+        for g in optimizer.param_groups:  # .grad stays where it is (see the module doc)
+            for p in g["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        static = {k: (torch.empty_like(v, device="cuda") if torch.is_tensor(v) else v)
+                  for k, v in host.items()}
+        out = torch.zeros(2, dtype=torch.float64, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            out.copy_(self.record_update(model, optimizer, static, queue))
+        return _Captured(graph, static, out)
+
+    def record_update(self, model: Any, optimizer: Any, static: dict[str, Any],
+                      queue: Callable[[Any], Any]) -> Any:
+        """What an update graph records: loss, gradients, then ``queue``, the optimizer's own
+        step, reading the new gradients through ``.grad`` and each group's learning rate from
+        ``static["lr"]`` (fused AdamW takes a device tensor when capturable, so the schedule
+        changes it between replays). ``.grad``, the learning rates and ``capturable`` are put
+        back afterwards. Runs eagerly too (the CPU test compares it with a plain step)."""
+        import torch
+
+        groups = optimizer.param_groups
+        params = [p for g in groups for p in g["params"]]
+        kept = [p.grad for p in params]
+        settings = [(g["lr"], g.get("capturable", False)) for g in groups]
+        try:
+            for i, g in enumerate(groups):
+                g["lr"], g["capturable"] = static["lr"][i], True
+            scaled = self._scaled_loss(model, static)
+            grads = torch.autograd.grad(scaled, params, allow_unused=True,
+                                        materialize_grads=True)
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+            del grads
+            return queue(scaled)
+        finally:
+            for p, grad in zip(params, kept, strict=True):
+                p.grad = grad
+            for g, (lr, capturable) in zip(groups, settings, strict=True):
+                g["lr"], g["capturable"] = lr, capturable
+            # in a capture these live in the graph's pool: no host-side reference may outlive it
+            optimizer.grad_scale = optimizer.found_inf = None
+
     def _eager(self, model: Any, host: dict[str, Any], overwrite: bool) -> Any:
         """A warm-up micro-batch: the same code as the graph, run on the capture stream."""
         import torch
@@ -165,7 +277,8 @@ class StepGraphs:
         return _Captured(graph, static, out)
 
     def stats(self) -> dict[str, int]:
-        return {"graphs": len(self.graphs), "replays": self.replays, "eager": self.eager_runs}
+        return {"graphs": len(self.graphs), "replays": self.replays, "eager": self.eager_runs,
+                "whole_step_replays": self.update_replays}
 
 
 def _backward(model: Any, scaled: Any, overwrite: bool) -> None:

@@ -72,6 +72,8 @@ class SpeedPlan:
     compiled: bool = False
     #: Clip and update on the device before the step's loss is read (``environment.device_update``).
     device_update: bool = False
+    #: The optimizer step joins single-micro-batch CUDA graphs (``environment.graph_update``).
+    graph_update: bool = False
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         if self.loss_fn is not None:
@@ -114,7 +116,8 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     prepare = compile_blocks if use_compile else (lambda model: model)
     return SpeedPlan(attn_implementation=attn, prepare=prepare, loss_fn=loss_fn,
                      notes=tuple(notes), varlen=varlen, attention_kernel=kernel, fused=fused,
-                     compiled=use_compile, device_update=_on(env.device_update, cuda))
+                     compiled=use_compile, device_update=_on(env.device_update, cuda),
+                     graph_update=_on(env.graph_update, cuda))
 
 
 # --------------------------------------------------------------------------- the loss

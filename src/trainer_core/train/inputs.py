@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from trainer_core.config import TrainerConfig
 from trainer_core.errors import UserError
+
+T = TypeVar("T")
 
 
 def dataset_path(cfg: TrainerConfig) -> Path:
@@ -122,3 +125,46 @@ def _examples(ds: Any) -> Any:
     """The training view of preprocessed examples: ``{"input_ids", "labels"}`` lists built
     when a step asks for them, not all up front (100k rows would take seconds and gigabytes)."""
     return ds.examples()
+
+
+class Prefetcher(Generic[T]):
+    """The next step's inputs, built in a background thread while this step trains.
+
+    ``make(step)`` must be a pure function of ``step`` (the run's data order is: see
+    :mod:`trainer_core.data.batching`). :meth:`get` returns ``make(step)``, from the thread when
+    it was asked for in advance, then starts on ``step + 1`` (below ``stop``). At 8 examples
+    per step on a GPU the collation (~2 ms of Python) then runs while the host waits for the
+    device instead of between two steps, where the GPU idles. An error in ``make`` is raised
+    by the :meth:`get` of its step. ``ahead=False`` builds each step when asked (no thread).
+    Use it as a context manager: leaving stops the thread.
+    """
+
+    def __init__(self, make: Callable[[int], T], stop: int, ahead: bool = True) -> None:
+        self.make = make
+        self.stop = stop
+        self.ahead = ahead
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: tuple[int, Future[T]] | None = None
+
+    def get(self, step: int) -> T:
+        ahead, self._next = self._next, None
+        value = (ahead[1].result() if ahead is not None and ahead[0] == step
+                 else self.make(step))
+        if self.ahead and step + 1 < self.stop:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+            self._next = (step + 1, self._pool.submit(self.make, step + 1))
+        return value
+
+    def close(self) -> None:
+        """Drop the step built in advance (its error too) and stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._next = None
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

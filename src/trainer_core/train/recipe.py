@@ -51,7 +51,7 @@ from trainer_core.train.distributed import (
     resume_checkpoint,
     share_from_main,
 )
-from trainer_core.train.inputs import load_rows, prepare_examples
+from trainer_core.train.inputs import Prefetcher, load_rows, prepare_examples
 from trainer_core.train.manifest import plan_summary, resume_facts, run_manifest
 from trainer_core.train.rundir import (
     CONFIG_FILE,
@@ -239,10 +239,14 @@ def train_loop(run: Run) -> tuple[str, str | None]:
 
 def run_steps(run: Run) -> tuple[str, str | None]:
     run.loop_start = run.window_start = time.time()
+    # The next step's batches are collated while this one trains (one process: under torchrun
+    # each rank computes its share in step, as before).
+    inputs = Prefetcher(lambda s: step_batches(run, s), run.plan.total_steps,
+                        ahead=run.dist is None)
     # Under torchrun, Ctrl-C can reach a rank twice (directly and forwarded): one request.
-    with StopRequested(deferred=True, repeat_window_s=1.0 if run.dist else 0.0) as stop:
+    with StopRequested(deferred=True, repeat_window_s=1.0 if run.dist else 0.0) as stop, inputs:
         for step in range(run.state["step"], run.plan.total_steps):
-            batches, n_trained = step_batches(run, step)
+            batches, n_trained = inputs.get(step)
             loss, grad_norm, lr = train_step(run.setup, batches, n_trained,
                                              run.cfg.hyperparams.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -166,6 +166,8 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
 
     model, optimizer, scaler = setup.model, setup.optimizer, setup.scaler
     par, graphs = setup.parallel, setup.graphs
+    if whole_step_graph(setup, batches):
+        return graphed_step(setup, batches[0], n_trained, max_grad_norm)
     # Summed on the device and read once per step (no host sync per micro-batch).
     total = torch.zeros((), dtype=torch.float64, device=setup.device)
     # With CUDA graphs, .grad still holds the last step's gradients (see the end): the step's
@@ -210,6 +212,30 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     return step_loss, grad_norm, lr
 
 
+def whole_step_graph(setup: TrainingSetup, batches: list[dict[str, Any]]) -> bool:
+    """Whether this step is one CUDA graph from forward to AdamW (``environment.graph_update``):
+    a single micro-batch the graphs accept, with the update on the device."""
+    return (setup.graphs is not None and setup.speed.graph_update and len(batches) == 1
+            and update_on_device(setup) and setup.graphs.accepts(batches[0]))
+
+
+def graphed_step(setup: TrainingSetup, batch: dict[str, Any], n_trained: int,
+                 max_grad_norm: float | None) -> tuple[float, float, float]:
+    """:func:`train_step` for a step :func:`whole_step_graph` accepts: the same update
+    (:func:`queue_update`), recorded in the step's graph once its shape has been seen."""
+    lr = float(setup.scheduler.get_last_lr()[0])
+    optimizer = setup.optimizer
+    step_loss, grad_norm = setup.graphs.update_step(
+        setup.model, optimizer, batch, 1.0 / max(n_trained, 1),
+        lambda total: queue_update(optimizer, total, max_grad_norm),
+        lambda total: guarded_update(optimizer, total, max_grad_norm))
+    if math.isfinite(step_loss) and math.isfinite(grad_norm):
+        setup.scheduler.step()
+    if not setup.graphs.active:  # as train_step: no graph yet, so the next backward starts clean
+        optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, lr
+
+
 def update_on_device(setup: TrainingSetup) -> bool:
     """Whether the step's clipping and update are queued before its loss is read
     (``environment.device_update``, see :func:`guarded_update`): one process, fused AdamW, no
@@ -226,23 +252,44 @@ def guarded_update(optimizer: Any, total: Any, max_grad_norm: float | None
     Python for AdamW) while the GPU still runs the backward pass, and the next step's inputs
     while the GPU runs AdamW: the card no longer waits for the host between steps (measured
     idle on an H100 at 8 examples per step: 4.6 ms of a 57 ms step, before). A non-finite loss
-    or norm must still change nothing: fused AdamW skips the whole update on the device when
-    ``found_inf`` is 1 (the hook GradScaler uses), the step counters included.
+    or norm must still change nothing: see :func:`queue_update`.
+    """
+    import torch
+
+    host: list[Any] = []
+    copied = torch.cuda.Event() if total.is_cuda else None  # (the CPU copies at once)
+
+    def read_back(values: Any) -> None:
+        host.append(values.to("cpu", non_blocking=True))  # pinned: copied before AdamW runs
+        if copied is not None:
+            copied.record()
+
+    queue_update(optimizer, total, max_grad_norm, read_back)
+    if copied is not None:
+        copied.synchronize()
+    loss, grad_norm = host[0].tolist()
+    return loss, grad_norm
+
+
+def queue_update(optimizer: Any, total: Any, max_grad_norm: float | None,
+                 before_step: Callable[[Any], None] | None = None) -> Any:
+    """Queue the norm, clipping and fused AdamW step on the device; returns the device tensor
+    ``[loss, gradient norm]`` (float64) without reading it.
+
+    Device work only, so a CUDA graph can record it (:meth:`StepGraphs.update_step`).
+    A non-finite loss or norm changes nothing: fused AdamW skips the whole update on the device
+    when ``found_inf`` is 1 (the hook GradScaler uses), the step counters included.
+    ``before_step(values)`` runs before AdamW is queued (to copy the values out early).
     """
     import torch
 
     norm = clip_in_optimizer(optimizer, max_grad_norm)
-    values = torch.stack([total, norm.double()])
+    values = torch.stack([total.double(), norm.double()])
     optimizer.found_inf = (~torch.isfinite(values).all()).float()
-    host = values.to("cpu", non_blocking=True)  # pinned: copied before AdamW runs
-    copied = torch.cuda.Event() if values.is_cuda else None  # (the CPU copies at once)
-    if copied is not None:
-        copied.record()
+    if before_step is not None:
+        before_step(values)
     optimizer.step()
-    if copied is not None:
-        copied.synchronize()
-    loss, grad_norm = host.tolist()
-    return loss, grad_norm
+    return values
 
 
 def loss_and_clip(setup: TrainingSetup, total: Any, max_grad_norm: float | None
