@@ -375,7 +375,7 @@ def profile_steps(setup: Any, steps: list[tuple[list[dict[str, Any]], int]],
            "ms_per_step_by_kind": {k: round(v / n, 2) for k, v in
                                    sorted(kinds.items(), key=lambda kv: -kv[1])},
            "top_kernels": [[round(sum(v) / n, 3), len(v) // n, k[:120]] for k, v in
-                           sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]]}
+                           sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:60]]}
     lines = [f"profile {name}: {n} replayed steps, {res['wall_ms_per_step']} ms/step wall, "
              f"GPU busy {res['gpu_busy_ms_per_step']} ms (idle {res['idle_pct']}%), "
              f"{res['kernels_per_step']} kernels/step"]
