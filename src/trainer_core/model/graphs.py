@@ -108,14 +108,11 @@ class StepGraphs:
         """Add the gradients of ``scale * loss`` to ``.grad`` (``overwrite``: replace ``.grad``
         with them); returns the scaled loss as a device scalar (read it before this method is
         called again)."""
-        import torch
 
         host = static_inputs(batch, scale)
         key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
                host["cu_seqlens"].shape[0], host["max_seqlen"], overwrite)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-            self._pool = torch.cuda.graph_pool_handle()
+        self._start()
         graph = self.graphs.get(key)
         if graph is None:
             # A shape's first micro-batch runs eagerly: torch.compile may recompile for a new
@@ -150,6 +147,7 @@ class StepGraphs:
         key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
                host["cu_seqlens"].shape[0], host["max_seqlen"], "update")
         self._check_optimizer(optimizer)
+        self._start()
         graph = self.graphs.get(key)
         if graph is None:
             ready = all(p in optimizer.state for g in groups for p in g["params"])
@@ -172,6 +170,14 @@ class StepGraphs:
         done.synchronize()
         loss, norm = values.tolist()
         return loss, norm
+
+    def _start(self) -> None:
+        """The capture stream and the memory pool all graphs share, made on first use."""
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+            self._pool = torch.cuda.graph_pool_handle()
 
     def _check_optimizer(self, optimizer: Any) -> None:
         """Drop the update graphs if what they recorded of ``optimizer`` may have changed: its
