@@ -53,6 +53,7 @@ recomputation) is not counted; work it skips (lm_head on prompt tokens) is not s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -257,8 +258,8 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
                                 speed.pad_to_multiple)
         return batch_examples, batches, count_trained(batches)
 
-    # As `trainer run`: the next step is collated in a thread while this one trains, so
-    # collate_ms_per_step is the time the loop waited for its inputs.
+    # As `trainer run`: the next step is collated in a thread once this one's work is queued,
+    # so collate_ms_per_step is the time the loop waited for its inputs.
     inputs = Prefetcher(collate, plan.total_steps)
     for step in range(plan.total_steps):
         t0 = time.time()
@@ -266,7 +267,9 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         collate_s += time.time() - t0 if step >= warmup else 0.0
         micro_counts.append(len(batches))
         before = setup.graphs.stats() if setup.graphs is not None else None
-        step_loss, grad_norm, _ = engine.train_step(setup, batches, n_trained, hp.max_grad_norm)
+        step_loss, grad_norm, _ = engine.train_step(
+            setup, batches, n_trained, hp.max_grad_norm,
+            launched=functools.partial(inputs.prepare, step + 1))
         if before is not None:  # a step served by graph replays alone (no eager, no capture)
             after = setup.graphs.stats()
             replay_only.append(after["eager"] == before["eager"]

@@ -439,19 +439,47 @@ def test_prefetcher_builds_the_next_step_in_a_thread_and_raises_its_errors():
             raise ValueError("bad step 3")
         return step * 10
 
-    with Prefetcher(make, stop=5) as inputs:
-        assert inputs.get(0) == 0
-        assert inputs.get(1) == 10  # built ahead, in the thread
-        assert inputs.get(1) == 10  # asked again (not built ahead): built here
-        with pytest.raises(ValueError, match="bad step 3"):
-            inputs.get(3)
-        assert inputs.get(4) == 40
     main = threading.current_thread().name
+    with Prefetcher(make, stop=5) as inputs:
+        assert inputs.get(0) == 0  # not prepared: built here
+        inputs.prepare(1)
+        assert inputs.get(1) == 10  # prepared: built in the thread
+        inputs.prepare(2)
+        assert inputs.get(1) == 10  # another step than the prepared one: built here
+        inputs.prepare(3)
+        with pytest.raises(ValueError, match="bad step 3"):  # the thread's error, at its get
+            inputs.get(3)
+        inputs.prepare(5)  # past the end: nothing
+        assert inputs.get(4) == 40
     assert made[0] == (0, main)
     assert made[1][0] == 1 and made[1][1].startswith("prefetch")
-    assert (1, main) in made and (3, main) in made
+    assert (1, main) in made and (4, main) in made
+    assert any(s == 3 and name.startswith("prefetch") for s, name in made)
     assert max(s for s, _ in made) == 4  # nothing at or past stop
     assert inputs._pool is None  # leaving the block stopped the thread
     with Prefetcher(make, stop=5, ahead=False) as inputs:
-        assert [inputs.get(s) for s in (0, 1, 2)] == [0, 10, 20]
-    assert all(name == main for _, name in made[-3:])
+        inputs.prepare(0)
+        assert [inputs.get(s) for s in (0, 1)] == [0, 10]
+    assert all(name == main for _, name in made[-2:])
+
+
+def test_train_step_says_when_its_work_is_queued(micro_model_dir):
+    """`launched` runs once per step, after the step's work is queued and before its loss is
+    read, on both update paths: the run's next collation starts there."""
+    import functools
+
+    from trainer_core.config import load_config
+    from trainer_core.data.batching import count_trained, micro_batches
+    from trainer_core.train.step import prepare_training, train_step
+
+    examples = [{"input_ids": list(range(5, 25)), "labels": [-100] * 5 + list(range(10, 25))}
+                for _ in range(4)]
+    for switch in ("off", "on"):
+        cfg = load_config(overrides={"model.path": str(micro_model_dir),
+                                     "environment.device_update": switch})
+        setup = prepare_training(cfg, micro_model_dir, 2)
+        batches = micro_batches(examples, True, 4, 4096, 0, 1)
+        calls: list[int] = []
+        loss, norm, _ = train_step(setup, batches, count_trained(batches), 1.0,
+                                   launched=functools.partial(calls.append, 1))
+        assert calls == [1] and loss > 0 and norm > 0, switch

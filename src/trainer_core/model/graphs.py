@@ -128,8 +128,8 @@ class StepGraphs:
         return graph.out
 
     def update_step(self, model: Any, optimizer: Any, batch: dict[str, Any], scale: float,
-                    queue: Callable[[Any], Any], eager: Callable[[Any], tuple[float, float]]
-                    ) -> tuple[float, float]:
+                    queue: Callable[[Any], Any], eager: Callable[[Any], tuple[float, float]],
+                    launched: Callable[[], None] | None = None) -> tuple[float, float]:
         """A whole optimizer step of one micro-batch: forward, backward and the update.
 
         ``queue(scaled_loss) -> values`` queues the update on the device and returns the
@@ -137,7 +137,8 @@ class StepGraphs:
         ``eager(scaled_loss) -> (loss, norm)`` is the same update run eagerly, for a shape's
         first steps. Once captured, the update reads the gradients where the backward pass
         left them (no copy into ``.grad``) and the learning rate from a device tensor loaded
-        before each replay. Returns ``(loss, norm)``, read once the replay has finished.
+        before each replay. Returns ``(loss, norm)``, read once the replay has finished;
+        ``launched()`` is called before that wait (the replay is queued).
         """
         import torch
 
@@ -167,6 +168,8 @@ class StepGraphs:
         values, done = self._read
         values.copy_(graph.out, non_blocking=True)
         done.record()
+        if launched is not None:
+            launched()
         done.synchronize()
         loss, norm = values.tolist()
         return loss, norm

@@ -128,15 +128,17 @@ def _examples(ds: Any) -> Any:
 
 
 class Prefetcher(Generic[T]):
-    """The next step's inputs, built in a background thread while this step trains.
+    """A step's inputs, built in a background thread while the step before trains.
 
     ``make(step)`` must be a pure function of ``step`` (the run's data order is: see
-    :mod:`trainer_core.data.batching`). :meth:`get` returns ``make(step)``, from the thread when
-    it was asked for in advance, then starts on ``step + 1`` (below ``stop``). At 8 examples
-    per step on a GPU the collation (~2 ms of Python) then runs while the host waits for the
-    device instead of between two steps, where the GPU idles. An error in ``make`` is raised
-    by the :meth:`get` of its step. ``ahead=False`` builds each step when asked (no thread).
-    Use it as a context manager: leaving stops the thread.
+    :mod:`trainer_core.data.batching`). :meth:`prepare` starts building a step in the thread;
+    :meth:`get` returns ``make(step)``, from the thread if that step was prepared, else built
+    on the spot. ``trainer run`` prepares step ``k + 1`` once step ``k``'s device work is
+    queued (``train_step``'s ``launched``), so the collation (~2 ms of Python at 8 examples
+    per step) runs while the host waits for the GPU, and does not hold the interpreter while
+    the host is launching work. An error in ``make`` is raised by the :meth:`get` of its step.
+    ``ahead=False`` never uses the thread. Use it as a context manager: leaving stops the
+    thread.
     """
 
     def __init__(self, make: Callable[[int], T], stop: int, ahead: bool = True) -> None:
@@ -146,15 +148,19 @@ class Prefetcher(Generic[T]):
         self._pool: ThreadPoolExecutor | None = None
         self._next: tuple[int, Future[T]] | None = None
 
+    def prepare(self, step: int) -> None:
+        """Start building ``step`` in the thread (nothing at or past ``stop``)."""
+        if not self.ahead or step >= self.stop:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._next = (step, self._pool.submit(self.make, step))
+
     def get(self, step: int) -> T:
         ahead, self._next = self._next, None
-        value = (ahead[1].result() if ahead is not None and ahead[0] == step
-                 else self.make(step))
-        if self.ahead and step + 1 < self.stop:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-            self._next = (step + 1, self._pool.submit(self.make, step + 1))
-        return value
+        if ahead is not None and ahead[0] == step:
+            return ahead[1].result()
+        return self.make(step)
 
     def close(self) -> None:
         """Drop the step built in advance (its error too) and stop the thread."""

@@ -19,6 +19,7 @@ behind ``run.dist`` and lives in :mod:`trainer_core.train.distributed`.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -248,7 +249,8 @@ def run_steps(run: Run) -> tuple[str, str | None]:
         for step in range(run.state["step"], run.plan.total_steps):
             batches, n_trained = inputs.get(step)
             loss, grad_norm, lr = train_step(run.setup, batches, n_trained,
-                                             run.cfg.hyperparams.max_grad_norm)
+                                             run.cfg.hyperparams.max_grad_norm,
+                                             launched=functools.partial(inputs.prepare, step + 1))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 run.events.alert(non_finite_alert(step + 1, loss, grad_norm))
                 return "failed", (f"error: loss {loss}, gradient norm {grad_norm} at step "
