@@ -57,7 +57,10 @@ def sha(path: Path) -> str:
 
 
 def metric_steps(out: Path) -> list[int]:
-    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    """The steps of metrics.jsonl's step records (an alert, e.g. a slow window on a loaded
+    machine, is a line of its own)."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in lines if "loss" in r]
 
 
 def read(out: Path, name: str) -> dict:
@@ -216,6 +219,34 @@ def test_interrupted_run_resumes_as_the_hint_says(interrupted_run, micro_model_d
     trained = sum(s["train_time_s"] for s in manifest["segments"])
     assert manifest["train_time_s"] == pytest.approx(trained, abs=0.05)
     assert manifest["tokens_per_s"] == pytest.approx(manifest["tokens_seen"] / trained, rel=0.05)
+
+
+def test_a_signal_during_a_running_step_stops_after_it_and_resumes_exactly(
+        micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+    """On a GPU, step k is read while step k+1 already runs (whole-step CUDA graphs): a
+    signal seen then stops the run after step k+1, saved there, and resuming gives the
+    uninterrupted run."""
+    import attrs
+    from safetensors.torch import load_file
+
+    from trainer_core.train import recipe
+
+    real = recipe.launch_step
+    # as a GPU replay would be (on the CPU every step is finished at launch)
+    monkeypatch.setattr(recipe, "launch_step",
+                        lambda *a, **k: attrs.evolve(real(*a, **k), running=True))
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    args = ("--max-steps", "8", "--save-steps", "3", "--set", "hyperparams.save_total_limit=null")
+    assert invoke(run_args(micro_model_dir, small_jsonl, straight, *args)).exit_code == 0
+    with registered_plugin(_InterruptPlugin(4), "interrupt"):
+        result = invoke(run_args(micro_model_dir, small_jsonl, out, *args))
+    assert "stopped by signal 15 at step 5; checkpoint saved" in one_error_line(result, 1)
+    assert [p.name for p in list_checkpoints(out)] == ["step-000003", "step-000005"]
+    resumed = invoke(run_args(micro_model_dir, small_jsonl, out, *args, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert metric_steps(out) == list(range(1, 9))
+    a, b = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
 
 
 def test_resume_without_output_dir_picks_the_newest_run(micro_model_dir, small_jsonl, tmp_path,
