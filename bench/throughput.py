@@ -261,26 +261,39 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     # As `trainer run`: the next step is collated in a thread once this one's work is queued,
     # so collate_ms_per_step is the time the loop waited for its inputs.
     inputs = Prefetcher(collate, plan.total_steps)
+    pending: tuple[Any, ...] | None = None  # a step left running, read after the next launch
+
+    def finish(step: int, batch_examples: list[dict[str, Any]], batches: list[dict[str, Any]],
+               launched: Any) -> None:
+        step_loss, grad_norm, _ = launched.result()
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
+        processed = sum(int(b["input_ids"].numel()) for b in batches)
+        meter.step(step_loss, batch_examples, processed, n_params, shape,
+                   last=step == plan.total_steps - 1)
+
     for step in range(plan.total_steps):
         t0 = time.time()
         batch_examples, batches, n_trained = inputs.get(step)
         collate_s += time.time() - t0 if step >= warmup else 0.0
         micro_counts.append(len(batches))
         before = setup.graphs.stats() if setup.graphs is not None else None
-        step_loss, grad_norm, _ = engine.train_step(
-            setup, batches, n_trained, hp.max_grad_norm,
-            launched=functools.partial(inputs.prepare, step + 1))
+        # As `trainer run` (train/recipe.run_steps): a step left running is read once the next
+        # one is launched.
+        launched = engine.launch_step(setup, batches, n_trained, hp.max_grad_norm,
+                                      launched=functools.partial(inputs.prepare, step + 1))
         if before is not None:  # a step served by graph replays alone (no eager, no capture)
             after = setup.graphs.stats()
             replay_only.append(after["eager"] == before["eager"]
                                and after["graphs"] == before["graphs"])
             if replay_only[-1] and step >= warmup:
                 replayed = [*replayed[-PROFILE_STEPS + 1:], (batches, n_trained)]
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            raise RuntimeError(f"non-finite loss {step_loss} / grad norm {grad_norm}")
-        processed = sum(int(b["input_ids"].numel()) for b in batches)
-        meter.step(step_loss, batch_examples, processed, n_params, shape,
-                   last=step == plan.total_steps - 1)
+        if pending is not None:
+            finish(*pending)
+        pending = (step, batch_examples, batches, launched)
+        if not launched.running or step == plan.total_steps - 1:
+            finish(*pending)
+            pending = None
         graph_count.append(_compiled_graphs())
     inputs.close()
     out = meter.result()
@@ -346,8 +359,14 @@ def profile_steps(setup: Any, steps: list[tuple[list[dict[str, Any]], int]],
     sync()
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        for batches, n_trained in steps:
-            engine.train_step(setup, batches, n_trained, max_grad_norm)
+        pending = None
+        for batches, n_trained in steps:  # overlapped as the loop runs them
+            launched = engine.launch_step(setup, batches, n_trained, max_grad_norm)
+            if pending is not None:
+                pending.result()
+            pending = launched
+        if pending is not None:
+            pending.result()
         sync()
         wall = 1e3 * (time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:

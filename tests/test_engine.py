@@ -483,3 +483,58 @@ def test_train_step_says_when_its_work_is_queued(micro_model_dir):
         loss, norm, _ = train_step(setup, batches, count_trained(batches), 1.0,
                                    launched=functools.partial(calls.append, 1))
         assert calls == [1] and loss > 0 and norm > 0, switch
+
+
+def test_the_loop_reads_a_step_after_launching_the_next_except_where_the_model_is_looked_at(
+        micro_model_dir, small_jsonl, tmp_path, monkeypatch):
+    """A step left running on the GPU is read once the next one is launched; a step followed
+    by an evaluation, a checkpoint or the end is read before anything else is launched. The
+    run is the same as one that reads every step before launching the next."""
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    import attrs
+    from safetensors.torch import load_file
+
+    from trainer_core.train import recipe
+
+    events: list[tuple[str, int]] = []
+    real = recipe.launch_step
+
+    def launch(*args, **kwargs):
+        index = sum(1 for kind, _ in events if kind == "launch")
+        events.append(("launch", index))
+        step = real(*args, **kwargs)
+        inner = step.wait
+
+        def wait():
+            events.append(("read", index))
+            return inner()
+
+        # as a GPU replay would be (on the CPU every step is finished at launch)
+        return attrs.evolve(step, wait=wait, running=True)
+
+    monkeypatch.setattr(recipe, "launch_step", launch)
+    runs = {}
+    for mode in ("overlap", "in-order"):
+        if mode == "in-order":
+            monkeypatch.setattr(recipe, "can_overlap", lambda *a: False)
+        events.clear()
+        out = tmp_path / mode
+        result = CliRunner().invoke(cli, _run_args(
+            micro_model_dir, small_jsonl, out, "--max-steps", "9", "--save-steps", "4",
+            "--quiet", "--set", "hyperparams.eval_steps=3"))
+        assert result.exit_code == 0, result.output
+        order = {e: i for i, e in enumerate(events)}
+        assert [i for kind, i in events if kind == "read"] == list(range(9))  # once, in order
+        looked_at = {3, 4, 6, 8, 9}  # evaluations, the checkpoint, the end (steps done)
+        for k in range(8):  # step index k is done = k + 1
+            read_first = order[("read", k)] < order[("launch", k + 1)]
+            assert read_first if (k + 1 in looked_at or mode == "in-order") else not read_first, k
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = ([m["loss"] for m in metrics if "loss" in m],
+                      [m["eval_loss"] for m in metrics if "eval_loss" in m],
+                      sorted(p.name for p in (out / "checkpoints").iterdir()),
+                      load_file(out / "model.safetensors"))
+    (loss_a, eval_a, ckpt_a, w_a), (loss_b, eval_b, ckpt_b, w_b) = runs.values()
+    assert len(loss_a) == 9 and loss_a == loss_b and eval_a == eval_b and len(eval_a) == 3
+    assert ckpt_a == ckpt_b == ["step-000004", "step-000008"]
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from trainer_core.config import load_config
@@ -264,7 +265,8 @@ def test_update_graph_records_the_same_step_as_the_eager_one(micro_model_dir):
 
     register_varlen_attention()
     fn = make_loss_fn(varlen=True, fused=True)
-    graphs = StepGraphs(fn, nullcontext)
+    # (embedding rows off: bit-equal to the plain step; they are compared on their own below)
+    graphs = StepGraphs(fn, nullcontext, embedding_rows=False)
     ref = _load(micro_model_dir, VARLEN_ATTN)
     new = copy.deepcopy(ref)
     cfg = TrainerConfig()
@@ -319,6 +321,45 @@ def test_update_graph_records_the_same_step_as_the_eager_one(micro_model_dir):
     assert all(torch.equal(a, st["exp_avg"])
                for a, st in zip(moments, opt_new.state.values(), strict=True))
     assert all(float(st["step"]) == 3.0 for st in opt_new.state.values())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_gradient_by_rows_equals_autograds(micro_model_dir, tied):
+    """environment.embedding_grad_rows: the input embedding's gradient summed row by row at
+    the batch's token ids is autograd's dense one (tied to the output embedding or not), and
+    the padding id's row gets none, as nn.Embedding's own backward does."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer_core.model.graphs import TOKEN_MULTIPLE, loss_and_gradients, static_inputs
+
+    register_varlen_attention()
+    fn = make_loss_fn(varlen=True, fused=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        micro_model_dir, dtype=torch.float32, attn_implementation=VARLEN_ATTN,
+        tie_word_embeddings=tied).train()
+    embed = model.get_input_embeddings()
+    assert embed.padding_idx is not None
+    assert (model.get_output_embeddings().weight is embed.weight) == tied
+    examples = _examples(6, seed=4)
+    examples[2]["input_ids"][3] = embed.padding_idx  # the padding id inside an example
+    batch = collate_packed(examples, pad_to_multiple=TOKEN_MULTIPLE)
+    fixed = static_inputs(batch, 0.01, pin=False)
+    assert int((fixed["input_ids"] == embed.padding_idx).sum()) == 1
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def scaled_loss(dev):
+        return fn(model, dev)[0] * dev["scale"]
+
+    ref_loss, ref = loss_and_gradients(scaled_loss, model, fixed, params, embedding_rows=False)
+    loss, got = loss_and_gradients(scaled_loss, model, fixed, params, embedding_rows=True)
+    assert float(loss.detach()) == float(ref_loss.detach())
+    where = next(i for i, p in enumerate(params) if p is embed.weight)
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9, msg=str(i))
+    used = torch.unique(fixed["input_ids"])
+    assert float(ref[where][used].abs().sum()) > 0  # the rows really got gradient
+    assert float(got[where][embed.padding_idx].abs().max()) == float(
+        ref[where][embed.padding_idx].abs().max())  # autograd's rule for the padding id
 
 
 def test_update_graphs_are_dropped_when_the_optimizer_state_is_replaced():

@@ -539,6 +539,15 @@ class Environment:
                      "cuda_graphs and device_update are both on; off: the graph ends with the "
                      "backward pass and AdamW runs after it."),
     )
+    embedding_grad_rows: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("In the CUDA-graph steps, add the input embedding's gradient row by row "
+                     "(the batch's token ids) into the table's gradient, instead of autograd's "
+                     "dense vocabulary-sized gradient added to the tied output embedding's. "
+                     "Same values, summed in another order. auto: on CUDA; off: autograd's "
+                     "embedding backward. Only for a plain nn.Embedding."),
+    )
     async_checkpoint: str = attrs.field(
         default="auto",
         validator=one_of(*SWITCHES),

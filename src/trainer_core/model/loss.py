@@ -60,8 +60,10 @@ def loss_sum(model: Any, batch: dict[str, Any], ce: Any = None, **decoder_kwargs
     (the CUDA path passes varlen boundaries this way).
     """
     decoder = decoder_of(model)
+    embeds = batch.get("inputs_embeds")  # computed by the caller (model.graphs)
     out = decoder(
-        input_ids=batch["input_ids"],
+        input_ids=batch["input_ids"] if embeds is None else None,
+        inputs_embeds=embeds,
         position_ids=batch.get("position_ids"),
         attention_mask=batch.get("attention_mask"),
         use_cache=False,

@@ -74,6 +74,8 @@ class SpeedPlan:
     device_update: bool = False
     #: The optimizer step joins single-micro-batch CUDA graphs (``environment.graph_update``).
     graph_update: bool = False
+    #: CUDA-graph steps add the embedding gradient by rows (``environment.embedding_grad_rows``).
+    embedding_rows: bool = False
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         if self.loss_fn is not None:
@@ -117,7 +119,8 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
     return SpeedPlan(attn_implementation=attn, prepare=prepare, loss_fn=loss_fn,
                      notes=tuple(notes), varlen=varlen, attention_kernel=kernel, fused=fused,
                      compiled=use_compile, device_update=_on(env.device_update, cuda),
-                     graph_update=_on(env.graph_update, cuda))
+                     graph_update=_on(env.graph_update, cuda),
+                     embedding_rows=_on(env.embedding_grad_rows, cuda))
 
 
 # --------------------------------------------------------------------------- the loss

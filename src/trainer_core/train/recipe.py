@@ -64,7 +64,13 @@ from trainer_core.train.rundir import (
     truncate_logs,
 )
 from trainer_core.train.signals import StopRequested
-from trainer_core.train.step import TrainingSetup, prepare_training, token_budget, train_step
+from trainer_core.train.step import (
+    LaunchedStep,
+    TrainingSetup,
+    launch_step,
+    prepare_training,
+    token_budget,
+)
 
 
 @attrs.define
@@ -239,49 +245,102 @@ def train_loop(run: Run) -> tuple[str, str | None]:
 
 
 def run_steps(run: Run) -> tuple[str, str | None]:
+    """The step loop. A step left running on the GPU (:func:`launch_step`) is read after the
+    next one is launched, so the card never waits for the host between steps; a step after
+    which the model is looked at (evaluation, preview, checkpoint, a signal, the end) is read
+    before anything else is launched. A signal that arrives while a step is read with the next
+    one already running stops the run after that next step (it is saved there)."""
     run.loop_start = run.window_start = time.time()
     # The next step's batches are collated while this one trains (one process: under torchrun
     # each rank computes its share in step, as before).
     inputs = Prefetcher(lambda s: step_batches(run, s), run.plan.total_steps,
                         ahead=run.dist is None)
+    pending: Launched | None = None  # launched, not read yet
     # Under torchrun, Ctrl-C can reach a rank twice (directly and forwarded): one request.
     with StopRequested(deferred=True, repeat_window_s=1.0 if run.dist else 0.0) as stop, inputs:
-        for step in range(run.state["step"], run.plan.total_steps):
-            batches, n_trained = inputs.get(step)
-            loss, grad_norm, lr = train_step(run.setup, batches, n_trained,
-                                             run.cfg.hyperparams.max_grad_norm,
-                                             launched=functools.partial(inputs.prepare, step + 1))
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                run.events.alert(non_finite_alert(step + 1, loss, grad_norm))
-                return "failed", (f"error: loss {loss}, gradient norm {grad_norm} at step "
-                                  f"{step + 1}; stopping. The last good checkpoint is untouched "
-                                  "and no final model is written.")
-            done = step + 1
-            # several processes: global token counts, and a signal any rank got stops all
-            tokens, agreed = (run.dist.step_consensus(batches, stop.signal) if run.dist
-                              else (None, None))
-            record = account_step(run, done, batches, n_trained, loss, lr, grad_norm, tokens)
-            record = maybe_evaluate(run, done, record)
-            record = maybe_preview(run, done, record)
-            end_step(run, done, loss, lr, grad_norm, record)
-            signal = agreed if run.dist else stop.signal
-            if want_checkpoint(run, done) or signal is not None:
-                if not model_finite(run):
-                    return "failed", (f"error: non-finite weights after step {done}; stopping "
-                                      "without saving. The last good checkpoint is untouched.")
-                try:
-                    save_checkpoint(run, done)
-                except CheckpointWriteFailed as exc:  # the previous background save
-                    return "failed", str(exc)
-                except OSError as exc:
-                    return "failed", checkpoint_error(done, exc)
-            error = finish_checkpoint(run, block=False)
-            if error:
-                return "failed", error
-            if signal is not None:
-                return "interrupted", (f"stopped by signal {signal} at step {done}; "
-                                       f"checkpoint saved; {run.hint}.")
+        try:
+            for step in range(run.state["step"], run.plan.total_steps):
+                batches, n_trained = inputs.get(step)
+                current = Launched(step, batches, n_trained, launch_step(
+                    run.setup, batches, n_trained, run.cfg.hyperparams.max_grad_norm,
+                    launched=functools.partial(inputs.prepare, step + 1)))
+                previous, pending = pending, current
+                if previous is not None:  # the step before, read while this one runs
+                    outcome = finish_step(run, previous, stop, in_flight=True)
+                    if outcome is not None:
+                        return outcome  # (the finally waits for this step)
+                if current.step.running and can_overlap(run, step + 1, stop):
+                    continue
+                pending = None
+                outcome = finish_step(run, current, stop, in_flight=False)
+                if outcome is not None:
+                    return outcome
+        finally:
+            if pending is not None:  # nothing stays queued once the loop is left
+                pending.step.wait()
     return "completed", None
+
+
+@attrs.define
+class Launched:
+    """A launched step of the loop and what it trained on."""
+
+    index: int
+    batches: list[dict[str, Any]]
+    n_trained: int
+    step: LaunchedStep
+
+
+def can_overlap(run: Run, done: int, stop: StopRequested) -> bool:
+    """Whether step ``done`` may still be running when the next one is launched: nothing
+    looks at the model after it (and one process: torchrun's ranks agree every step)."""
+    hp, mon = run.cfg.hyperparams, run.cfg.monitoring
+    return not (run.dist is not None or stop.signal is not None
+                or done == run.plan.total_steps or want_checkpoint(run, done)
+                or (run.val_examples and hp.eval_steps and done % hp.eval_steps == 0)
+                or (mon.num_preview_samples and mon.preview_steps
+                    and done % mon.preview_steps == 0))
+
+
+def finish_step(run: Run, item: Launched, stop: StopRequested, in_flight: bool
+                ) -> tuple[str, str | None] | None:
+    """Read a launched step and do what follows it; ``(state, reason)`` if the run ends here.
+
+    ``in_flight``: the next step is already running, so no evaluation, preview or checkpoint
+    is due after this one (see :func:`can_overlap`), and a signal waits for the next step."""
+    loss, grad_norm, lr = item.step.result()
+    step, batches, n_trained = item.index, item.batches, item.n_trained
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        run.events.alert(non_finite_alert(step + 1, loss, grad_norm))
+        return "failed", (f"error: loss {loss}, gradient norm {grad_norm} at step "
+                          f"{step + 1}; stopping. The last good checkpoint is untouched "
+                          "and no final model is written.")
+    done = step + 1
+    # several processes: global token counts, and a signal any rank got stops all
+    tokens, agreed = (run.dist.step_consensus(batches, stop.signal) if run.dist
+                      else (None, None))
+    record = account_step(run, done, batches, n_trained, loss, lr, grad_norm, tokens)
+    record = maybe_evaluate(run, done, record)
+    record = maybe_preview(run, done, record)
+    end_step(run, done, loss, lr, grad_norm, record)
+    signal = None if in_flight else agreed if run.dist else stop.signal
+    if want_checkpoint(run, done) or signal is not None:
+        if not model_finite(run):
+            return "failed", (f"error: non-finite weights after step {done}; stopping "
+                              "without saving. The last good checkpoint is untouched.")
+        try:
+            save_checkpoint(run, done)
+        except CheckpointWriteFailed as exc:  # the previous background save
+            return "failed", str(exc)
+        except OSError as exc:
+            return "failed", checkpoint_error(done, exc)
+    error = finish_checkpoint(run, block=False)
+    if error:
+        return "failed", error
+    if signal is not None:
+        return "interrupted", (f"stopped by signal {signal} at step {done}; "
+                               f"checkpoint saved; {run.hint}.")
+    return None
 
 
 # --------------------------------------------------------------------------- the named steps

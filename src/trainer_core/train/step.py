@@ -144,7 +144,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
                      processes=1 if parallel is None else parallel.world):
         speed = attrs.evolve(speed, pad_to_multiple=TOKEN_MULTIPLE,
                              notes=(*speed.notes, "CUDA graphs for forward + backward"))
-        graphs = StepGraphs(speed.loss, lambda: autocast(device, precision))
+        graphs = StepGraphs(speed.loss, lambda: autocast(device, precision),
+                            embedding_rows=speed.embedding_rows)
     return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed, parallel,
                          graphs)
 
@@ -166,12 +167,55 @@ def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: i
     returned loss is the global one. A batch with ``loss_weight`` 0 only keeps the ranks'
     collectives in step (FSDP) and trains nothing.
     """
+    return launch_step(setup, batches, n_trained, max_grad_norm, launched).result()
+
+
+@attrs.define
+class LaunchedStep:
+    """A step whose work is queued (:func:`launch_step`); :meth:`result` waits for it."""
+
+    #: the learning rate the step used
+    lr: float
+    #: blocks until the step's ``(loss, grad_norm)`` are on the host
+    wait: Callable[[], tuple[float, float]]
+    #: puts the LR schedule back if the step turns out not finite (it was stepped at launch)
+    undo_schedule: Callable[[], None] | None = None
+    #: the step is still running on the device (else :meth:`result` returns at once)
+    running: bool = False
+
+    def result(self) -> tuple[float, float, float]:
+        """``(loss, grad_norm, lr)``, as :func:`train_step` returns them."""
+        loss, grad_norm = self.wait()
+        if self.undo_schedule is not None and not (math.isfinite(loss)
+                                                   and math.isfinite(grad_norm)):
+            self.undo_schedule()
+        return loss, grad_norm, self.lr
+
+
+def launch_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
+                max_grad_norm: float | None, launched: Callable[[], None] | None = None
+                ) -> LaunchedStep:
+    """:func:`train_step`, returning as soon as the step no longer needs the host.
+
+    A step that replays one whole-step CUDA graph (:func:`whole_step_graph`) is left running:
+    its schedule step is taken at launch, so the caller may launch the next step before
+    reading this one's result (``trainer run`` does, between checkpoints and evaluations; the
+    GPU then never waits for the host between steps). Every other step runs to its end here.
+    """
+    if whole_step_graph(setup, batches):
+        return launch_graphed_step(setup, batches[0], n_trained, max_grad_norm, launched)
+    loss, grad_norm, lr = step_to_the_end(setup, batches, n_trained, max_grad_norm, launched)
+    return LaunchedStep(lr, lambda: (loss, grad_norm))
+
+
+def step_to_the_end(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
+                    max_grad_norm: float | None, launched: Callable[[], None] | None = None
+                    ) -> tuple[float, float, float]:
+    """:func:`train_step` on every path but the whole-step graph."""
     import torch
 
     model, optimizer, scaler = setup.model, setup.optimizer, setup.scaler
     par, graphs = setup.parallel, setup.graphs
-    if whole_step_graph(setup, batches):
-        return graphed_step(setup, batches[0], n_trained, max_grad_norm, launched)
     # Summed on the device and read once per step (no host sync per micro-batch).
     total = torch.zeros((), dtype=torch.float64, device=setup.device)
     # With CUDA graphs, .grad still holds the last step's gradients (see the end): the step's
@@ -225,22 +269,31 @@ def whole_step_graph(setup: TrainingSetup, batches: list[dict[str, Any]]) -> boo
             and update_on_device(setup) and setup.graphs.accepts(batches[0]))
 
 
-def graphed_step(setup: TrainingSetup, batch: dict[str, Any], n_trained: int,
-                 max_grad_norm: float | None, launched: Callable[[], None] | None = None
-                 ) -> tuple[float, float, float]:
-    """:func:`train_step` for a step :func:`whole_step_graph` accepts: the same update
+def launch_graphed_step(setup: TrainingSetup, batch: dict[str, Any], n_trained: int,
+                        max_grad_norm: float | None, launched: Callable[[], None] | None = None
+                        ) -> LaunchedStep:
+    """:func:`launch_step` for a step :func:`whole_step_graph` accepts: the same update
     (:func:`queue_update`), recorded in the step's graph once its shape has been seen."""
-    lr = float(setup.scheduler.get_last_lr()[0])
-    optimizer = setup.optimizer
-    step_loss, grad_norm = setup.graphs.update_step(
+    optimizer, scheduler = setup.optimizer, setup.scheduler
+    lr = float(scheduler.get_last_lr()[0])
+    wait, running = setup.graphs.update_step(
         setup.model, optimizer, batch, 1.0 / max(n_trained, 1),
         lambda total: queue_update(optimizer, total, max_grad_norm),
         lambda total: guarded_update(optimizer, total, max_grad_norm, launched), launched)
-    if math.isfinite(step_loss) and math.isfinite(grad_norm):
-        setup.scheduler.step()
+    # The next step's learning rate is needed before this one's loss is read: step the
+    # schedule now and put it back if the step was not finite (train_step's promise).
+    before = (scheduler.last_epoch, scheduler._step_count, list(scheduler._last_lr),
+              [g["lr"] for g in optimizer.param_groups])
+    scheduler.step()
+
+    def undo() -> None:
+        scheduler.last_epoch, scheduler._step_count, scheduler._last_lr, lrs = before
+        for g, old in zip(optimizer.param_groups, lrs, strict=True):
+            g["lr"] = old
+
     if not setup.graphs.active:  # as train_step: no graph yet, so the next backward starts clean
         optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, lr
+    return LaunchedStep(lr, wait, undo, running)
 
 
 def update_on_device(setup: TrainingSetup) -> bool:
