@@ -279,7 +279,10 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         micro_counts.append(len(batches))
         before = setup.graphs.stats() if setup.graphs is not None else None
         # As `trainer run` (train/recipe.run_steps): a step left running is read once the next
-        # one is launched.
+        # one is launched, unless the next runs to its end at launch (eager, a capture).
+        if pending is not None and not engine.runs_ahead(setup, batches):
+            finish(*pending)
+            pending = None
         launched = engine.launch_step(setup, batches, n_trained, hp.max_grad_norm,
                                       launched=functools.partial(inputs.prepare, step + 1))
         if before is not None:  # a step served by graph replays alone (no eager, no capture)

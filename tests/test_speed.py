@@ -115,6 +115,7 @@ def test_fixed_shape_batches_of_cuda_graphs_give_the_same_loss_and_gradients(
         SEGMENT_MULTIPLE,
         TOKEN_MULTIPLE,
         TRAINED_MULTIPLE,
+        shape_key,
         static_inputs,
     )
 
@@ -135,6 +136,9 @@ def test_fixed_shape_batches_of_cuda_graphs_give_the_same_loss_and_gradients(
     assert fixed["n_trained"] == n and fixed["max_seqlen"] >= longest
     assert fixed["max_seqlen"] == min(TOKEN_MULTIPLE, 1 << max(10, (longest - 1).bit_length()))
     assert int((fixed["trained_targets"] != -100).sum()) == n
+    # a graph's key, computed from the batch alone (to know in advance whether it replays)
+    assert shape_key(batch) == (fixed["input_ids"].shape[1], fixed["trained_index"].shape[0],
+                                fixed["cu_seqlens"].shape[0], fixed["max_seqlen"])
     model.zero_grad()
     loss, count = fn(model, fixed)
     (loss * fixed["scale"]).backward()

@@ -235,6 +235,7 @@ def test_a_signal_during_a_running_step_stops_after_it_and_resumes_exactly(
     # as a GPU replay would be (on the CPU every step is finished at launch)
     monkeypatch.setattr(recipe, "launch_step",
                         lambda *a, **k: attrs.evolve(real(*a, **k), running=True))
+    monkeypatch.setattr(recipe, "runs_ahead", lambda *a: True)
     out, straight = tmp_path / "run", tmp_path / "straight"
     args = ("--max-steps", "8", "--save-steps", "3", "--set", "hyperparams.save_total_limit=null")
     assert invoke(run_args(micro_model_dir, small_jsonl, straight, *args)).exit_code == 0

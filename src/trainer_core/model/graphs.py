@@ -111,8 +111,7 @@ class StepGraphs:
         called again)."""
 
         host = static_inputs(batch, scale)
-        key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
-               host["cu_seqlens"].shape[0], host["max_seqlen"], overwrite)
+        key = (*shape_key(batch), overwrite)
         self._start()
         graph = self.graphs.get(key)
         if graph is None:
@@ -149,8 +148,7 @@ class StepGraphs:
         host = static_inputs(batch, scale)
         groups = optimizer.param_groups
         host["lr"] = torch.tensor([g["lr"] for g in groups], dtype=torch.float32).pin_memory()
-        key = (host["input_ids"].shape[1], host["trained_index"].shape[0],
-               host["cu_seqlens"].shape[0], host["max_seqlen"], "update")
+        key = (*shape_key(batch), "update")
         self._check_optimizer(optimizer)
         self._start()
         graph = self.graphs.get(key)
@@ -180,6 +178,11 @@ class StepGraphs:
             return loss, norm
 
         return wait, True
+
+    def will_replay(self, batch: dict[str, Any]) -> bool:
+        """Whether :meth:`update_step` would replay a captured graph for ``batch`` (and so
+        return with the step still running)."""
+        return (*shape_key(batch), "update") in self.graphs
 
     def _start(self) -> None:
         """The capture stream and the memory pool all graphs share, made on first use."""
@@ -399,11 +402,25 @@ def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict
     }
     # Pinned host memory lets the copies into the graph's buffers run asynchronously.
     out: dict[str, Any] = ({k: v.pin_memory() for k, v in pinned.items()} if pin else pinned)
-    # The attention kernel's grid follows max_seqlen: the longest segment rounded up to a power
-    # of two of at least 1,024 (few distinct values, so few extra graphs), not the whole row.
-    out["max_seqlen"] = min(width, 1 << max(10, (max(lens) - 1).bit_length()))
+    out["max_seqlen"] = _max_seqlen(width, lens)
     out["n_trained"] = int(len(where))
     return out
+
+
+def shape_key(batch: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The shape of a packed micro-batch's fixed form (:func:`static_inputs`): tokens, trained
+    positions, segment boundaries and ``max_seqlen``; a graph is captured per key."""
+    width = batch["input_ids"].shape[1]
+    lens = list(batch["seq_lens"])
+    n = int((batch["targets"] != IGNORE).sum())
+    return (width, _round_up(n, TRAINED_MULTIPLE), _round_up(len(lens), SEGMENT_MULTIPLE) + 1,
+            _max_seqlen(width, lens))
+
+
+def _max_seqlen(width: int, lens: list[int]) -> int:
+    # The attention kernel's grid follows max_seqlen: the longest segment rounded up to a power
+    # of two of at least 1,024 (few distinct values, so few extra graphs), not the whole row.
+    return min(width, 1 << max(10, (max(lens) - 1).bit_length()))
 
 
 def graphs_wanted(switch: str, *, cuda: bool, compiled: bool, varlen: bool, fused: bool,

@@ -69,6 +69,7 @@ from trainer_core.train.step import (
     TrainingSetup,
     launch_step,
     prepare_training,
+    runs_ahead,
     token_budget,
 )
 
@@ -261,6 +262,12 @@ def run_steps(run: Run) -> tuple[str, str | None]:
         try:
             for step in range(run.state["step"], run.plan.total_steps):
                 batches, n_trained = inputs.get(step)
+                if pending is not None and not runs_ahead(run.setup, batches):
+                    # this step runs to its end at launch (eager, a capture): nothing to overlap
+                    outcome = finish_step(run, pending, stop, in_flight=False)
+                    pending = None
+                    if outcome is not None:
+                        return outcome
                 current = Launched(step, batches, n_trained, launch_step(
                     run.setup, batches, n_trained, run.cfg.hyperparams.max_grad_norm,
                     launched=functools.partial(inputs.prepare, step + 1)))

@@ -269,6 +269,13 @@ def whole_step_graph(setup: TrainingSetup, batches: list[dict[str, Any]]) -> boo
             and update_on_device(setup) and setup.graphs.accepts(batches[0]))
 
 
+def runs_ahead(setup: TrainingSetup, batches: list[dict[str, Any]]) -> bool:
+    """Whether :func:`launch_step` will return with this step still running (a replay of a
+    captured whole-step graph); callers read the step before it first when it will not, so
+    an eager step's host work is not counted into the step before."""
+    return whole_step_graph(setup, batches) and setup.graphs.will_replay(batches[0])
+
+
 def launch_graphed_step(setup: TrainingSetup, batch: dict[str, Any], n_trained: int,
                         max_grad_norm: float | None, launched: Callable[[], None] | None = None
                         ) -> LaunchedStep:
