@@ -530,6 +530,62 @@ def run_hf_flat(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
 # --------------------------------------------------------------------------- GPU correctness
 
 
+def adamw_microbench(model_dir: Path, steps: int = 20) -> dict[str, Any]:
+    """torch's fused AdamW against the one-kernel Triton AdamW (environment.triton_adamw) on
+    the model's parameters with random gradients, clipped (grad_scale) as a run does: median
+    GPU ms per step, the bandwidth of 28 bytes per parameter, and the largest relative weight
+    difference after ``steps`` steps."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer_core.train.adamw import adamw_step, supported
+
+    def build() -> tuple[list[Any], Any]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": params[:-8], "weight_decay": 0.01},
+                                 {"params": params[-8:], "weight_decay": 0.0}],
+                                lr=1e-4, fused=True)
+        return params, opt
+
+    res: dict[str, Any] = {}
+    finals = {}
+    for name in ("torch_fused", "triton"):
+        params, opt = build()
+        assert supported(opt)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        times = []
+        for step in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
+            opt.grad_scale = torch.tensor(1.3, device="cuda")
+            opt.found_inf = torch.zeros((), device="cuda")
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            if name == "triton" and step > 0:
+                adamw_step(opt)
+            else:
+                opt.step()  # (the first step makes the state, as a run's first steps do)
+            end.record()
+            torch.cuda.synchronize()
+            if step > 0:
+                times.append(start.elapsed_time(end))
+        n = sum(p.numel() for p in params)
+        ms = statistics.median(times)
+        res[name] = {"ms": round(ms, 3), "tb_per_s": round(28 * n / ms / 1e9, 2)}
+        finals[name] = [p.detach().clone() for p in params]
+        del params, opt
+        torch.cuda.empty_cache()
+    res["max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                              for a, b in zip(finals["triton"], finals["torch_fused"],
+                                              strict=True))
+    print("adamw:", json.dumps(res), flush=True)
+    return res
+
+
 def run_checks() -> dict[str, Any]:
     """The fast pieces against plain references on this GPU (fresh random inputs)."""
     import torch
@@ -813,6 +869,7 @@ def run_one(args: argparse.Namespace) -> None:
                                                                    args.examples_per_step)}
         elif kind == "check":
             res = {"variant": "check", **run_checks(),
+                   "adamw": adamw_microbench(Path(args.model_dir)),
                    "tiny": run_tiny_equivalence(Path(args.model_dir).parent)}
         else:
             raise SystemExit(f"unknown variant {spec}")

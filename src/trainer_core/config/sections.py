@@ -548,6 +548,14 @@ class Environment:
                      "Same values, summed in another order. auto: on CUDA; off: autograd's "
                      "embedding backward. Only for a plain nn.Embedding."),
     )
+    triton_adamw: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("With device_update, take the AdamW step with one persistent Triton "
+                     "kernel over every parameter instead of torch's fused AdamW (same "
+                     "formula, state and checkpoints; float32 rounding differs). auto: on CUDA "
+                     "where Triton is installed and the parameters are float32."),
+    )
     async_checkpoint: str = attrs.field(
         default="auto",
         validator=one_of(*SWITCHES),

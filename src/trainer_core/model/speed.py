@@ -76,6 +76,8 @@ class SpeedPlan:
     graph_update: bool = False
     #: CUDA-graph steps add the embedding gradient by rows (``environment.embedding_grad_rows``).
     embedding_rows: bool = False
+    #: AdamW as one Triton kernel where it can be (``environment.triton_adamw``).
+    triton_adamw: bool = False
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         if self.loss_fn is not None:
@@ -120,7 +122,8 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
                      notes=tuple(notes), varlen=varlen, attention_kernel=kernel, fused=fused,
                      compiled=use_compile, device_update=_on(env.device_update, cuda),
                      graph_update=_on(env.graph_update, cuda),
-                     embedding_rows=_on(env.embedding_grad_rows, cuda))
+                     embedding_rows=_on(env.embedding_grad_rows, cuda),
+                     triton_adamw=_on(env.triton_adamw, cuda))
 
 
 # --------------------------------------------------------------------------- the loss

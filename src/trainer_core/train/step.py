@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,9 @@ class TrainingSetup:
     parallel: Any = None
     #: CUDA graphs for forward + backward (:class:`trainer_core.model.graphs.StepGraphs`)
     graphs: Any = None
+    #: takes the AdamW step of the device update: ``optimizer.step`` or the Triton kernel
+    #: (:mod:`trainer_core.train.adamw`, ``environment.triton_adamw``)
+    adamw_step: Callable[[], None] | None = None
 
 
 def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
@@ -147,7 +151,21 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
         graphs = StepGraphs(speed.loss, lambda: autocast(device, precision),
                             embedding_rows=speed.embedding_rows)
     return TrainingSetup(model, optimizer, scheduler, scaler, device, precision, speed, parallel,
-                         graphs)
+                         graphs, adamw_step_of(optimizer, speed.triton_adamw))
+
+
+def adamw_step_of(optimizer: Any, triton: bool) -> Callable[[], None]:
+    """``optimizer.step``, or the one-kernel AdamW where ``triton`` asks for it and it can run."""
+    if triton and optimizer.defaults.get("fused"):
+        try:
+            import triton as _  # noqa: F401  (a CUDA build of torch brings it)
+        except ImportError:
+            return optimizer.step
+        from trainer_core.train.adamw import adamw_step, supported
+
+        if supported(optimizer) and next(iter(optimizer.param_groups[0]["params"])).is_cuda:
+            return functools.partial(adamw_step, optimizer)
+    return optimizer.step
 
 
 def train_step(setup: TrainingSetup, batches: list[dict[str, Any]], n_trained: int,
@@ -241,7 +259,8 @@ def step_to_the_end(setup: TrainingSetup, batches: list[dict[str, Any]], n_train
         total += weight * scaled.detach().float()
     lr = float(setup.scheduler.get_last_lr()[0])
     if update_on_device(setup):
-        step_loss, grad_norm = guarded_update(optimizer, total, max_grad_norm, launched)
+        step_loss, grad_norm = guarded_update(optimizer, total, max_grad_norm, launched,
+                                              setup.adamw_step)
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
     else:
         if launched is not None:
@@ -285,8 +304,9 @@ def launch_graphed_step(setup: TrainingSetup, batch: dict[str, Any], n_trained: 
     lr = float(scheduler.get_last_lr()[0])
     wait, running = setup.graphs.update_step(
         setup.model, optimizer, batch, 1.0 / max(n_trained, 1),
-        lambda total: queue_update(optimizer, total, max_grad_norm),
-        lambda total: guarded_update(optimizer, total, max_grad_norm, launched), launched)
+        lambda total: queue_update(optimizer, total, max_grad_norm, step=setup.adamw_step),
+        lambda total: guarded_update(optimizer, total, max_grad_norm, launched,
+                                     setup.adamw_step), launched)
     # The next step's learning rate is needed before this one's loss is read: step the
     # schedule now and put it back if the step was not finite (train_step's promise).
     before = (scheduler.last_epoch, scheduler._step_count, list(scheduler._last_lr),
@@ -312,7 +332,8 @@ def update_on_device(setup: TrainingSetup) -> bool:
 
 
 def guarded_update(optimizer: Any, total: Any, max_grad_norm: float | None,
-                   launched: Callable[[], None] | None = None) -> tuple[float, float]:
+                   launched: Callable[[], None] | None = None,
+                   step: Callable[[], None] | None = None) -> tuple[float, float]:
     """Clip and update on the device, then read the step's loss (``total``) and gradient norm.
 
     The update is queued before the host reads anything, so the host prepares it (~3 ms of
@@ -332,7 +353,7 @@ def guarded_update(optimizer: Any, total: Any, max_grad_norm: float | None,
         if copied is not None:
             copied.record()
 
-    queue_update(optimizer, total, max_grad_norm, read_back)
+    queue_update(optimizer, total, max_grad_norm, read_back, step)
     if launched is not None:
         launched()
     if copied is not None:
@@ -342,14 +363,16 @@ def guarded_update(optimizer: Any, total: Any, max_grad_norm: float | None,
 
 
 def queue_update(optimizer: Any, total: Any, max_grad_norm: float | None,
-                 before_step: Callable[[Any], None] | None = None) -> Any:
+                 before_step: Callable[[Any], None] | None = None,
+                 step: Callable[[], None] | None = None) -> Any:
     """Queue the norm, clipping and fused AdamW step on the device; returns the device tensor
     ``[loss, gradient norm]`` (float64) without reading it.
 
     Device work only, so a CUDA graph can record it (:meth:`StepGraphs.update_step`).
     A non-finite loss or norm changes nothing: fused AdamW skips the whole update on the device
     when ``found_inf`` is 1 (the hook GradScaler uses), the step counters included.
-    ``before_step(values)`` runs before AdamW is queued (to copy the values out early).
+    ``before_step(values)`` runs before AdamW is queued (to copy the values out early);
+    ``step()`` takes the AdamW step (default ``optimizer.step``; both read the same hooks).
     """
     import torch
 
@@ -358,7 +381,7 @@ def queue_update(optimizer: Any, total: Any, max_grad_norm: float | None,
     optimizer.found_inf = (~torch.isfinite(values).all()).float()
     if before_step is not None:
         before_step(values)
-    optimizer.step()
+    (step or optimizer.step)()
     return values
 
 
