@@ -567,7 +567,6 @@ def adamw_microbench(model_dir: Path, steps: int = 20) -> dict[str, Any]:
         for step in range(steps):
             for p in params:
                 p.grad.normal_(0.0, 1e-3, generator=gen)
-            gate = torch.cuda.Event(enable_timing=True)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(20_000_000)  # keeps the GPU busy while the host queues the step
             start.record()
@@ -576,7 +575,6 @@ def adamw_microbench(model_dir: Path, steps: int = 20) -> dict[str, Any]:
             else:
                 opt.step()  # (the first step makes the state, as a run's first steps do)
             end.record()
-            gate.record()
             torch.cuda.synchronize()
             if step > 1:  # (step 1 also compiles the kernel)
                 times.append(start.elapsed_time(end))
