@@ -29,12 +29,20 @@ need no zeroing pass, and no read of the old values before the add. Measured on 
 examples per step, the zeroing and the adds were 4.3 ms of a 57 ms step. The two kinds are
 captured separately (the mode is part of the key).
 
+A step of one micro-batch (the default batch on a GPU) can instead be captured whole
+(:meth:`StepGraphs.update_step`, ``environment.graph_update``): forward, backward, gradient
+norm, clipping and the AdamW step in one graph, the update reading the gradients where the
+backward pass left them (no copy into ``.grad``) and the learning rate from a device tensor
+loaded before each replay. Such graphs record the addresses of AdamW's state, so they are
+dropped when that state is replaced (``load_state_dict``) or the optimizer changes.
+
 The rules that keep replays correct, and that :func:`trainer_core.train.step.train_step`
 follows: ``.grad`` tensors are created before the first capture and never replaced or
-dropped (between steps they keep the last step's values); the optimizer step, clipping and
-the LR schedule stay outside the graph (so the learning rate may change every step); nothing
-in the captured region reads a device value on the host. Off (eager, as before) on CPU, under
-several processes, with fp16's loss scaler and with gradient checkpointing.
+dropped (between steps they keep the last step's values); outside whole-step graphs the
+optimizer step, clipping and the LR schedule stay outside the graph (so the learning rate may
+change every step); nothing in the captured region reads a device value on the host. Off
+(eager, as before) on CPU, under several processes, with fp16's loss scaler and with
+gradient checkpointing.
 """
 
 from __future__ import annotations
