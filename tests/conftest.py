@@ -128,3 +128,27 @@ def headless_chromium():
     yield make
     for driver in drivers:
         driver.quit()
+
+
+@pytest.fixture
+def alter_steps(monkeypatch):
+    """``alter_steps(fn)``: each step of a run in this test reports ``fn(n, loss, grad_norm)``
+    (``n`` counts the steps from 1) instead of its own loss and gradient norm, as a bad batch
+    would. The seam is the loop's ``launch_step``."""
+    import attrs
+
+    from trainer_core.train import recipe
+
+    def install(fn):
+        real = recipe.launch_step
+        count = [0]
+
+        def launch(*args, **kwargs):
+            step = real(*args, **kwargs)
+            count[0] += 1
+            n, inner = count[0], step.wait
+            return attrs.evolve(step, wait=lambda: fn(n, *inner()))
+
+        monkeypatch.setattr(recipe, "launch_step", launch)
+
+    return install

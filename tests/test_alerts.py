@@ -246,20 +246,11 @@ def test_real_run_raises_stall_and_throughput_and_prints_each_once(micro_model_d
     assert [a["alert"] for a in status["alerts"]] == ["throughput"]
 
 
-def test_real_run_loss_and_grad_spikes(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
-    import trainer_core.train.recipe as recipe
-
+def test_real_run_loss_and_grad_spikes(micro_model_dir, small_jsonl, tmp_path, monkeypatch,
+                                      alter_steps):
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
-    real_step = recipe.train_step
-    calls = []
-
-    def spiky(setup, batches, n_trained, max_grad_norm):
-        loss, grad, lr = real_step(setup, batches, n_trained, max_grad_norm)
-        calls.append(1)
-        # A bad batch at step 25: what a corrupt row or a too-high lr looks like.
-        return (loss * 10, grad * 100, lr) if len(calls) == 25 else (loss, grad, lr)
-
-    monkeypatch.setattr(recipe, "train_step", spiky)
+    # A bad batch at step 25: what a corrupt row or a too-high lr looks like.
+    alter_steps(lambda n, loss, grad: (loss * 10, grad * 100) if n == 25 else (loss, grad))
     out = tmp_path / "run"
     run_training(_resolved(micro_model_dir, small_jsonl, out,
                            **{"monitoring.loss_window": 10}), quiet=True)

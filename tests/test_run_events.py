@@ -80,15 +80,10 @@ def test_events_arrive_in_order_and_match_the_files(micro_model_dir, small_jsonl
     assert rec.closed
 
 
-def test_failed_run_ends_with_a_reason(micro_model_dir, small_jsonl, tmp_path, monkeypatch):
-    import trainer_core.train.recipe as recipe
-
+def test_failed_run_ends_with_a_reason(micro_model_dir, small_jsonl, tmp_path, monkeypatch,
+                                       alter_steps):
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
-
-    def nan_step(setup, batches, n_trained, max_grad_norm):
-        return float("nan"), 1.0, 1e-3
-
-    monkeypatch.setattr(recipe, "train_step", nan_step)
+    alter_steps(lambda n, loss, grad: (float("nan"), 1.0))
     rec = Recorder()
     summary = run_training(_resolved(micro_model_dir, small_jsonl, tmp_path / "run"),
                            quiet=True, listeners=[rec])

@@ -47,19 +47,11 @@ def read_tfevents(path):
 
 
 def test_tensorboard_event_files_hold_the_scalars(micro_model_dir, small_jsonl, tmp_path,
-                                                  monkeypatch):
+                                                  monkeypatch, alter_steps):
     pytest.importorskip("tensorboardX", reason="pip install 'trainer-core[tensorboard]'")
-    import trainer_core.train.recipe as recipe
-
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
-    real_step, calls = recipe.train_step, []
-
-    def spike_at_5(*args):  # so that an alert reaches the tracker too
-        loss, grad, lr = real_step(*args)
-        calls.append(1)
-        return (loss * 10 if len(calls) == 5 else loss), grad, lr
-
-    monkeypatch.setattr(recipe, "train_step", spike_at_5)
+    # a loss spike at step 5, so that an alert reaches the tracker too
+    alter_steps(lambda n, loss, grad: (loss * 10 if n == 5 else loss, grad))
     out = tmp_path / "run"
     summary = run_training(_resolved(micro_model_dir, small_jsonl, out, ["tensorboard"],
                                      **{"monitoring.loss_window": 3}), quiet=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -156,11 +157,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
 
 def adamw_step_of(optimizer: Any, triton: bool) -> Callable[[], None]:
     """``optimizer.step``, or the one-kernel AdamW where ``triton`` asks for it and it can run."""
-    if triton and optimizer.defaults.get("fused"):
-        try:
-            import triton as _  # noqa: F401  (a CUDA build of torch brings it)
-        except ImportError:
-            return optimizer.step
+    # (a CUDA build of torch brings Triton along)
+    if triton and optimizer.defaults.get("fused") and importlib.util.find_spec("triton"):
         from trainer_core.train.adamw import adamw_step, supported
 
         if supported(optimizer) and next(iter(optimizer.param_groups[0]["params"])).is_cuda:
