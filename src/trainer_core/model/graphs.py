@@ -390,17 +390,15 @@ def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict
     import torch
 
     ids, pos, targets = batch["input_ids"], batch["position_ids"], batch["targets"]
-    width = ids.shape[1]
+    width, k, bounds, max_seqlen = shape_key(batch)  # the sizes, decided in one place
     lens = list(batch["seq_lens"])
     tgt = targets.reshape(-1).numpy()
     where = np.flatnonzero(tgt != IGNORE)
-    k = _round_up(len(where), TRAINED_MULTIPLE)
     index = np.full(k, width - 1, dtype=np.int64)
     index[: len(where)] = where
     trained = np.full(k, IGNORE, dtype=np.int64)
     trained[: len(where)] = tgt[where]
-    segs = _round_up(len(lens), SEGMENT_MULTIPLE)
-    cu = np.full(segs + 1, width, dtype=np.int32)
+    cu = np.full(bounds, width, dtype=np.int32)
     cu[: len(lens) + 1] = np.concatenate([[0], np.cumsum(lens)])
     pinned = {
         "input_ids": ids, "position_ids": pos,
@@ -410,7 +408,7 @@ def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict
     }
     # Pinned host memory lets the copies into the graph's buffers run asynchronously.
     out: dict[str, Any] = ({k: v.pin_memory() for k, v in pinned.items()} if pin else pinned)
-    out["max_seqlen"] = _max_seqlen(width, lens)
+    out["max_seqlen"] = max_seqlen
     out["n_trained"] = int(len(where))
     return out
 
@@ -421,14 +419,11 @@ def shape_key(batch: dict[str, Any]) -> tuple[int, int, int, int]:
     width = batch["input_ids"].shape[1]
     lens = list(batch["seq_lens"])
     n = int((batch["targets"] != IGNORE).sum())
-    return (width, _round_up(n, TRAINED_MULTIPLE), _round_up(len(lens), SEGMENT_MULTIPLE) + 1,
-            _max_seqlen(width, lens))
-
-
-def _max_seqlen(width: int, lens: list[int]) -> int:
     # The attention kernel's grid follows max_seqlen: the longest segment rounded up to a power
     # of two of at least 1,024 (few distinct values, so few extra graphs), not the whole row.
-    return min(width, 1 << max(10, (max(lens) - 1).bit_length()))
+    max_seqlen = min(width, 1 << max(10, (max(lens) - 1).bit_length()))
+    return (width, _round_up(n, TRAINED_MULTIPLE), _round_up(len(lens), SEGMENT_MULTIPLE) + 1,
+            max_seqlen)
 
 
 def graphs_wanted(switch: str, *, cuda: bool, compiled: bool, varlen: bool, fused: bool,

@@ -273,10 +273,15 @@ def step_to_the_end(setup: TrainingSetup, batches: list[dict[str, Any]], n_train
             optimizer.step()
     if finite:
         setup.scheduler.step()
-    # CUDA graphs need .grad where it is: it stays, for the next step to overwrite or zero.
-    if graphs is None or not graphs.active:
-        optimizer.zero_grad(set_to_none=True)
+    release_grads(setup)
     return step_loss, grad_norm, lr
+
+
+def release_grads(setup: TrainingSetup) -> None:
+    """The end of every step: ``.grad`` is freed, unless CUDA graphs need it where it is (it
+    then stays, for the next step to overwrite or zero)."""
+    if setup.graphs is None or not setup.graphs.active:
+        setup.optimizer.zero_grad(set_to_none=True)
 
 
 def whole_step_graph(setup: TrainingSetup, batches: list[dict[str, Any]]) -> bool:
@@ -316,8 +321,7 @@ def launch_graphed_step(setup: TrainingSetup, batch: dict[str, Any], n_trained: 
         for g, old in zip(optimizer.param_groups, lrs, strict=True):
             g["lr"] = old
 
-    if not setup.graphs.active:  # as train_step: no graph yet, so the next backward starts clean
-        optimizer.zero_grad(set_to_none=True)
+    release_grads(setup)
     return LaunchedStep(lr, wait, undo, running)
 
 
