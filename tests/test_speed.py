@@ -437,6 +437,10 @@ def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypat
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert not speed.warm_fa4_kernels(tmp_path) and not started  # one process per machine
     monkeypatch.setenv("LOCAL_RANK", "0")
+    # What FA4's import leaves before any kernel is compiled: empty folders per kernel kind.
+    kinds = tmp_path / "cache" / "fa4" / "source-fingerprint"
+    for kind in ("fwd", "bwd", "bwd_pre"):
+        (kinds / kind).mkdir(parents=True)
     try:
         assert speed.warm_fa4_kernels(tmp_path)
     finally:
@@ -447,6 +451,5 @@ def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypat
     for _, kw in started:
         assert kw["env"]["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "cache" / "fa4")
     assert not speed.warm_fa4_kernels(tmp_path / "missing")  # no config: nothing to warm
-    (tmp_path / "cache" / "fa4").mkdir(parents=True)
-    (tmp_path / "cache" / "fa4" / "kernel.o").write_bytes(b"")
+    (kinds / "fwd" / "0123abcd.o").write_bytes(b"")  # a kernel compiled by an earlier run
     assert not speed.warm_fa4_kernels(tmp_path) and len(started) == 2  # warm machine: no wait

@@ -522,13 +522,15 @@ def warm_fa4_kernels(model_dir: Path) -> bool:
     loads, two short-lived processes compile them into FA4's disk cache meanwhile, one the
     forward kernel and one the backward kernels; the first real forward (backward) waits for
     its process, then loads them. Separate processes, because these compilers are mostly
-    Python and would take turns on one interpreter. Only where FA4's cache is still empty
-    (waiting for a process that only loads cached kernels would slow a warm start), and only
-    on local rank 0.
+    Python and would take turns on one interpreter. Only where FA4's cache holds no compiled
+    kernel yet (waiting for a process that only loads cached kernels would slow a warm start),
+    and only on local rank 0.
     """
     env = _fa4_cache_env(dict(os.environ))
     cache = Path(env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
-    if os.environ.get("LOCAL_RANK", "0") != "0" or (cache.is_dir() and any(cache.iterdir())):
+    # Kernels, not folders: importing FA4 (which choosing the attention kernel does, before
+    # this) creates its cache's empty per-kernel folders.
+    if os.environ.get("LOCAL_RANK", "0") != "0" or any(cache.rglob("*.o")):
         return False
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
