@@ -301,12 +301,9 @@ class Launched:
 def can_overlap(run: Run, done: int, stop: StopRequested) -> bool:
     """Whether step ``done`` may still be running when the next one is launched: nothing
     looks at the model after it (and one process: torchrun's ranks agree every step)."""
-    hp, mon = run.cfg.hyperparams, run.cfg.monitoring
     return not (run.dist is not None or stop.signal is not None
                 or done == run.plan.total_steps or want_checkpoint(run, done)
-                or (run.val_examples and hp.eval_steps and done % hp.eval_steps == 0)
-                or (mon.num_preview_samples and mon.preview_steps
-                    and done % mon.preview_steps == 0))
+                or evaluation_due(run, done) or preview_due(run, done))
 
 
 def finish_step(run: Run, item: Launched, stop: StopRequested, in_flight: bool
@@ -452,9 +449,7 @@ def maybe_evaluate(run: Run, done: int, record: dict[str, Any] | None) -> dict[s
     """Validation loss every ``eval_steps`` and at the end."""
     from trainer_core.train.evaluate import evaluate
 
-    hp = run.cfg.hyperparams
-    at_end = done == run.plan.total_steps
-    if not run.val_examples or not ((hp.eval_steps and done % hp.eval_steps == 0) or at_end):
+    if not evaluation_due(run, done):
         return record
     s = run.setup
     if run.dist is not None:  # every rank scores a share
@@ -471,10 +466,7 @@ def maybe_preview(run: Run, done: int, record: dict[str, Any] | None) -> dict[st
     """Generate and score the preview prompts every ``preview_steps`` and at the end."""
     from trainer_core.generate.previews import run_previews
 
-    mon = run.cfg.monitoring
-    at_end = done == run.plan.total_steps
-    if not mon.num_preview_samples or not ((mon.preview_steps and done % mon.preview_steps == 0)
-                                           or at_end):
+    if not preview_due(run, done):
         return record
     # Several processes: rank 0 generates with its full DDP replica while the others wait at
     # the next collective; FSDP holds no full copy anywhere, so there are no previews.
@@ -503,6 +495,22 @@ def end_step(run: Run, done: int, loss: float, lr: float, grad_norm: float,
     run.events.step_end(StepEnd(done, run.plan.total_steps, loss, lr, grad_norm,
                                 run.tokens_per_s, run.eta_s, run.plan.epoch_at(done),
                                 run.state["tokens_trained"], record))
+
+
+def evaluation_due(run: Run, done: int) -> bool:
+    """Validation after step ``done``: every ``eval_steps`` and at the end, if there is a
+    validation set (:func:`maybe_evaluate`; :func:`can_overlap` reads it too)."""
+    hp = run.cfg.hyperparams
+    return bool(run.val_examples) and bool((hp.eval_steps and done % hp.eval_steps == 0)
+                                           or done == run.plan.total_steps)
+
+
+def preview_due(run: Run, done: int) -> bool:
+    """Previews after step ``done``: every ``preview_steps`` and at the end, if any are
+    asked for (:func:`maybe_preview`; :func:`can_overlap` reads it too)."""
+    mon = run.cfg.monitoring
+    return bool(mon.num_preview_samples) and bool(
+        (mon.preview_steps and done % mon.preview_steps == 0) or done == run.plan.total_steps)
 
 
 def want_checkpoint(run: Run, done: int) -> bool:
