@@ -208,9 +208,10 @@ class StepGraphs:
         if optimizer is self._optimizer and hyper == self._hyper:
             return
         self.drop_update_graphs()
+        if optimizer is not self._optimizer:  # one hook per optimizer, not per change
+            optimizer.register_load_state_dict_post_hook(
+                lambda opt: self.drop_update_graphs() if opt is self._optimizer else None)
         self._optimizer, self._hyper = optimizer, hyper
-        optimizer.register_load_state_dict_post_hook(
-            lambda opt: self.drop_update_graphs() if opt is self._optimizer else None)
 
     def drop_update_graphs(self) -> None:
         for key in [k for k in self.graphs if k[-1] == "update"]:
