@@ -34,6 +34,8 @@ Variants (each runs in its own process, one after another, on the same card):
   hf_flat_liger  the best off-the-shelf recipe: DataCollatorWithFlattening (one packed row of
                  all 64 examples, position ids), flex_attention, Liger kernels (fused linear
                  cross-entropy, RMSNorm, RoPE, SwiGLU). ``hf_flat`` is the same without Liger.
+  attn_micro     the varlen attention kernels alone, on the packed shapes of the first steps.
+  ce_micro       the fused loss's chunk kernel alone: compiled formula against the Triton one.
 
 Measured after ``--warmup`` steps over the remaining steps: non-padding tokens/s, trained
 tokens/s, model TFLOP/s and MFU, peak GPU memory allocated, and each step's loss. Time to first
@@ -591,6 +593,48 @@ def adamw_microbench(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     return res
 
 
+def ce_kernel_microbench(rows: int = 8192, vocab: int = 151_936, repeats: int = 10
+                         ) -> dict[str, Any]:
+    """The fused loss's chunk kernel: inductor's compiled formula against the Triton kernel
+    (environment.triton_cross_entropy) on one full chunk of bf16 logits, a few targets padded
+    (-100) as in CUDA-graph batches. Median GPU ms, the bandwidth of one read and one write of
+    the logits (the least any kernel moves), and the largest differences from the compiled one."""
+    import statistics
+
+    import torch
+
+    from trainer_core.model.speed import _ce_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, device="cuda", generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    targets[::37] = -100
+    res: dict[str, Any] = {"rows": rows, "vocab": vocab}
+    outs = {}
+    for name, triton_ce in (("compiled", False), ("triton", True)):
+        kernel = _ce_kernel("cuda", triton_ce)
+        times = []
+        for i in range(repeats + 2):
+            buf = logits.clone()  # the Triton kernel writes over its input
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss, grad = kernel(buf, targets)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 2:  # the first calls compile
+                times.append(start.elapsed_time(end))
+        ms = statistics.median(times)
+        res[name] = {"ms": round(ms, 3),
+                     "tb_per_s_of_read_write": round(2 * logits.numel() * 2 / ms / 1e9, 2)}
+        outs[name] = (loss.float(), grad.float())
+        del buf, grad
+    res["loss_rel_diff"] = float((outs["triton"][0] - outs["compiled"][0]).abs()
+                                 / outs["compiled"][0].abs())
+    res["grad_max_abs_diff"] = float((outs["triton"][1] - outs["compiled"][1]).abs().max())
+    print("ce kernel:", json.dumps(res), flush=True)
+    return res
+
+
 def run_checks() -> dict[str, Any]:
     """The fast pieces against plain references on this GPU (fresh random inputs)."""
     import torch
@@ -633,6 +677,10 @@ def run_checks() -> dict[str, Any]:
         out = fused_linear_cross_entropy_sum(h, w, None, t, chunk=2048)
     fh, fw = torch.autograd.grad(out / 5000, (h, w))
     res["fused_ce_rel_err"] = {"loss": rel(out, ref), "dh": rel(fh, rh), "dw": rel(fw, rw)}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused_linear_cross_entropy_sum(h, w, None, t, chunk=2048, triton_ce=True)
+    fh, fw = torch.autograd.grad(out / 5000, (h, w))
+    res["fused_ce_triton_rel_err"] = {"loss": rel(out, ref), "dh": rel(fh, rh), "dw": rel(fw, rw)}
     print("checks:", json.dumps(res), flush=True)
     return res
 
@@ -872,6 +920,8 @@ def run_one(args: argparse.Namespace) -> None:
         elif kind == "attn_micro":
             res = {"variant": "attn_micro", **attention_microbench(examples,
                                                                    args.examples_per_step)}
+        elif kind == "ce_micro":
+            res = {"variant": "ce_micro", **ce_kernel_microbench()}
         elif kind == "check":
             res = {"variant": "check", **run_checks(),
                    "adamw": adamw_microbench(Path(args.model_dir)),

@@ -453,3 +453,41 @@ def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypat
     assert not speed.warm_fa4_kernels(tmp_path / "missing")  # no config: nothing to warm
     (kinds / "fwd" / "0123abcd.o").write_bytes(b"")  # a kernel compiled by an earlier run
     assert not speed.warm_fa4_kernels(tmp_path) and len(started) == 2  # warm machine: no wait
+
+
+def test_mix_order_reduction_switch(monkeypatch):
+    import types
+
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    from trainer_core.model.speed import set_mix_order_reduction
+
+    cfg = inductor_config.triton
+    for name in ("mix_order_reduction", "mix_order_reduction_non_strict_mode"):
+        monkeypatch.setattr(cfg, name, getattr(cfg, name))  # restored after the test
+    # auto: fused, in the non-strict mode that adds no size guards (no recompiles)
+    assert set_mix_order_reduction("auto") is True
+    assert cfg.mix_order_reduction and cfg.mix_order_reduction_non_strict_mode
+    assert set_mix_order_reduction("off") is False
+    assert not cfg.mix_order_reduction and not cfg.mix_order_reduction_non_strict_mode
+    # a torch without the non-strict mode: the strict fusion would guard on lengths, so off
+    old = types.SimpleNamespace(mix_order_reduction=True)
+    monkeypatch.setattr(torch._inductor, "config", types.SimpleNamespace(triton=old))
+    assert set_mix_order_reduction("on") is False and old.mix_order_reduction is False
+
+
+def test_loss_kernel_switch_picks_the_triton_chunk_kernel_on_cuda_only(monkeypatch):
+    from trainer_core.model import speed
+
+    cfg = load_config(overrides={"environment.fused_loss": "on", "environment.compile": "off"})
+    assert "loss gradient by a Triton kernel" not in plan_speed(cfg, torch.device("cpu")).notes
+    assert speed._ce_kernel("cpu", triton_ce=True) is speed._ce_loss_and_grad
+    pytest.importorskip("triton")
+    from trainer_core.model.cross_entropy import ce_loss_and_grad_inplace
+
+    assert speed._ce_kernel("cuda", triton_ce=True) is ce_loss_and_grad_inplace
+    on = load_config(overrides={"environment.fused_loss": "on", "environment.compile": "off",
+                                "environment.triton_cross_entropy": "on"})
+    # a CUDA kernel: the CPU keeps the eager formula whatever the switch says
+    assert "loss gradient by a Triton kernel" not in plan_speed(on, torch.device("cpu")).notes

@@ -556,6 +556,26 @@ class Environment:
                      "formula, state and checkpoints; float32 rounding differs). auto: on CUDA "
                      "where Triton is installed and the parameters are float32."),
     )
+    triton_cross_entropy: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("With the fused loss, compute each chunk's loss and softmax gradient "
+                     "with one Triton kernel that reads the logits twice and writes the "
+                     "gradient over them, instead of a compiled function that reads them three "
+                     "times into a new buffer (same formula, float32 inside). CUDA only; auto "
+                     "and on: where Triton is installed."),
+    )
+    mix_order_reduction: str = attrs.field(
+        default="auto",
+        validator=one_of(*SWITCHES),
+        metadata=doc("In the compiled decoder blocks, let inductor compute each norm "
+                     "backward's two sums (per token for the input gradient, over all tokens "
+                     "for the weight gradient) in one pass over the activations instead of "
+                     "two, decided once for every sequence length (its non-strict mode), so a "
+                     "packed row crossing inductor's size thresholds never recompiles the "
+                     "blocks. auto: on where torch has the non-strict mode; off: two passes "
+                     "(what runs where it is missing)."),
+    )
     async_checkpoint: str = attrs.field(
         default="auto",
         validator=one_of(*SWITCHES),

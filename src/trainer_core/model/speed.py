@@ -32,6 +32,8 @@ On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has t
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -116,8 +118,14 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
         notes.append("decoder blocks compiled (torch.compile, dynamic sequence length)")
     if fused:
         notes.append("fused linear cross-entropy")
-    loss_fn = make_loss_fn(varlen, fused) if (varlen or fused) else None
-    prepare = compile_blocks if use_compile else (lambda model: model)
+    triton_ce = (fused and cuda and _on(env.triton_cross_entropy, True)
+                 and importlib.util.find_spec("triton") is not None)
+    if triton_ce:
+        notes.append("loss gradient by a Triton kernel")
+    loss_fn = make_loss_fn(varlen, fused, triton_ce) if (varlen or fused) else None
+    mix_order = env.mix_order_reduction
+    prepare = ((lambda model: compile_blocks(model, mix_order)) if use_compile
+               else (lambda model: model))
     return SpeedPlan(attn_implementation=attn, prepare=prepare, loss_fn=loss_fn,
                      notes=tuple(notes), varlen=varlen, attention_kernel=kernel, fused=fused,
                      compiled=use_compile, device_update=_on(env.device_update, cuda),
@@ -129,11 +137,17 @@ def plan_speed(cfg: TrainerConfig, device: Any) -> SpeedPlan:
 # --------------------------------------------------------------------------- the loss
 
 
-def make_loss_fn(varlen: bool, fused: bool) -> Callable[[Any, dict[str, Any]], tuple[Any, int]]:
-    """``loss_fn(model, batch)`` like :func:`trainer_core.model.loss.loss_sum`, with the fast pieces."""
+def make_loss_fn(varlen: bool, fused: bool, triton_ce: bool = False
+                 ) -> Callable[[Any, dict[str, Any]], tuple[Any, int]]:
+    """``loss_fn(model, batch)`` like :func:`trainer_core.model.loss.loss_sum`, with the fast pieces.
+
+    ``triton_ce``: the fused loss's chunks use :mod:`trainer_core.model.cross_entropy` on CUDA.
+    """
     from trainer_core.model.loss import linear_cross_entropy_sum, loss_sum
 
-    ce = fused_linear_cross_entropy_sum if fused else linear_cross_entropy_sum
+    ce: Callable[..., Any] = linear_cross_entropy_sum
+    if fused:
+        ce = functools.partial(fused_linear_cross_entropy_sum, triton_ce=triton_ce)
 
     def loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
         input_ids = batch["input_ids"]
@@ -175,10 +189,14 @@ def _ce_loss_and_grad(logits: Any, targets: Any) -> tuple[Any, Any]:
 _compiled_ce: dict[str, Callable[..., Any]] = {}
 
 
-def _ce_kernel(device_type: str) -> Callable[..., Any]:
-    """The chunk kernel: compiled on CUDA (one fused pass each way), eager elsewhere."""
+def _ce_kernel(device_type: str, triton_ce: bool = False) -> Callable[..., Any]:
+    """The chunk kernel: on CUDA the Triton one (``triton_ce``) or compiled; eager elsewhere."""
     if device_type != "cuda":
         return _ce_loss_and_grad
+    if triton_ce:
+        from trainer_core.model.cross_entropy import ce_loss_and_grad_inplace
+
+        return ce_loss_and_grad_inplace
     fn = _compiled_ce.get(device_type)
     if fn is None:
         import torch
@@ -243,10 +261,10 @@ class _LinearCrossEntropySum:
         class LinearCrossEntropySum(torch.autograd.Function):
             @staticmethod
             def forward(ctx: Any, hidden: Any, weight: Any, bias: Any, targets: Any,
-                        chunk: int) -> Any:
+                        chunk: int, triton_ce: bool) -> Any:
                 dev = hidden.device.type
                 dtype = _compute_dtype(dev, weight)
-                kernel = _ce_kernel(dev)
+                kernel = _ce_kernel(dev, triton_ce)
                 with torch.autocast(dev, enabled=False):
                     w = weight.to(dtype)
                     b = bias.to(dtype) if bias is not None else None
@@ -282,14 +300,14 @@ class _LinearCrossEntropySum:
                 gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
                 gb = ((grad_b * grad_out).to(b_dtype)
                       if grad_b is not None and ctx.needs_input_grad[2] else None)
-                return gh, gw, gb, None, None
+                return gh, gw, gb, None, None, None
 
         cls.fn = LinearCrossEntropySum
         return cls.fn
 
 
 def fused_linear_cross_entropy_sum(hidden: Any, weight: Any, bias: Any, targets: Any,
-                                   chunk: int = FUSED_CHUNK) -> Any:
+                                   chunk: int = FUSED_CHUNK, triton_ce: bool = False) -> Any:
     """``sum(cross_entropy(hidden @ weight.T + bias, targets))``, gradients computed in forward.
 
     Same value as :func:`trainer_core.loss.linear_cross_entropy_sum`; the logits are computed
@@ -302,7 +320,8 @@ def fused_linear_cross_entropy_sum(hidden: Any, weight: Any, bias: Any, targets:
         hidden.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad))
     if needs_grad:
-        return _LinearCrossEntropySum.get().apply(hidden, weight, bias, targets, chunk)
+        return _LinearCrossEntropySum.get().apply(hidden, weight, bias, targets, chunk,
+                                                  triton_ce)
     import torch.nn.functional as F
 
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -686,8 +705,11 @@ def persist_compile_cache() -> Path | None:
     return path
 
 
-def compile_blocks(model: Any) -> Any:
-    """Compile each decoder layer in place (state-dict names and saving are unchanged)."""
+def compile_blocks(model: Any, mix_order: str = "auto") -> Any:
+    """Compile each decoder layer in place (state-dict names and saving are unchanged).
+
+    ``mix_order`` is ``environment.mix_order_reduction`` (see :func:`set_mix_order_reduction`).
+    """
     import torch
 
     persist_compile_cache()
@@ -702,13 +724,7 @@ def compile_blocks(model: Any) -> Any:
             setattr(dyn, name, max(getattr(dyn, name), 64))
     if hasattr(dyn, "accumulated_recompile_limit"):
         dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 512)
-    # Inductor's mix-order reduction fusion decides by thresholds on the sequence length
-    # (>= 2,048, 4,096, 5,120 tokens...), and each decision is a guard: a packed row crossing
-    # one recompiled the blocks (seconds each, at random steps of a run). Off, one dynamic
-    # graph serves every length after the second step.
-    triton_cfg: Any = getattr(torch._inductor.config, "triton", None)
-    if triton_cfg is not None and hasattr(triton_cfg, "mix_order_reduction"):
-        triton_cfg.mix_order_reduction = False
+    set_mix_order_reduction(mix_order)
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
         return model
@@ -717,6 +733,29 @@ def compile_blocks(model: Any) -> Any:
         # compile was measured 6-8 s slower to the first step (bench/throughput.py).
         layer.compile()
     return model
+
+
+def set_mix_order_reduction(switch: str) -> bool:
+    """Configure inductor's mix-order reduction fusion; True if it is on.
+
+    The fusion computes a norm backward's per-token sum and its over-tokens sum (the weight
+    gradient) in one pass. In its default, strict mode inductor decides by thresholds on the
+    sequence length (>= 4,096 rows, >= 5 M elements...), and each decision is a guard: a packed
+    row crossing one recompiled the blocks (seconds each, at random steps of a run). The
+    non-strict mode skips those checks, so one dynamic graph serves every length; without it
+    the fusion stays off.
+    """
+    import torch._inductor.config as inductor_config
+
+    triton_cfg: Any = getattr(inductor_config, "triton", None)
+    if triton_cfg is None or not hasattr(triton_cfg, "mix_order_reduction"):
+        return False
+    non_strict = hasattr(triton_cfg, "mix_order_reduction_non_strict_mode")
+    on = _on(switch, non_strict) and non_strict
+    triton_cfg.mix_order_reduction = on
+    if non_strict:
+        triton_cfg.mix_order_reduction_non_strict_mode = on
+    return on
 
 
 def tune_cpu_allocator(threshold: int = 1 << 30) -> bool:
