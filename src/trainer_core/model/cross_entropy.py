@@ -1,4 +1,6 @@
-"""One chunk's cross-entropy and its softmax gradient in one Triton kernel (``environment.triton_cross_entropy``).
+"""A chunk's cross-entropy and softmax gradient in one Triton kernel (CUDA).
+
+The switch is ``environment.triton_cross_entropy``.
 
 The fused loss (:func:`trainer_core.model.speed.fused_linear_cross_entropy_sum`) needs, for each
 chunk of bf16 logits (up to 8,192 positions x 151,936), the summed loss and ``softmax - onehot``.

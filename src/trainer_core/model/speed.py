@@ -22,11 +22,13 @@ On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has t
 * **compiled decoder blocks** (``environment.compile``): every decoder layer is compiled in
   place (regional compilation: one compiled graph serves all layers). Inductor fuses the
   RMSNorms, RoPE, SwiGLU, residual adds and autocast casts; sequence length is dynamic, so
-  packed rows of any length reuse the same code.
+  packed rows of any length reuse the same code. A norm backward's two sums are computed in
+  one pass without length guards (``environment.mix_order_reduction``).
 * **fused linear cross-entropy** (``environment.fused_loss``): the lm_head projection and the
   cross-entropy run chunk by chunk, and the forward pass already computes the gradients of the
-  hidden states and of the output embedding (softmax minus one-hot, a compiled kernel), so the
-  backward pass only scales them. The full ``tokens x vocab`` logits never exist, prompt
+  hidden states and of the output embedding (softmax minus one-hot, by the Triton kernel of
+  :mod:`trainer_core.model.cross_entropy`, ``environment.triton_cross_entropy``, or a compiled
+  one), so the backward pass only scales them. The full ``tokens x vocab`` logits never exist, prompt
   positions cost nothing, and the logits are not recomputed as in the checkpointed CPU loss.
 """
 
