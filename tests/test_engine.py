@@ -225,6 +225,28 @@ def test_nan_loss_stops_without_final_model(micro_model_dir, small_jsonl, tmp_pa
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_bfloat16_weights_train_with_the_device_update(micro_model_dir, small_jsonl, tmp_path,
+                                                        monkeypatch):
+    """model.dtype=bfloat16 (no float32 master weights) with the device update, as on a GPU:
+    fused AdamW takes the clip divisor as a float32 tensor whatever the weights' dtype (a
+    bfloat16 divisor stopped such runs at their first update on an H100)."""
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, _run_args(
+        micro_model_dir, small_jsonl, out, "--max-steps", "3", "--quiet",
+        "--set", "model.dtype=bfloat16", "--set", "hyperparams.max_grad_norm=0.05",
+        "--set", "environment.device_update=on"))
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    norms = [m["grad_norm"] for m in metrics if "grad_norm" in m]
+    assert len(norms) == 3 and min(norms) > 0.05  # every step clipped
+    before = load_file(micro_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(after[k].float(), before[k].float()) for k in after)  # trained
+
+
 def test_device_update_trains_as_the_host_read_step(micro_model_dir, small_jsonl, tmp_path,
                                                      monkeypatch):
     """environment.device_update (clip + AdamW queued before the loss is read, the CUDA

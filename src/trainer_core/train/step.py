@@ -418,7 +418,10 @@ def clip_in_optimizer(optimizer: Any, max_norm: float | None) -> Any:
 
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        # float32 whatever the gradients' dtype: fused AdamW takes a float32 divisor only, and
+        # bfloat16 gradients (model.dtype=bfloat16) would round the norm to 3 digits.
+        norm = torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32)))
     optimizer.grad_scale = (None if not max_norm
                             else torch.clamp((norm + 1e-6) / max_norm, min=1.0))
     return norm
