@@ -53,6 +53,27 @@ def loss_and_grads():
     return run
 
 
+@pytest.fixture
+def triton_interpreter():
+    """``run(script) -> dict``: ``script`` run by a fresh Python with Triton's interpreter (the
+    kernels on CPU tensors), returning the JSON its last output line prints. Skips where
+    Triton is not installed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton is installed with the test extra on Linux x86-64")
+
+    def run(script: str) -> dict:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def sample_rows() -> list[dict]:
     from trainer_core.demo import sample_dataset_path
