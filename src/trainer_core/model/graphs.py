@@ -391,10 +391,10 @@ def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict
     import torch
 
     ids, pos, targets = batch["input_ids"], batch["position_ids"], batch["targets"]
-    width, k, bounds, max_seqlen = shape_key(batch)  # the sizes, decided in one place
     lens = list(batch["seq_lens"])
     tgt = targets.reshape(-1).numpy()
     where = np.flatnonzero(tgt != IGNORE)
+    width, k, bounds, max_seqlen = _sizes(ids.shape[1], lens, len(where))
     index = np.full(k, width - 1, dtype=np.int64)
     index[: len(where)] = where
     trained = np.full(k, IGNORE, dtype=np.int64)
@@ -417,14 +417,18 @@ def static_inputs(batch: dict[str, Any], scale: float, pin: bool = True) -> dict
 def shape_key(batch: dict[str, Any]) -> tuple[int, int, int, int]:
     """The shape of a packed micro-batch's fixed form (:func:`static_inputs`): tokens, trained
     positions, segment boundaries and ``max_seqlen``; a graph is captured per key."""
-    width = batch["input_ids"].shape[1]
-    lens = list(batch["seq_lens"])
-    n = int((batch["targets"] != IGNORE).sum())
+    return _sizes(batch["input_ids"].shape[1], list(batch["seq_lens"]),
+                  int((batch["targets"] != IGNORE).sum()))
+
+
+def _sizes(width: int, lens: list[int], n_trained: int) -> tuple[int, int, int, int]:
+    """:func:`shape_key` from a row's width, its segment lengths and its trained positions
+    (decided in one place: :func:`static_inputs` has already counted them)."""
     # The attention kernel's grid follows max_seqlen: the longest segment rounded up to a power
     # of two of at least 1,024 (few distinct values, so few extra graphs), not the whole row.
     max_seqlen = min(width, 1 << max(10, (max(lens) - 1).bit_length()))
-    return (width, _round_up(n, TRAINED_MULTIPLE), _round_up(len(lens), SEGMENT_MULTIPLE) + 1,
-            max_seqlen)
+    return (width, _round_up(n_trained, TRAINED_MULTIPLE),
+            _round_up(len(lens), SEGMENT_MULTIPLE) + 1, max_seqlen)
 
 
 def graphs_wanted(switch: str, *, cuda: bool, compiled: bool, varlen: bool, fused: bool,

@@ -28,8 +28,9 @@ On CUDA, by default (each piece has its own switch; ``docs/throughput.md`` has t
   cross-entropy run chunk by chunk, and the forward pass already computes the gradients of the
   hidden states and of the output embedding (softmax minus one-hot, by the Triton kernel of
   :mod:`trainer_core.model.cross_entropy`, ``environment.triton_cross_entropy``, or a compiled
-  one), so the backward pass only scales them. The full ``tokens x vocab`` logits never exist, prompt
-  positions cost nothing, and the logits are not recomputed as in the checkpointed CPU loss.
+  one), so the backward pass only scales them. The full ``tokens x vocab`` logits never exist,
+  prompt positions cost nothing, and the logits are not recomputed as in the checkpointed CPU
+  loss.
 """
 
 from __future__ import annotations
