@@ -17,6 +17,7 @@ import attrs
 
 from trainer_core.config import CONFIG_VERSION, from_dict, set_dotted, to_dict
 from trainer_core.errors import ConfigError
+from trainer_core.files import missing_model_hint
 
 #: Old flat key -> new dotted path.
 FLAT_KEYS = {
@@ -234,16 +235,9 @@ class _Builder:
     def done(self) -> Migration:
         path = self.tree.get("model", {}).get("path")
         if isinstance(path, str) and not Path(path).expanduser().exists():
-            self.notes.append(f"model.path {path!r} is not a local directory: trainer never "
-                              "downloads; " + local_copy_hint(path))
+            self.notes.append(f"model.path {path!r} is not a local directory: "
+                              + missing_model_hint(path))
         return Migration(to_dict(from_dict(self.tree)), self.unmapped, self.notes)
-
-
-def local_copy_hint(name: str) -> str:
-    """How to point at a local copy of a hub model (trainer has no network access)."""
-    folder = "models/" + name.rstrip("/").rsplit("/", 1)[-1]
-    return (f"download it once (e.g. `huggingface-cli download {name} --local-dir {folder}`) "
-            f"and set model.path to that folder (--model {folder})")
 
 
 def migrate_axolotl(old: dict[str, Any], source: Path | None = None) -> Migration:
