@@ -403,4 +403,4 @@ def test_a_hub_model_name_is_refused_with_how_to_make_a_local_copy(tmp_path):
         "--model models/Qwen3-0.6B)")
     local = CliRunner().invoke(cli, ["run", "--model", str(tmp_path / "missing"), "--dry-run",
                                      "--output-dir", str(tmp_path / "out")])
-    assert local.exit_code == 2 and "hub" not in local.stderr
+    assert local.exit_code == 2 and "looks like a Hugging Face hub name" not in local.stderr
