@@ -287,3 +287,24 @@ def test_preview_names_the_row_index(tmp_path):
                                       "--set", "data.validation_split=0"])
     assert result.exit_code == 0, result.output
     assert "=== example 2 (row index 1) ===" in result.stdout
+
+
+def test_a_run_on_sharegpt_parquet_trains_like_the_jsonl(micro_model_dir, sample_rows, tmp_path):
+    """The whole path (trainer run): the same rows as ShareGPT Parquet and as messages JSONL
+    train to the same losses."""
+    convs = [[(m["role"], m["content"]) for m in r["messages"]] for r in sample_rows[:16]]
+    convs = [c for c in convs if [r for r, _ in c if r != "system"] == ["user", "assistant"]]
+    jsonl = write("jsonl", [as_messages(c) for c in convs], tmp_path, "a")
+    parquet = write("parquet", [as_sharegpt(c) for c in convs], tmp_path, "b")
+    losses = []
+    for data in (jsonl, parquet):
+        result = CliRunner().invoke(cli, [
+            "run", "--model", str(micro_model_dir), "--dataset", str(data), "--output-dir",
+            str(tmp_path / f"out-{data.suffix[1:]}"), "--batch-size", "4", "--max-steps", "2", "--quiet",
+            "--json", "--set", "data.validation_split=0", "--set", "hyperparams.eval_steps=0",
+            "--set", "monitoring.num_preview_samples=0"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        losses.append((summary["loss_start"], summary["loss_end"], summary["tokens_trained"],
+                       summary["steps_done"]))
+    assert losses[0] == losses[1] and losses[0][3] == 2
