@@ -156,7 +156,7 @@ def normalise(obj: Any, fmt: RowFormat, text_cells: bool = False
 def _native(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Found]]:
     """The JSONL rows trainer always read: ``messages``, or ``prompt``/``completion``."""
     if "messages" not in obj and ("prompt" in obj or "completion" in obj):
-        return _prompt_completion(obj, "prompt", "completion", [])
+        return _prompt_completion(obj, "prompt", "completion")
     if "messages" not in obj:
         return None, [("messages", "missing_messages",
                        "missing (give messages or prompt/completion)")]
@@ -245,8 +245,10 @@ def _conversation(obj: dict[str, Any], fmt: RowFormat, name: str, text_cells: bo
 
 
 def _prompt_completion(obj: dict[str, Any], prompt_key: str, completion_key: str,
-                       extra: list[str], fmt: str = "", input_key: str = "",
-                       system_key: str = "") -> tuple[dict[str, Any] | None, list[Found]]:
+                       fmt: str = "", input_key: str = "", system_key: str = ""
+                       ) -> tuple[dict[str, Any] | None, list[Found]]:
+    """A user and an assistant turn (after an optional system turn); ``fmt`` empty: the
+    native prompt/completion row, with its historical messages."""
     found: list[Found] = []
     for key, name in ((prompt_key, "prompt"), (completion_key, "completion")):
         if key not in obj or (fmt and obj[key] is None):
@@ -271,7 +273,7 @@ def _prompt_completion(obj: dict[str, Any], prompt_key: str, completion_key: str
                 {"role": "assistant", "content": obj[completion_key]}]
     if system_key and system_key in optional:
         messages.insert(0, {"role": "system", "content": optional[system_key]})
-    used = {prompt_key, completion_key, input_key, system_key, *extra}
+    used = {prompt_key, completion_key, input_key, system_key}
     return {**_rest(obj, used), "messages": messages}, []
 
 
@@ -279,7 +281,7 @@ def _pairs(obj: dict[str, Any], fmt: RowFormat, name: str, _text_cells: bool
            ) -> tuple[dict[str, Any] | None, list[Found]]:
     """``prompt_completion`` and ``alpaca``."""
     col = {k: fmt.column(name, k) for k in DEFAULT_COLUMNS[name]}
-    return _prompt_completion(obj, col["prompt"], col["completion"], [], name,
+    return _prompt_completion(obj, col["prompt"], col["completion"], name,
                               col.get("input", ""), col.get("system", ""))
 
 
