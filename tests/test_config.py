@@ -174,7 +174,7 @@ def test_profile_options_merge_file_and_cli(tmp_path):
 
 ENUM_CHOICES = sorted(set(C.PRECISIONS + C.SCHEDULERS + C.ON_INVALID + C.DTYPES + C.ATTN_IMPLS
                           + C.DEVICES + C.SWITCHES + C.SPECIAL_TOKEN_POLICIES
-                          + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED
+                          + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED + C.ROW_FORMATS
                           + ("00:00", "04:30", "23:59")))  # daemon.snapshot_time
 
 json_leaf = (st.none() | st.booleans() | st.integers()
@@ -233,6 +233,10 @@ def strategy_for_type(tp: Any, a: attrs.Attribute) -> st.SearchStrategy:
         if a.validator is not None:  # a list of choices (output.allow_changes)
             return st.lists(st.sampled_from(C.CHANGE_KINDS), max_size=3)
         return st.lists(st.text(max_size=8), max_size=3)
+    if origin is dict and typing.get_args(tp) == (str, str):  # data.columns, data.roles
+        keys = st.sampled_from(C.DATA_COLUMNS) if a.name == "columns" else st.text(max_size=10)
+        values = st.sampled_from(C.DATA_ROLES) if a.name == "roles" else st.text(max_size=10)
+        return st.dictionaries(keys, values, max_size=3)
     if origin is dict:
         return st.dictionaries(st.text(max_size=10), json_value, max_size=4)
     raise AssertionError(f"no strategy for field {a.name}: {tp!r}; extend this test")

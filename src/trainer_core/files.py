@@ -52,3 +52,18 @@ def cache_root() -> Path:
     """The trainer's cache folder: ``$TRAINER_CACHE`` if set, else ``~/.cache/trainer``."""
     env = os.environ.get("TRAINER_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "trainer"
+
+
+def missing_model_hint(given: str) -> str:
+    """What to say when a model or tokenizer path does not exist: trainer never downloads, so a
+    hub name (``Qwen/Qwen3-0.6B``) gets the command that makes a local copy."""
+    name = given.strip().rstrip("/")
+    looks_like_hub = (name.count("/") == 1 and not name.startswith((".", "~", "/"))
+                      and all(part for part in name.split("/")))
+    if not looks_like_hub:
+        return "models are loaded from local directories only; nothing is downloaded"
+    folder = "models/" + name.rsplit("/", 1)[-1]
+    return (f"{name!r} looks like a Hugging Face hub name, and nothing is downloaded: make a "
+            f"local copy once (`huggingface-cli download {name} --local-dir {folder}`) and "
+            f"pass --model {folder}")
+

@@ -49,6 +49,21 @@ def test_file_being_written_is_not_taken(tmp_path):
     assert watcher.ready(now=t0 + 9.5) == [growing]  # unchanged for settle_s: complete
 
 
+def test_inbox_takes_every_data_kind_training_reads(tmp_path):
+    from trainer_core.data.kinds import DATA_SUFFIXES
+
+    home = Home(tmp_path / "home")
+    home.create()
+    watcher = InboxWatcher(home, settle_s=0.0)
+    names = [f"d{suffix}" for suffix in DATA_SUFFIXES] + ["D.PARQUET", "notes.txt",
+                                                          "x.parquet.part"]
+    for name in names:
+        (home.inbox / name).write_text("{}\n", encoding="utf-8")
+    assert watcher.ready() == []  # first sight: not settled yet
+    taken = {p.name for p in watcher.ready(now=time.time() + 1)}
+    assert taken == {"d.jsonl", "d.json", "d.parquet", "d.csv", "d.tsv", "D.PARQUET"}
+
+
 def test_priorities_duplicates_and_order_in_the_ledger(tmp_path, sample_rows, du):
     home = Home(tmp_path / "home")
     files = [du.write_jsonl(tmp_path / f"{n}.jsonl", sample_rows[i * 2:i * 2 + 2])

@@ -84,8 +84,9 @@ def start(home: str, config_file: str | None, model: str | None, sets: tuple[str
         return
     from trainer_core.daemon.service import Daemon
 
-    click.echo(f"trainer daemon on {h.root}: drop .jsonl files into {h.inbox}/ or run "
-               f"`trainer daemon submit --home {home} FILE`; Ctrl-C stops", err=True)
+    click.echo(f"trainer daemon on {h.root}: drop data files (.jsonl .json .parquet .csv "
+               f".tsv) into {h.inbox}/ or run `trainer daemon submit --home {home} FILE`; "
+               "Ctrl-C stops", err=True)
     sys.exit(Daemon(h, cfg, stream=sys.stderr).run())
 
 

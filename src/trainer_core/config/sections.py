@@ -28,6 +28,11 @@ ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
 DISTRIBUTED = ("ddp", "fsdp")
+#: Row formats of data files (``trainer_core.data.formats`` reads them).
+ROW_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+#: What ``data.columns`` may rename (which ones a format reads: ``data.formats.DEFAULT_COLUMNS``).
+DATA_COLUMNS = ("messages", "role", "content", "system", "prompt", "input", "completion")
+DATA_ROLES = ("system", "user", "assistant")
 
 
 def doc(text: str | None, **kw: Any) -> dict[str, Any]:
@@ -334,11 +339,35 @@ class Data:
 
     dataset: str | None = attrs.field(
         default=None,
-        metadata=doc("Training JSONL (chat `messages` or `prompt`/`completion` rows); "
-                     "unset: the bundled sample data."),
+        metadata=doc("Training data: a .jsonl, .json (an array), .parquet, .csv or .tsv file, "
+                     "or a folder written by datasets' save_to_disk; unset: the bundled sample "
+                     "data."),
     )
     validation: str | None = attrs.field(
-        default=None, metadata=doc("Validation JSONL; unset: a seeded split of the training data.")
+        default=None, metadata=doc("Validation data (the same kinds as data.dataset); unset: a "
+                                   "seeded split of the training data.")
+    )
+    format: str = attrs.field(
+        default="auto",
+        validator=one_of(*ROW_FORMATS),
+        metadata=doc("Row format: messages (OpenAI chat), prompt_completion, sharegpt "
+                     "(conversations of from/value), alpaca (instruction/input/output); auto: "
+                     "detected per file from its first valid row."),
+    )
+    columns: dict[str, str] = attrs.field(
+        factory=dict,
+        validator=attrs.validators.deep_mapping(
+            attrs.validators.in_(DATA_COLUMNS), attrs.validators.instance_of(str)),
+        metadata=doc("Column names of the file for the format's columns, e.g. {\"messages\": "
+                     "\"dialog\", \"role\": \"speaker\", \"content\": \"text\"}; keys: "
+                     + ", ".join(DATA_COLUMNS) + ". Needs data.format."),
+    )
+    roles: dict[str, str] = attrs.field(
+        factory=dict,
+        validator=attrs.validators.deep_mapping(
+            attrs.validators.instance_of(str), attrs.validators.in_(DATA_ROLES)),
+        metadata=doc("Role values of the file -> system, user or assistant, e.g. {\"bot\": "
+                     "\"assistant\"} (ShareGPT's human/gpt are known already)."),
     )
     validation_split: float = attrs.field(
         default=0.05,

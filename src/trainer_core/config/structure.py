@@ -131,7 +131,9 @@ def explain_errors(exc: BaseException, path: str = "") -> list[str]:
         known = [a.name for a in attrs.fields(exc.cl)]
         out = []
         for key in sorted(exc.extra_fields):
-            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or [
+                # initials: lr -> learning_rate, bs -> batch_size
+                k for k in known if "".join(w[:1] for w in k.split("_")) == key][:1]
             tip = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
             out.append(f"{_join(path, key)}: unknown key{tip}")
         return out

@@ -21,13 +21,15 @@ from typing import Any
 
 from trainer_core.daemon.home import PRIORITY_LEVELS, TEMP_SUFFIXES, Home
 from trainer_core.daemon.ledger import Ledger
+from trainer_core.data.kinds import is_data_file
 from trainer_core.errors import UserError
 from trainer_core.files import sha256_file
 
 
 def is_candidate(path: Path) -> bool:
+    """A data file of a kind training reads (``data.kinds.DATA_SUFFIXES``), not a temporary."""
     name = path.name
-    return (path.suffix == ".jsonl" and not name.startswith(".")
+    return (is_data_file(path) and not name.startswith(".")
             and not name.endswith(TEMP_SUFFIXES))
 
 
@@ -52,7 +54,7 @@ class InboxWatcher:
         now = time.time() if now is None else now
         out: list[Path] = []
         current: dict[Path, tuple[int, int]] = {}
-        for path in sorted(self.home.inbox.rglob("*.jsonl")):
+        for path in sorted(self.home.inbox.rglob("*")):
             rel_parts = path.relative_to(self.home.inbox).parts
             if any(p.startswith(".") for p in rel_parts) or not is_candidate(path):
                 continue

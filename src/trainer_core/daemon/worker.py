@@ -296,7 +296,7 @@ class Worker:
             micro_batches,
             plan_steps,
         )
-        from trainer_core.data.rows import check_rows, read_rows
+        from trainer_core.data.rows import RowFormat, check_rows, read_rows
         from trainer_core.errors import DataError
         from trainer_core.train.inputs import preprocess_rows
         from trainer_core.train.step import token_budget, train_step
@@ -309,7 +309,7 @@ class Worker:
         if not mine:
             resumed = {}
         # Validation: all rows, the same rules as `trainer run`.
-        rows, problems = read_rows(path)
+        rows, problems = read_rows(path, RowFormat.from_config(cfg.data))
         if problems and self.is_main:
             Path(job["problems_path"]).write_text(json.dumps(
                 [{"line": p.line, "field": p.field, "reason": p.reason, "detail": p.detail}

@@ -82,7 +82,10 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
         if cached is not None:
             return cached
         if not folder.is_dir():
-            raise UserError(f"tokenizer directory not found: {path}")
+            from trainer_core.files import missing_model_hint
+
+            raise UserError(f"tokenizer directory not found: {path} "
+                            f"({missing_model_hint(str(path))})")
         if not any((folder / name).is_file() for name in VOCAB_FILES):
             # transformers would build an empty tokenizer here, and every row would later be
             # dropped as "no trained tokens" with no hint why.

@@ -156,10 +156,10 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
         rows = [{"messages": [{"role": "user", "content": prompt},
                               {"role": "assistant", "content": "(none)"}]}]
     else:
-        from trainer_core.data.rows import check_rows, read_rows
+        from trainer_core.data.rows import RowFormat, check_rows, read_rows
 
         assert dataset is not None  # the CLI requires exactly one of prompt / dataset
-        rows, problems = read_rows(dataset)
+        rows, problems = read_rows(dataset, RowFormat.from_config(cfg.data))
         check_rows(problems, "error", dataset)
         rows = rows[:count]
     prompts = preview_prompts(rows, profile, len(rows), cfg.data.seed)

@@ -21,8 +21,10 @@ def model_directory(cfg: TrainerConfig) -> Path:
     if cfg.model.path is not None:
         path = Path(cfg.model.path).expanduser()
         if not path.is_dir():
-            raise UserError(f"model.path: {path} is not a directory (models are loaded from "
-                            "local directories only; nothing is downloaded)")
+            from trainer_core.files import missing_model_hint
+
+            raise UserError(f"model.path: {path} is not a directory "
+                            f"({missing_model_hint(cfg.model.path)})")
         return path
     from trainer_core.demo import ensure_tiny_model
 

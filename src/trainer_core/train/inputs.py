@@ -28,19 +28,26 @@ def load_rows(cfg: TrainerConfig) -> tuple[Any, Any, dict[str, int]]:
     validation rows): a file read before (same bytes) is not parsed again, and
     preprocessing keys its cache on the rows' digest."""
     from trainer_core.data.preprocess import default_cache_dir
-    from trainer_core.data.rows import check_data_file, check_rows, read_rows_cached, split_rows
+    from trainer_core.data.rows import (
+        RowFormat,
+        check_data_file,
+        check_rows,
+        read_rows_cached,
+        split_rows,
+    )
 
     cache = cfg.data.cache_dir if cfg.data.cache_dir is not None else default_cache_dir()
     path = dataset_path(cfg)
+    fmt = RowFormat.from_config(cfg.data)
     check_data_file(path, "data.dataset")
-    rows, problems = read_rows_cached(str(path), cache)
+    rows, problems = read_rows_cached(str(path), cache, fmt)
     train_rows: Sequence[dict[str, Any]]
     val_rows: Sequence[dict[str, Any]]
     skipped = dict(check_rows(problems, cfg.data.on_invalid, str(path)))
     if cfg.data.validation is not None:
         vpath = Path(cfg.data.validation)
         check_data_file(vpath, "data.validation")
-        val_rows, vproblems = read_rows_cached(str(vpath), cache)
+        val_rows, vproblems = read_rows_cached(str(vpath), cache, fmt)
         for reason, n in check_rows(vproblems, cfg.data.on_invalid, str(vpath)).items():
             skipped[f"validation:{reason}"] = n
         train_rows = rows
