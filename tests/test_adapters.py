@@ -246,7 +246,7 @@ def test_user_mistakes_are_one_line_errors(micro_model_dir, small_jsonl, tmp_pat
     assert "adapter.modules_to_save: 'lm_head'" in line
     line = one_error_line(invoke([*run_args(micro_model_dir, small_jsonl, tmp_path / "d"),
                                   "--set", "adapter.rank=0"]))
-    assert "adapter.rank" in line
+    assert "adapter.rank: must be > 0" in line
     import importlib.util
 
     real = importlib.util.find_spec

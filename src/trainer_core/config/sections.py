@@ -624,8 +624,6 @@ def _names(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if bad:
         raise FieldError(attribute, f"{bad[0]!r} is not a module name (letters, digits, _ "
                                     "and . only)")
-    if len(set(value)) != len(value):
-        raise FieldError(attribute, "lists a module twice")
 
 
 @attrs.define(frozen=True)
@@ -634,7 +632,7 @@ class Adapter:
 
     rank: int = attrs.field(
         default=16,
-        validator=check(lambda v: 0 < v <= 4096, "must be between 1 and 4096"),
+        validator=check(_positive, "must be > 0"),
         metadata=doc("LoRA rank r: each adapted weight W (out x in) gets B (out x r) @ A "
                      "(r x in), trained while W stays frozen."),
     )
