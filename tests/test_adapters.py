@@ -178,6 +178,21 @@ def test_base_weights_stay_bit_identical(micro_model_dir, tmp_path):
     assert float((a - b).abs().max()) <= 1e-5
 
 
+def test_generate_from_an_adapter_checkpoint_and_from_the_merged_model(lora_run):
+    from trainer_core.generate.generate import generation_setup
+
+    out, _ = lora_run
+    ckpt = out / "checkpoints" / "step-000004"
+    setup = generation_setup(str(ckpt))
+    assert setup.adapter_dir == ckpt / "adapter" and setup.cfg.model.adapter == "none"
+    assert (setup.model_dir / "config.json").is_file() and setup.tokenizer_dir == ckpt
+    for folder in (ckpt, out):
+        result = invoke(["generate", "--model", folder, "--prompt", "Hi", "--max-new-tokens",
+                         "2", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output.strip().splitlines()[-1])["prompt"] == "Hi"
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(micro_model_dir, lora_run, tmp_path):
     """SIGKILL after the step-4 checkpoint, --resume: the same adapter as the straight run."""
     from safetensors.torch import load_file

@@ -284,6 +284,18 @@ def load_adapter_weights(model: Any, weights: dict[str, Any], where: Path) -> No
     set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
 
 
+def attach(model: Any, adapter_dir: Path) -> Any:
+    """``model`` (the base) with the adapter saved in ``adapter_dir`` on it, for generation."""
+    if importlib.util.find_spec("peft") is None:
+        raise UserError(f"{adapter_dir}: an adapter needs the peft package, which is not "
+                        "installed: pip install 'trainer-core[lora]'")
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft reads a property transformers renamed
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
 # --------------------------------------------------------------------------- merged output
 
 
