@@ -174,7 +174,7 @@ def test_profile_options_merge_file_and_cli(tmp_path):
 
 ENUM_CHOICES = sorted(set(C.PRECISIONS + C.SCHEDULERS + C.ON_INVALID + C.DTYPES + C.ATTN_IMPLS
                           + C.DEVICES + C.SWITCHES + C.SPECIAL_TOKEN_POLICIES
-                          + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED + C.ROW_FORMATS
+                          + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED + C.ROW_FORMATS + C.ADAPTERS
                           + ("00:00", "04:30", "23:59")))  # daemon.snapshot_time
 
 json_leaf = (st.none() | st.booleans() | st.integers()

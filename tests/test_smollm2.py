@@ -155,3 +155,42 @@ def test_short_training_run_keeps_the_base_files(smol_dir, smol_tok, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "generation_config.json"):
         assert (out / name).read_bytes() == (smol_dir / name).read_bytes(), name
+
+
+def test_lora_run_trains_an_adapter_that_peft_loads(smol_dir, tmp_path):
+    """Issue 27 on a real model: a LoRA run lowers the loss; its merged output and adapter/
+    (loaded by peft onto the base) compute the same logits."""
+    pytest.importorskip("peft")
+    import torch
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer_core.cli import cli
+    from trainer_core.demo import sample_dataset_path
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(sample_dataset_path().read_text(encoding="utf-8")
+                            .splitlines(keepends=True)[:8]), encoding="utf-8")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "run", "--model", str(smol_dir), "--dataset", str(data), "--output-dir", str(out),
+        "--profile", "plain_sft", "--chat-template", "tokenizer", "--batch-size", "4",
+        "--max-steps", "6", "--learning-rate", "2e-3", "--max-length", "256", "--quiet",
+        "--json", "--set", "monitoring.num_preview_samples=0", "--set", "model.adapter=lora",
+        "--set", "adapter.rank=8", "--set", "hyperparams.warmup_steps=0",
+        "--set", "hyperparams.eval_steps=0", "--set", "data.validation_split=0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["state"] == "completed" and summary["loss_end"] < summary["loss_start"]
+    base_cfg = json.loads((smol_dir / "config.json").read_text())
+    out_cfg = json.loads((out / "config.json").read_text())
+    assert {k for k in base_cfg.keys() | out_cfg.keys()
+            if base_cfg.get(k) != out_cfg.get(k)} <= {"transformers_version", "dtype"}
+    base = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2, 198]])
+    with torch.no_grad():
+        diff = (adapted(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max()
+    assert float(diff) <= 1e-4

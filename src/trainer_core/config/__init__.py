@@ -7,6 +7,7 @@ imports torch or transformers.
 from trainer_core.config.sections import (
     CONFIG_VERSION,
     SECTIONS,
+    Adapter,
     Daemon,
     Data,
     Environment,
@@ -35,7 +36,7 @@ from trainer_core.config.sources import (
 )
 
 __all__ = [
-    "CONFIG_VERSION", "SECTIONS", "Daemon", "Data", "Environment", "HyperParams", "Locked", "Model",
+    "CONFIG_VERSION", "SECTIONS", "Adapter", "Daemon", "Data", "Environment", "HyperParams", "Locked", "Model",
     "Monitoring", "Output", "ProfileSection", "Resolved", "TrainerConfig", "config_hash",
     "field_paths", "flatten", "from_dict", "load_config", "parse_set", "read_config_file",
     "read_json", "resolve", "schema", "set_dotted", "to_dict",

@@ -33,6 +33,7 @@ ROW_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 #: What ``data.columns`` may rename (which ones a format reads: ``data.formats.DEFAULT_COLUMNS``).
 DATA_COLUMNS = ("messages", "role", "content", "system", "prompt", "input", "completion")
 DATA_ROLES = ("system", "user", "assistant")
+ADAPTERS = ("none", "lora", "qlora")
 
 
 def doc(text: str | None, **kw: Any) -> dict[str, Any]:
@@ -455,6 +456,16 @@ class Model:
     trust_remote_code: bool = attrs.field(
         default=False, metadata=doc("Allow model code from the model directory. Off by default.")
     )
+    adapter: str = attrs.field(
+        default="none",
+        validator=one_of(*ADAPTERS),
+        metadata=doc("none: full fine-tune. lora: train low-rank adapters (the `adapter` "
+                     "section) on a frozen base, through peft (pip install "
+                     "'trainer-core[lora]'). qlora: the same on a base quantized to 4-bit NF4 "
+                     "by bitsandbytes (CUDA only; pip install 'trainer-core[qlora]'). With an "
+                     "adapter, checkpoints hold only the adapter and the training state, and "
+                     "the final model is the merged model plus adapter/ (see output.save_merged)."),
+    )
 
 
 @attrs.define(frozen=True)
@@ -483,6 +494,13 @@ class Output:
         validator=_change_kinds,
         metadata=doc("On resume, accept these differences from what the checkpoint was trained "
                      "with (the new values are used): " + ", ".join(CHANGE_KINDS) + "."),
+    )
+    save_merged: bool = attrs.field(
+        default=True,
+        metadata=doc("With model.adapter: write the final model with the adapter merged into "
+                     "the base weights (an ordinary model directory), besides adapter/ (what "
+                     "peft.PeftModel.from_pretrained loads). false: adapter/ and the tokenizer "
+                     "only (no merge, a small output)."),
     )
 
 
@@ -626,6 +644,59 @@ class Environment:
     )
 
 
+def _names(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from trainer_core.config.structure import FieldError
+
+    if value is None:
+        return
+    bad = [v for v in value if not v or not v.replace("_", "").replace(".", "").isalnum()]
+    if bad:
+        raise FieldError(attribute, f"{bad[0]!r} is not a module name (letters, digits, _ "
+                                    "and . only)")
+
+
+@attrs.define(frozen=True)
+class Adapter:
+    """Low-rank adapters (model.adapter: lora or qlora): the shape of what is trained."""
+
+    rank: int = attrs.field(
+        default=16,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("LoRA rank r: each adapted weight W (out x in) gets B (out x r) @ A "
+                     "(r x in), trained while W stays frozen."),
+    )
+    alpha: float = attrs.field(
+        default=32.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("LoRA scaling numerator: the update is (alpha / rank) * B @ A."),
+    )
+    dropout: float = attrs.field(
+        default=0.0,
+        validator=check(_half_open_fraction, "must be >= 0 and < 1"),
+        metadata=doc("Dropout on the adapter's input during training (0: none, and no extra "
+                     "work)."),
+    )
+    target_modules: list[str] | None = attrs.field(
+        default=None,
+        validator=_names,
+        metadata=doc("Names of the linear layers that get an adapter (e.g. [q_proj, v_proj]; "
+                     "a name matches every module ending in it). Unset: every linear layer of "
+                     "the decoder blocks (attention and MLP projections; not the lm_head)."),
+    )
+    use_dora: bool = attrs.field(
+        default=False,
+        metadata=doc("DoRA: also train a per-output-row magnitude, the direction coming from "
+                     "W + B @ A (a little more work per step than plain LoRA)."),
+    )
+    modules_to_save: list[str] = attrs.field(
+        factory=list,
+        validator=_names,
+        metadata=doc("Modules trained in full besides the adapters, e.g. [embed_tokens, "
+                     "lm_head] when the tokenizer gained tokens whose embeddings must be "
+                     "learned."),
+    )
+
+
 PRIORITIES = ("high", "normal", "low")
 DAEMON_LR_SCHEDULES = ("constant", "per_file")
 
@@ -733,7 +804,7 @@ class Daemon:
 
 
 SECTIONS = ("hyperparams", "profile", "monitoring", "locked", "data", "model", "output",
-            "environment", "daemon")
+            "environment", "daemon", "adapter")
 
 
 @attrs.define(frozen=True)
@@ -756,6 +827,7 @@ class TrainerConfig:
     output: Output = attrs.field(factory=Output, metadata=doc(Output.__doc__))
     environment: Environment = attrs.field(factory=Environment, metadata=doc(Environment.__doc__))
     daemon: Daemon = attrs.field(factory=Daemon, metadata=doc(Daemon.__doc__))
+    adapter: Adapter = attrs.field(factory=Adapter, metadata=doc(Adapter.__doc__))
 
     def __attrs_post_init__(self) -> None:
         problems = cross_field_problems(self)
@@ -814,7 +886,7 @@ def field_paths(cls: type = TrainerConfig, prefix: str = "") -> dict[str, attrs.
 def _resolve_types() -> None:
     # ``from __future__ import annotations`` leaves string types; attrs resolves them here.
     for cls in (HyperParams, ProfileSection, Monitoring, Locked, Data, Model, Output, Environment,
-                Daemon, TrainerConfig):
+                Daemon, Adapter, TrainerConfig):
         attrs.resolve_types(cls)
 
 

@@ -223,6 +223,7 @@ class Worker:
         quiet_hf()
         self.profile = build_profile(cfg)
         model_dir = main_first(dist, lambda: model_directory(cfg))
+        self.model_dir = model_dir
         check_model_against_config(cfg, model_facts(model_dir))
         base = cfg.locked.base_model or (cfg.model.path or "trainer/tiny-qwen3-demo")
         facts = expected_facts(cfg, model_dir, base)
@@ -271,12 +272,16 @@ class Worker:
         s = self.setup
         # In memory as on disk: a resume that needs no reload still knows the data position.
         self.state["daemon"] = daemon_fields
+        # An adapter's checkpoint holds only the adapter; the ones the daemon publishes (the
+        # base at step 0, each finished file) also hold the merged model.
+        merged = self.model_dir if daemon_fields.get("complete") else None
         if self.dist is not None:  # rank 0 writes (FSDP gathers first); all return together
             path = self.dist.save_checkpoint(self.home.root, self.state["step"], s, self.state,
-                                             keep=None)
+                                             keep=None, merged_from=merged)
         else:
             path = save_checkpoint(self.home.root, self.state["step"], s.model, s.optimizer,
-                                   s.scheduler, s.scaler, self.state, keep=None)
+                                   s.scheduler, s.scaler, self.state, keep=None,
+                                   merged_from=merged)
         self.at = str(path)
         return str(path)
 

@@ -88,18 +88,23 @@ def quiet_hf() -> None:
 def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
+    from trainer_core.model.adapters import load_kwargs
+
     quiet_hf()
+    # An adapter run's frozen base: its dtype, and qlora's 4-bit quantization (placed on the
+    # device as it loads).
+    kwargs = {"dtype": weight_dtype(cfg), **load_kwargs(cfg, device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
             local_files_only=True,
             trust_remote_code=cfg.model.trust_remote_code,
-            dtype=weight_dtype(cfg),
             attn_implementation=attn or plan_speed(cfg, device).attn_implementation,
+            **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {model_dir}: {exc}") from exc
-    return model.to(device)
+    return model if "device_map" in kwargs else model.to(device)
 
 
 def check_model_locked(model: Any, facts: dict[str, Any]) -> None:

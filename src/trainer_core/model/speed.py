@@ -284,10 +284,11 @@ class _LinearCrossEntropySum:
                         del logits
                         total += loss
                         torch.mm(g, w, out=grad_h[i:j])
-                        grad_w = _accumulate_grad_weight(grad_w, g, h)
+                        if ctx.needs_input_grad[1]:  # a frozen head (adapters): no GEMM
+                            grad_w = _accumulate_grad_weight(grad_w, g, h)
                         if grad_b is not None:
                             grad_b += g.float().sum(0)
-                    if grad_w is None:
+                    if grad_w is None and ctx.needs_input_grad[1]:
                         grad_w = torch.zeros(weight.shape, dtype=torch.float32,
                                              device=weight.device)
                 ctx.save_for_backward(grad_h, grad_w, grad_b)

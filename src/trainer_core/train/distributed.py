@@ -473,9 +473,11 @@ class Distributed:
         return {k: v for k, v in sd.items() if k not in tied}
 
     def save_checkpoint(self, output_dir: Path, step: int, setup: Any, state: dict[str, Any],
-                        keep: int | None, facts: dict[str, Any] | None = None) -> Path:
+                        keep: int | None, facts: dict[str, Any] | None = None,
+                        merged_from: Path | None = None) -> Path:
         """Rank 0 writes the single-process checkpoint format; all ranks return together, and
-        all raise ``OSError`` when rank 0 could not write it (a full disk)."""
+        all raise ``OSError`` when rank 0 could not write it (a full disk). ``merged_from``:
+        as :func:`~trainer_core.train.checkpoint.save_checkpoint`'s."""
         from trainer_core.train.checkpoint import save_checkpoint
 
         model_state = optim_state = None
@@ -503,7 +505,8 @@ class Distributed:
                 path = save_checkpoint(output_dir, step, setup.model, setup.optimizer,
                                        setup.scheduler, setup.scaler,
                                        {**state, "world_size": self.world}, keep, facts,
-                                       model_state=model_state, optimizer_state=optim_state)
+                                       model_state=model_state, optimizer_state=optim_state,
+                                       merged_from=merged_from)
             except OSError as exc:
                 error = exc
         # Nobody moves on (or exits, on a signal) before the checkpoint is complete, and a

@@ -31,6 +31,7 @@ import attrs
 
 from trainer_core.config import Resolved, TrainerConfig, to_dict
 from trainer_core.files import write_json_atomic
+from trainer_core.model import adapters
 from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf, weights_finite
 from trainer_core.monitor.alerts import non_finite_alert
 from trainer_core.monitor.console import print_plan
@@ -589,8 +590,12 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
     error = None
     if is_main(run.dist):
         try:
-            save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir,
-                               state_dict)
+            if adapters.is_adapter_model(run.setup.model):  # adapter/ and the merged model
+                adapters.save_final(run.setup.model, model_directory(run.cfg), run.output_dir,
+                                    run.cfg.output.save_merged)
+            else:
+                save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir,
+                                   state_dict)
             save_run_tokenizer(run, run.output_dir)
         except OSError as exc:
             error = (f"error: cannot write the final model: {exc.strerror or exc}; "

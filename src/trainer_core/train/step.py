@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from trainer_core.config import TrainerConfig
+from trainer_core.model import adapters
 from trainer_core.model.graphs import TOKEN_MULTIPLE, StepGraphs, graphs_wanted
 from trainer_core.model.loading import (
     autocast,
@@ -121,6 +122,7 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     if device.type == "cuda":
         tune_cuda_allocator()
     torch.manual_seed(hp.seed)
+    cfg = adapters.with_speed_switches(cfg, device)  # adapters: pieces not measured with them off
     speed = plan_speed(cfg, device)
     if speed.attention_kernel == "fa4":
         warm_fa4_kernels(model_dir)  # overlaps the model load and the blocks' compilation
@@ -129,6 +131,7 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     model = load_model(model_dir, cfg, device, speed.attn_implementation)
     if facts is not None:
         check_model_locked(model, facts)
+    model = adapters.wrap(model, cfg, parallel)  # adapters: a frozen base, trainable adapters
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
