@@ -23,6 +23,7 @@ from trainer_core.config.sections import (
     schema,
     to_dict,
 )
+from trainer_core.config.recorded import read_recorded_config
 from trainer_core.config.sources import (
     Resolved,
     flatten,
@@ -38,5 +39,5 @@ __all__ = [
     "CONFIG_VERSION", "SECTIONS", "Daemon", "Data", "Environment", "HyperParams", "Locked", "Model",
     "Monitoring", "Output", "ProfileSection", "Resolved", "TrainerConfig", "config_hash",
     "field_paths", "flatten", "from_dict", "load_config", "parse_set", "read_config_file",
-    "read_json", "resolve", "schema", "set_dotted", "to_dict",
+    "read_json", "read_recorded_config", "resolve", "schema", "set_dotted", "to_dict",
 ]

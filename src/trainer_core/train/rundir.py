@@ -327,6 +327,8 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
         check_and_write_lock(output_dir, facts, unlock=unlock, write=False)
     target = OutputTarget(output_dir, facts, bool(out.resume), explicit, False, out.overwrite,
                           default_dir)
+    if out.overwrite:
+        _check_overwrite(output_dir, info, cfg)
     if out.overwrite or info.kind in ("missing", "empty"):
         if out.resume and explicit is None:
             from trainer_core.train.checkpoint import find_resume_checkpoint
@@ -334,8 +336,8 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
             find_resume_checkpoint(output_dir, "latest")  # raises "no checkpoint in ..."
         return target
     if info.kind == "foreign":
-        raise UserError(f"{output_dir} is not empty and holds no trainer run; pass --overwrite "
-                        "to replace its contents, or choose another --output-dir")
+        raise UserError(f"{output_dir} is not empty and holds no trainer run; choose another "
+                        "--output-dir (--overwrite replaces only a run directory)")
     # a run directory
     if not out.resume:
         what = _describe(info)
@@ -350,6 +352,21 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
                  "starting again from step 0")
         return attrs.evolve(target, restart=True)
     return target
+
+
+def _check_overwrite(output_dir: Path, info: RunDirInfo, cfg: TrainerConfig) -> None:
+    """``--overwrite`` replaces a run directory only: never a folder of other files (a
+    project folder), never one holding the data being trained on."""
+    if info.kind == "foreign":
+        raise UserError(f"--overwrite: {output_dir} holds files that are not a trainer run "
+                        "(no run.json, status.json, checkpoints...); --overwrite replaces only "
+                        "a run directory. Choose another --output-dir")
+    root = output_dir.resolve()
+    for field, value in (("data.dataset", cfg.data.dataset),
+                         ("data.validation", cfg.data.validation)):
+        if value and root in Path(value).resolve().parents:
+            raise UserError(f"--overwrite: {field} {value} is inside {output_dir}, which "
+                            "--overwrite would delete; choose another --output-dir")
 
 
 def _describe(info: RunDirInfo) -> str:
@@ -393,6 +410,7 @@ def claim_output(target: OutputTarget, cfg: TrainerConfig, unlock: bool) -> RunD
             raise UserError(f"{target.output_dir} already holds {_describe(info)}; pass "
                             "--resume, --overwrite, or choose another --output-dir")
         if target.overwrite:
+            _check_overwrite(target.output_dir, info, cfg)
             for child in target.output_dir.iterdir():
                 if child.name == RUN_LOCK_FILE:
                     continue

@@ -1,0 +1,97 @@
+"""Issue 23 (hardening round 3), the items about runs, generate and config: what an adversarial
+probe broke, each a test that failed before the fix. The daemon's and the dashboard's items are
+in tests/daemon/test_daemon_hardening.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trainer_core.cli import cli
+
+
+def invoke(args, **kw):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def one_error_line(result, code=2) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+
+
+def run_args(model_dir, data, out, *extra):
+    return ["run", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
+            "--batch-size", "4", "--max-length", "1024", "--set", "hyperparams.warmup_steps=0",
+            "--set", "data.validation_split=0", "--set", "hyperparams.eval_steps=0",
+            "--set", "monitoring.num_preview_samples=0", "--quiet", *map(str, extra)]
+
+
+# --------------------------------------------------------------------------- 1: remote code
+
+
+def _hostile_run_dir(micro_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A downloaded "run directory": its trainer_config.json trusts remote code and its
+    config.json maps the model to a Python file that leaves a marker when imported."""
+    d = tmp_path / "downloaded-run"
+    shutil.copytree(micro_model_dir, d)
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    (d / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import Qwen3Config as EvilConfig, Qwen3ForCausalLM as EvilModel\n")
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
+                          "AutoModelForCausalLM": "evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "trainer_config.json").write_text(json.dumps(
+        {"model": {"trust_remote_code": True}, "profile": {"name": "plain_sft"}}))
+    return d, marker
+
+
+def test_generate_never_trusts_remote_code_because_the_loaded_directory_says_so(
+        micro_model_dir, tmp_path):
+    from trainer_core.config import read_recorded_config
+    from trainer_core.generate.generate import generation_setup
+
+    d, marker = _hostile_run_dir(micro_model_dir, tmp_path)
+    assert generation_setup(str(d)).cfg.model.trust_remote_code is False
+    assert "trust_remote_code" not in read_recorded_config(d / "trainer_config.json")["model"]
+    invoke(["generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2", "-q"])
+    assert not marker.exists()  # whatever generate said, the directory's code never ran
+
+
+# --------------------------------------------------------------------------- 2: --overwrite
+
+
+def test_overwrite_replaces_only_a_run_directory_never_a_folder_or_the_data(
+        micro_model_dir, small_jsonl, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    data = project / "train.jsonl"
+    shutil.copy(small_jsonl, data)
+    (project / "notes.txt").write_text("precious")
+    line = one_error_line(invoke(run_args(micro_model_dir, data, project, "--max-steps", "1",
+                                          "--overwrite")))
+    assert "holds files that are not a trainer run" in line and "another --output-dir" in line
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "train.jsonl"]
+    # a run directory holding the data being trained on: not overwritten either
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    inside = run / "train.jsonl"
+    shutil.copy(small_jsonl, inside)
+    line = one_error_line(invoke(run_args(micro_model_dir, inside, run, "--max-steps", "1",
+                                          "--overwrite")))
+    assert "data.dataset" in line and "inside" in line
+    assert inside.read_bytes() == small_jsonl.read_bytes()
