@@ -95,3 +95,89 @@ def test_overwrite_replaces_only_a_run_directory_never_a_folder_or_the_data(
                                           "--overwrite")))
     assert "data.dataset" in line and "inside" in line
     assert inside.read_bytes() == small_jsonl.read_bytes()
+
+
+# --------------------------------------------------------------------------- 13-15: dashboard
+
+
+@pytest.fixture
+def runs_board(tmp_path):
+    """A real dashboard server on DIR=runs/ with one finished run, ``a``."""
+    import threading
+
+    from trainer_core.monitor.dashboard.server import make_server, stop
+
+    root = tmp_path / "runs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "status.json").write_text(json.dumps({"state": "completed", "step": 1}))
+    server, board = make_server(root, "127.0.0.1", 0, token="tok")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, server.server_address[1]
+    stop(server, board)
+
+
+def test_dashboard_host_check_compares_the_whole_host(runs_board, http_request):
+    _, port = runs_board
+    tok = {"X-Trainer-Token": "tok"}
+    for host in ("127.0.0.1.evil.com", "127.0.0.1.evil.com:80", "127.evil.com", "localhost.evil",
+                 "[::1].evil.com"):
+        status, body = http_request(port, "GET", "/", host=host)
+        assert status == 403 and b"tok" not in body, host
+        assert http_request(port, "POST", "/api/runs/stop?id=a", tok, host=host)[0] == 403
+    for host in (f"127.0.0.1:{port}", "localhost", f"127.0.0.2:{port}", "[::1]:80",
+                 "LOCALHOST:1"):
+        assert http_request(port, "GET", "/api/runs/list", host=host)[0] == 200, host
+
+
+def test_dashboard_stop_signals_only_the_process_holding_the_runs_lock(runs_board, tmp_path,
+                                                                      http_request):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    root, port = runs_board
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        d = root / "forged"
+        d.mkdir()
+        (d / "status.json").write_text(json.dumps({
+            "state": "running", "pid": victim.pid, "host": socket.gethostname(),
+            "updated_at": time.time(), "stall_after_s": 600}))
+        status, body = http_request(port, "POST", "/api/runs/stop?id=forged",
+                                    {"X-Trainer-Token": "tok"})
+        assert status == 409 and b"does not hold the run's lock" in body
+        time.sleep(0.3)
+        assert victim.poll() is None  # never signalled
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_dashboard_lists_runs_past_a_symlink_that_leaves_dir(runs_board, tmp_path,
+                                                             http_request):
+    root, port = runs_board
+    outside = tmp_path / "elsewhere" / "run"
+    outside.mkdir(parents=True)
+    (outside / "status.json").write_text(json.dumps({"state": "completed", "step": 9}))
+    (root / "escape").symlink_to(outside)
+    status, body = http_request(port, "GET", "/api/runs/list")
+    assert status == 200, body
+    assert [r["id"] for r in json.loads(body)] == ["a"]
+    skipped = json.loads(http_request(port, "GET", "/api/runs/skipped")[1])
+    assert [s["name"] for s in skipped] == ["escape"]
+    # the live stream sends its runs list instead of breaking mid-response
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/api/runs/events?id=a")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = b""
+    while b"event: runs" not in seen:
+        line = resp.fp.readline()
+        assert line, seen
+        seen += line
+    data = resp.fp.readline()
+    assert b'"id": "a"' in data and b"escape" not in data
+    conn.close()

@@ -36,12 +36,13 @@ from trainer_core.files import (  # noqa: F401  (the file names are re-exported 
     CONFIG_FILE,
     METRICS_FILE,
     PREVIEWS_FILE,
+    RUN_LOCK_FILE,
     RUN_MANIFEST,
     STATUS_FILE,
+    run_lock_holder,
     write_json_atomic,
 )
 
-RUN_LOCK_FILE = ".trainer-run.lock"
 RUNS_ROOT = Path("runs")
 LATEST_LINK = "latest"
 #: Files whose presence makes a directory a run directory (the model lock file included).
@@ -131,23 +132,9 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def lock_holder(output_dir: Path) -> int | None:
-    """The pid of the live process holding ``output_dir``'s run lock (0 when unknown), or
-    ``None`` when no process holds it. Never creates anything."""
-    import fcntl
-
-    path = Path(output_dir) / RUN_LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_pid(path) or 0
-    finally:
-        os.close(fd)  # closing also drops the probe's shared lock
-    return None
+#: The pid of the live process holding a run directory's lock (in files.py: the dashboard,
+#: below this layer, checks it too before signalling a run).
+lock_holder = run_lock_holder
 
 
 # --------------------------------------------------------------------------- what a directory holds
