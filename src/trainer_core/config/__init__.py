@@ -4,6 +4,7 @@ May import: ``trainer_core.errors`` and third-party libraries (attrs, cattrs). N
 imports torch or transformers.
 """
 
+from trainer_core.config.recorded import read_recorded_config
 from trainer_core.config.sections import (
     CONFIG_VERSION,
     SECTIONS,
@@ -23,7 +24,6 @@ from trainer_core.config.sections import (
     schema,
     to_dict,
 )
-from trainer_core.config.recorded import read_recorded_config
 from trainer_core.config.sources import (
     Resolved,
     flatten,

@@ -636,6 +636,13 @@ class Daemon:
         metadata=doc("Attempts per file; a failed attempt requeues the file one priority "
                      "level lower, the last one moves it to failed/."),
     )
+    max_row_mb: float = attrs.field(
+        default=16.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Largest row (line) a file may hold, in MiB: a file with a longer one "
+                     "fails at intake, its report naming the line (one huge row would "
+                     "otherwise take many GB of worker memory)."),
+    )
     epochs_per_file: float = attrs.field(
         default=1.0,
         validator=check(_positive, "must be > 0"),
