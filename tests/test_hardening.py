@@ -181,3 +181,19 @@ def test_dashboard_lists_runs_past_a_symlink_that_leaves_dir(runs_board, tmp_pat
     data = resp.fp.readline()
     assert b'"id": "a"' in data and b"escape" not in data
     conn.close()
+
+
+# --------------------------------------------------------------------------- 19: echoed values
+
+
+def test_a_config_error_echoes_a_short_value(tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"hyperparams": {"batch_size": list(range(10**6)),
+                                               "learning_rate": 1e-4}}))
+    line = one_error_line(invoke(["config", "validate", big]))
+    assert "hyperparams.batch_size: expected an integer, got [0, 1, 2" in line
+    assert "(1000000 items)" in line and len(line) < 300
+    text = tmp_path / "text.json"
+    text.write_text(json.dumps({"data": {"on_invalid": "x" * 10**6}}))
+    line = one_error_line(invoke(["config", "validate", text]))
+    assert "data.on_invalid" in line and "(1000000 characters)" in line and len(line) < 300

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from trainer_core.config.structure import check, one_of, structure, unstructure
+from trainer_core.config.structure import check, one_of, shown, structure, unstructure
 from trainer_core.errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -72,7 +72,7 @@ def _change_kinds(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
 
     bad = [v for v in value if v not in CHANGE_KINDS]
     if bad:
-        raise FieldError(attribute, f"unknown change kind {bad[0]!r}; known: "
+        raise FieldError(attribute, f"unknown change kind {shown(bad[0])}; known: "
                                     + ", ".join(CHANGE_KINDS))
 
 
