@@ -197,3 +197,26 @@ def test_a_config_error_echoes_a_short_value(tmp_path):
     text.write_text(json.dumps({"data": {"on_invalid": "x" * 10**6}}))
     line = one_error_line(invoke(["config", "validate", text]))
     assert "data.on_invalid" in line and "(1000000 characters)" in line and len(line) < 300
+
+
+# --------------------------------------------------------------------------- 12: growing data
+
+
+def test_a_dataset_that_grows_while_the_run_reads_it_is_refused(micro_model_dir, small_jsonl,
+                                                                 tmp_path, monkeypatch):
+    from trainer_core.train import recipe
+
+    original = recipe.prepare_examples
+
+    def grow_then_prepare(*args, **kwargs):  # a writer appends during preprocessing
+        with open(small_jsonl, "a", encoding="utf-8") as fh:
+            fh.write(small_jsonl.read_text().splitlines()[0] + "\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "prepare_examples", grow_then_prepare)
+    out = tmp_path / "run"
+    result = invoke(run_args(micro_model_dir, small_jsonl, out, "--max-steps", "1"))
+    assert result.exit_code == 2, result.output
+    assert "changed while the run read it" in result.stderr
+    manifest = out / "run.json"  # never names a hash of rows it did not train
+    assert not manifest.exists() or "dataset_sha256" not in json.loads(manifest.read_text())
