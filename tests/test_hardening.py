@@ -220,3 +220,21 @@ def test_a_dataset_that_grows_while_the_run_reads_it_is_refused(micro_model_dir,
     assert "changed while the run read it" in result.stderr
     manifest = out / "run.json"  # never names a hash of rows it did not train
     assert not manifest.exists() or "dataset_sha256" not in json.loads(manifest.read_text())
+
+
+# --------------------------------------------------------------------------- 16: clear errors
+
+
+def test_truncated_or_empty_weights_are_one_line_and_leave_no_output(micro_model_dir,
+                                                                    small_jsonl, tmp_path):
+    weights = (micro_model_dir / "model.safetensors").read_bytes()
+    for name, content in (("empty", b""), ("truncated", weights[:len(weights) // 2])):
+        model = tmp_path / f"model-{name}"
+        shutil.copytree(micro_model_dir, model)
+        (model / "model.safetensors").write_bytes(content)
+        out = tmp_path / f"out-{name}"
+        line = one_error_line(invoke(run_args(model, small_jsonl, out, "--max-steps", "1")))
+        assert "model.safetensors: not a complete safetensors file" in line, line
+        assert not out.exists()  # no stub directory locked to the bad model
+        gen = invoke(["generate", "--model", model, "--prompt", "hi", "-q"])
+        assert "not a complete safetensors file" in one_error_line(gen)

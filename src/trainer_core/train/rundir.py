@@ -294,6 +294,9 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
         raise UserError("--overwrite and --resume contradict each other; choose one")
     base_model = cfg.locked.base_model or (cfg.model.path or "trainer/tiny-qwen3-demo")
     check_model_against_config(cfg, model_facts(model_dir))
+    from trainer_core.model.loading import check_weight_files
+
+    check_weight_files(model_dir)  # before the output directory is claimed and locked to it
     facts = expected_facts(cfg, model_dir, base_model)
     explicit = Path(out.resume) if out.resume not in (None, "latest") else None
     default_dir = False
