@@ -301,3 +301,59 @@ def test_skip_of_the_file_a_stopped_daemon_was_training(trained, tmp_path, du):
     assert result.exit_code == 0 and "skipped" in result.output, result.output
     assert du.rows(root)[1]["state"] == "skipped"
     assert (root / "skipped" / "000002-b.jsonl.report.json").exists()
+
+
+# --------------------------------------------------------------------------- 16: a full disk
+
+
+def _fill(path: Path, leave: int) -> None:
+    """Write ``path`` until only about ``leave`` bytes stay free on its file system."""
+    free = shutil.disk_usage(path.parent).free
+    with open(path, "wb") as fh:
+        try:
+            fh.write(b"\0" * max(0, free - leave))
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError:
+            pass
+
+
+def test_a_full_disk_is_a_wait_not_a_file_failure(tmp_path, micro_model_dir, sample_rows, du):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs (a real full disk)")
+    proc = None
+    try:
+        root = du.make_home(disk / "home", micro_model_dir)
+        proc = du.start(root)
+        du.wait_for(lambda: du.status(root).get("state") == "idle", 120, "the base model",
+                    proc, root)
+        _fill(disk / "filler", 1 << 20)  # room for a file, not for a checkpoint
+        submit_files(Home(root), [du.write_jsonl(tmp_path / "a.jsonl", sample_rows[:2])],
+                     "normal", False)
+        du.wait_for(lambda: du.status(root).get("state") == "waiting_disk", 120,
+                    "waiting_disk", proc, root)
+        row = du.rows(root)[0]
+        assert row["state"] == "queued" and row["attempts"] == 0, row
+        _fill(disk / "filler2", 0)
+        full = invoke("submit", "--home", root, du.write_jsonl(tmp_path / "b.jsonl",
+                                                               sample_rows[2:4]))
+        assert full.exit_code == 2 and "Traceback" not in full.output
+        assert "disk is full" in full.stderr and len(full.stderr.strip().splitlines()) == 1
+        assert proc.poll() is None
+        (disk / "filler").unlink()
+        (disk / "filler2").unlink()
+        du.wait_for(lambda: du.rows(root)[0]["state"] == "completed", 180, "a.jsonl", proc,
+                    root)
+        a = du.rows(root)[0]
+        assert a["attempts"] == 1 and a["step_after"] == 1
+        assert not du.rows(root, "SELECT * FROM attempts WHERE outcome='failed'")
+        log = (root / "logs" / "daemon.log").read_text()
+        assert "disk full" in log and "waits, first in line, for free space" in log
+    finally:
+        if proc is not None:
+            du.kill_group(proc)
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -13,6 +13,7 @@ is inserted as ``incoming``, the file is moved (inbox) or copied (submit) to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -184,7 +185,13 @@ def submit(home: Home, ledger: Ledger, path: Path, priority: str, force: bool = 
         raise UserError(f"{name}: the path is not valid UTF-8; rename the file") from None
     row = ledger.add_file(name, source, "submit", sha, path.stat().st_size,
                           PRIORITY_LEVELS[priority], forced=force)
-    return finish_incoming(home, ledger, row, refuse=problem)
+    try:
+        return finish_incoming(home, ledger, row, refuse=problem)
+    except UserError:  # a full disk: the copy is not there; say so in the ledger if it can
+        with contextlib.suppress(UserError):
+            ledger.set_file(row["id"], state="failed", finished_at=time.time(),
+                            error="not taken in: the disk was full; submit it again")
+        raise
 
 
 def finish_incoming(home: Home, ledger: Ledger, row: dict[str, Any],

@@ -93,9 +93,23 @@ def stored_name(fid: int, name: str) -> str:
     return prefix + keep.decode("utf-8", "ignore") + suffix
 
 
+class DiskFull(UserError):
+    """The disk is full (a ledger write, a checkpoint, a copy): the daemon waits for space;
+    a command says so in one line."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC however it surfaces: an OSError, SQLite's "database or disk is full", torch's
+    "file write failed" (its stream writer hides the errno)."""
+    if isinstance(exc, DiskFull) or getattr(exc, "errno", None) == 28:  # ENOSPC
+        return True
+    text = str(exc).lower()
+    return "disk is full" in text or "no space left" in text or "file write failed" in text
+
+
 def ledger_error(path: Path, exc: BaseException) -> str:
     """One line for a ledger that cannot be read or written."""
-    if "full" in str(exc).lower():
+    if is_disk_full(exc):
         return f"{path}: the disk is full; free space, then start the daemon again"
     return (f"{path}: not a readable ledger ({exc}); restore ledger.sqlite from a backup, "
             "or move the home aside and start a new one")
@@ -116,7 +130,8 @@ class Ledger:
             self.db.execute("SELECT COUNT(*) FROM files").fetchone()  # a damaged file fails here
         except sqlite3.DatabaseError as exc:  # truncated or not SQLite; a full disk
             self.db.close()
-            raise UserError(ledger_error(path, exc)) from None
+            raise (DiskFull if is_disk_full(exc) else UserError)(ledger_error(path, exc)
+                                                                 ) from None
 
     def close(self) -> None:
         self.db.close()
@@ -124,13 +139,19 @@ class Ledger:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``: writers queue up instead of deadlocking)."""
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(ledger_error(self.path, exc)) from None
             raise
-        self.db.execute("COMMIT")
 
     # ------------------------------------------------------------------ meta
 

@@ -22,6 +22,7 @@ are deleted and the next file starts from the last committed one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -38,13 +39,16 @@ from trainer_core.config import TrainerConfig, to_dict
 from trainer_core.daemon import storage
 from trainer_core.daemon.home import PRIORITY_LEVELS, STATE_FOLDERS, Home, HomeLock, priority_name
 from trainer_core.daemon.intake import InboxWatcher, finish_incoming, take_from_inbox
-from trainer_core.daemon.ledger import Ledger
+from trainer_core.daemon.ledger import Ledger, is_disk_full
 from trainer_core.daemon.reports import problems_path, report_path, write_report
 from trainer_core.errors import UserError
 from trainer_core.files import append_jsonl, write_json_atomic
 
 TICK_S = 0.1
 HOUSEKEEPING_S = 30.0
+#: After a full disk: work goes on once this much space was freed, or after DISK_RETRY_S.
+DISK_FREED_BYTES = 64 << 20
+DISK_RETRY_S = 60.0
 
 
 # --------------------------------------------------------------------------- ledger operations
@@ -352,6 +356,7 @@ class Daemon:
         self.disk: dict[str, Any] = {}
         self.managed_gb: float | None = None
         self.rate_tokens_per_s = 0.0
+        self.disk_full_at: tuple[float, int] | None = None  # (when, free bytes) of a full disk
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -422,20 +427,57 @@ class Daemon:
 
     def loop(self) -> None:
         while True:
-            self.handle_commands()
-            now = time.time()
-            if not self.stopping and now - self.last_scan >= self.d.poll_interval_s:
-                self.last_scan = now
-                self.scan_inbox()
-            self.pump_worker(TICK_S)
-            if self.stopping and (self.worker is None or self.worker.state in ("down", "exited")):
-                return
-            if not self.stopping:
-                self.ensure_worker()
-                self.maybe_start_work()
-                if time.time() - self.last_housekeeping >= HOUSEKEEPING_S:
-                    self.housekeeping()
-            self.write_status()
+            try:
+                if self.tick():
+                    return
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self.wait_for_disk(str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+    def wait_for_disk(self, why: str) -> None:
+        """The disk is full (a ledger write, a move, status.json): a daemon-level wait, never
+        a file's failure. Whatever was interrupted is finished on a later tick, as after a
+        restart (ledger transactions roll back whole)."""
+        if self.state != "waiting_disk":
+            self.log(f"disk full ({why}); waiting for free space")
+        self.state = "waiting_disk"
+        self.disk_full_at = (time.time(), storage.free_bytes(self.home))
+        with contextlib.suppress(Exception):
+            self.write_status(force=True)
+        time.sleep(min(5.0, DISK_RETRY_S))
+
+    def disk_waiting(self) -> bool:
+        """After a full disk: wait until space was freed (or a while passed) before the next
+        file or attempt."""
+        if self.disk_full_at is None:
+            return False
+        t, free = self.disk_full_at
+        if storage.free_bytes(self.home) > free + DISK_FREED_BYTES or time.time() - t > \
+                DISK_RETRY_S:
+            self.disk_full_at = None
+            self.log("disk space freed; going on")
+            return False
+        self.state = "waiting_disk"
+        return True
+
+    def tick(self) -> bool:
+        """One turn of the loop; True when the daemon is done."""
+        self.handle_commands()
+        now = time.time()
+        if not self.stopping and now - self.last_scan >= self.d.poll_interval_s:
+            self.last_scan = now
+            self.scan_inbox()
+        self.pump_worker(TICK_S)
+        if self.stopping and (self.worker is None or self.worker.state in ("down", "exited")):
+            return True
+        if not self.stopping:
+            self.ensure_worker()
+            self.maybe_start_work()
+            if time.time() - self.last_housekeeping >= HOUSEKEEPING_S:
+                self.housekeeping()
+        self.write_status()
+        return False
 
     # ------------------------------------------------------------------ startup
 
@@ -663,9 +705,11 @@ class Daemon:
             w.state = "exiting" if msg.get("exiting") else "idle"
             row = self.ledger.file(msg["file_id"])
             extra = {k: msg[k] for k in ("rows", "invalid_rows") if k in msg}
-            # data_error: the file's own data; another attempt would fail the same way
-            self.end_attempt(row, "failed", msg["error"], final=bool(msg.get("data_error")),
-                             **extra)
+            if msg.get("disk_full"):  # not the file's failure: back in line, not counted
+                self.disk_full_attempt(row, msg["error"])
+            else:  # data_error: the file's own data; another attempt would fail the same way
+                self.end_attempt(row, "failed", msg["error"],
+                                 final=bool(msg.get("data_error")), **extra)
         elif ev == "skipped":
             w.state = "idle"
             self.end_attempt(self.ledger.file(msg["file_id"]), "skipped", "skipped by the user")
@@ -722,6 +766,8 @@ class Daemon:
             return
         if self.ledger.meta("paused") == "1":
             self.state = "paused"
+            return
+        if self.disk_waiting():
             return
         row = self.ledger.training()
         if row is None:
@@ -801,6 +847,21 @@ class Daemon:
                  f"({info['step_before']} -> {step_after}), {info['tokens']} tokens, "
                  f"loss {fmt(info.get('loss_start'))} -> {fmt(info.get('loss_end'))}")
         self.housekeeping()
+
+    def disk_full_attempt(self, row: dict[str, Any], error: str) -> None:
+        """The disk filled up during a file (its checkpoint could not be written): roll back
+        as after a failure, but put the file back first in line with the attempt not counted,
+        and wait for space (``waiting_disk``)."""
+        with self.ledger.tx() as db:
+            self.ledger.update(db, row["id"], state="queued", attempts=row["attempts"] - 1,
+                               error=f"waiting for disk space: {error}")
+        self.drop_stale_checkpoints()
+        place_file(self.home, self.ledger, row["id"])
+        self.job = None
+        self.disk_full_at = (time.time(), storage.free_bytes(self.home))
+        self.state = "waiting_disk"
+        self.log(f"#{row['id']} {row['name']}: disk full ({error}); model rolled back to step "
+                 f"{self.ledger.model_step()}; the file waits, first in line, for free space")
 
     def end_attempt(self, row: dict[str, Any], outcome: str, error: str, final: bool = False,
                     **extra: Any) -> None:

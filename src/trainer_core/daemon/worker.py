@@ -480,6 +480,13 @@ class Worker:
                     self.at = None
                     self.send("failed", file_id=msg["file_id"], error=str(exc))
                 except Exception as exc:
+                    from trainer_core.daemon.ledger import is_disk_full
+
+                    if is_disk_full(exc):  # a checkpoint on a full disk: the daemon waits
+                        self.at = None
+                        self.send("failed", file_id=msg["file_id"], disk_full=True,
+                                  error=str(exc).splitlines()[0][:300])
+                        continue
                     # Under torchrun a peer's death often surfaces here first (gloo: connection
                     # reset); name the peer when the evidence is there.
                     why = self.dist.peer_failure() if self.dist is not None else None
