@@ -238,3 +238,24 @@ def test_truncated_or_empty_weights_are_one_line_and_leave_no_output(micro_model
         assert not out.exists()  # no stub directory locked to the bad model
         gen = invoke(["generate", "--model", model, "--prompt", "hi", "-q"])
         assert "not a complete safetensors file" in one_error_line(gen)
+
+
+def test_the_daemon_never_trusts_remote_code_because_its_home_says_so(micro_model_dir,
+                                                                     tmp_path, monkeypatch):
+    """A home's config.json (a downloaded home, or one edited by another user) is the record
+    of the last start, not a permission: only this command line can trust remote code."""
+    from trainer_core.config import resolve, to_dict
+    from trainer_core.daemon import service
+
+    home = tmp_path / "home"
+    home.mkdir()
+    recorded = to_dict(resolve(cli={"model.path": str(micro_model_dir),
+                                    "model.trust_remote_code": True}).config)
+    (home / "config.json").write_text(json.dumps(recorded))
+    seen = []
+    monkeypatch.setattr(service.Daemon, "run", lambda self: seen.append(self.cfg) or 0)
+    assert invoke(["daemon", "start", "--home", home]).exit_code == 0
+    assert invoke(["daemon", "start", "--home", home, "--set",
+                   "model.trust_remote_code=true"]).exit_code == 0
+    assert [c.model.trust_remote_code for c in seen] == [False, True]
+    assert seen[0].model.path == str(micro_model_dir)  # the rest of the record is kept

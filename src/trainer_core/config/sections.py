@@ -446,8 +446,9 @@ class Output:
     )
     overwrite: bool = attrs.field(
         default=False,
-        metadata=doc("Replace whatever output_dir holds (a finished run, other files). "
-                     "Without it a non-empty output_dir is refused."),
+        metadata=doc("Replace the run output_dir holds (a run directory only: a folder of "
+                     "other files, or one holding the data, is refused). Without it a "
+                     "non-empty output_dir is refused."),
     )
     allow_changes: list[str] = attrs.field(
         factory=list,
