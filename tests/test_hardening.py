@@ -61,14 +61,15 @@ def _hostile_run_dir(micro_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]
 
 def test_generate_never_trusts_remote_code_because_the_loaded_directory_says_so(
         micro_model_dir, tmp_path):
-    from trainer_core.config import read_recorded_config
     from trainer_core.generate.generate import generation_setup
 
     d, marker = _hostile_run_dir(micro_model_dir, tmp_path)
-    assert generation_setup(str(d)).cfg.model.trust_remote_code is False
-    assert "trust_remote_code" not in read_recorded_config(d / "trainer_config.json")["model"]
     invoke(["generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2", "-q"])
     assert not marker.exists()  # whatever generate said, the directory's code never ran
+    assert generation_setup(str(d)).cfg.model.trust_remote_code is False
+    from trainer_core.config import read_recorded_config  # the one rule, for serve/export too
+
+    assert "trust_remote_code" not in read_recorded_config(d / "trainer_config.json")["model"]
 
 
 # --------------------------------------------------------------------------- 2: --overwrite

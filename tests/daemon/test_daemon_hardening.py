@@ -114,6 +114,9 @@ def test_a_missing_emptied_or_truncated_ledger_is_refused_with_the_way_out(train
             assert "holds the model of step 2" in line and "Restore ledger.sqlite" in line
             assert "move ledger.sqlite, checkpoints/, models/ and current aside" in line
         assert snapshot(root) == before, damage.__name__  # nothing published or deleted
+        if damage is missing:
+            assert "ledger.sqlite is missing or empty" in line
+            assert not (root / "ledger.sqlite").exists()  # nor created
         assert not (root / "status.json").exists() or \
             json.loads((root / "status.json").read_text())["model"]["step"] == 2
 

@@ -149,13 +149,8 @@ def precheck_start(home: Home, cfg: Any) -> None:
     before anything is saved; the daemon checks again once it holds the home lock."""
     from trainer_core.daemon import service
 
-    if not home.ledger.is_file():
-        if any(home.checkpoints.glob("step-*")) or any(home.models.glob("step-*")):
-            ledger = Ledger(home.ledger)  # an empty one: the check below explains
-        else:
-            return
-    else:
-        ledger = Ledger(home.ledger)
+    # No ledger yet: an empty one in memory (nothing is created on disk by a refusal).
+    ledger = Ledger(home.ledger if home.ledger.is_file() else Path(":memory:"))
     try:
         service.check_ledger_matches_home(home, ledger)
         service.check_start(home, cfg, ledger)

@@ -230,7 +230,7 @@ def check_ledger_matches_home(home: Home, ledger: Ledger) -> None:
     if not unknown:
         return
     newest = max(storage.step_of(p) for p in unknown)
-    what = ("empty" if not ledger.counts() and model_step < 0
+    what = ("missing or empty" if not ledger.counts() and model_step < 0
             else f"at model step {max(model_step, 0)}")
     raise UserError(
         f"{home.ledger} is {what}, but the home holds the model of step {newest} "
@@ -367,6 +367,9 @@ class Daemon:
             raise UserError(f"{self.home.root}: a daemon is already running here "
                             f"(pid {daemon_running(self.home)}); one daemon per home")
         try:
+            if not self.home.ledger.exists():  # refused without creating one
+                with contextlib.closing(Ledger(Path(":memory:"))) as empty:
+                    check_ledger_matches_home(self.home, empty)
             self.home.create()
             self.ledger = Ledger(self.home.ledger)
             try:
