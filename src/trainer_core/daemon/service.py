@@ -38,7 +38,12 @@ from typing import Any, TextIO
 from trainer_core.config import TrainerConfig, to_dict
 from trainer_core.daemon import storage
 from trainer_core.daemon.home import PRIORITY_LEVELS, STATE_FOLDERS, Home, HomeLock, priority_name
-from trainer_core.daemon.intake import InboxWatcher, finish_incoming, take_from_inbox
+from trainer_core.daemon.intake import (
+    LINK_COPY_PREFIX,
+    InboxWatcher,
+    finish_incoming,
+    take_from_inbox,
+)
 from trainer_core.daemon.ledger import Ledger, is_disk_full
 from trainer_core.daemon.reports import problems_path, report_path, write_report
 from trainer_core.errors import UserError
@@ -357,6 +362,7 @@ class Daemon:
         self.managed_gb: float | None = None
         self.rate_tokens_per_s = 0.0
         self.disk_full_at: tuple[float, int] | None = None  # (when, free bytes) of a full disk
+        self.cannot_take: dict[Path, str] = {}  # inbox files that could not be taken, and why
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -492,6 +498,10 @@ class Daemon:
                 finish_incoming(home, ledger, row)
             except UserError as exc:  # a full disk: left incoming, tried at the next start
                 self.log(f"#{row['id']} {row['name']}: {exc}")
+        sources = {r["source"] for r in ledger.files("state='incoming'")}
+        for tmp in home.queue.glob(f"{LINK_COPY_PREFIX}*.tmp"):  # a kill during a link's copy
+            if str(tmp) not in sources:
+                tmp.unlink(missing_ok=True)
         for row in ledger.files("state NOT IN ('incoming')"):
             place_file(home, ledger, row["id"], rewrite=False)
         storage.remove_incomplete(home)
@@ -574,8 +584,11 @@ class Daemon:
                 row = take_from_inbox(self.home, self.ledger, path, self.d.default_priority,
                                       int(self.d.max_row_mb * (1 << 20)))
             except (OSError, UserError) as exc:
-                self.log(f"cannot take {shown}: {exc}")
+                if self.cannot_take.get(path) != str(exc):  # said once, not every scan
+                    self.cannot_take[path] = str(exc)
+                    self.log(f"cannot take {shown}: {exc}")
                 continue
+            self.cannot_take.pop(path, None)
             self.watcher.forget(path)
             if row is None:
                 self.log(f"{shown}: its name is not valid UTF-8; renamed (taken at the next scan)")
