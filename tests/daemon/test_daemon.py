@@ -229,11 +229,12 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     done = du.rows(root, "SELECT f.name FROM attempts a JOIN files f ON f.id=a.file_id "
                          "WHERE outcome='completed' ORDER BY a.id")
     assert [r["name"] for r in done] == ["b.jsonl", "a.jsonl", "donecrash.jsonl", "low/d.jsonl"]
-    # invalid rows: retried, then failed with the line in its report
-    assert files["bad.jsonl"]["state"] == "failed" and files["bad.jsonl"]["attempts"] == 2
+    # invalid rows: a data error, failed at once (another attempt would fail the same way),
+    # with the line in its report
+    assert files["bad.jsonl"]["state"] == "failed" and files["bad.jsonl"]["attempts"] == 1
     rep = json.loads((home.failed / (files["bad.jsonl"]["fname"] + ".report.json")).read_text())
     assert rep["problems"][0]["line"] == 3 and rep["problems"][0]["field"].startswith("messages")
-    assert ":3:" in rep["error"] and len(rep["attempt_log"]) == 2
+    assert ":3:" in rep["error"] and len(rep["attempt_log"]) == 1
     assert (home.failed / files["bad.jsonl"]["fname"]).exists()
     # NaN: rolled back each time, never advanced the model, failed after max_attempts
     n = files["nanfile.jsonl"]

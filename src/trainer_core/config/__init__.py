@@ -4,6 +4,7 @@ May import: ``trainer_core.errors`` and third-party libraries (attrs, cattrs). N
 imports torch or transformers.
 """
 
+from trainer_core.config.recorded import read_recorded_config
 from trainer_core.config.sections import (
     CONFIG_VERSION,
     SECTIONS,
@@ -39,5 +40,5 @@ __all__ = [
     "CONFIG_VERSION", "SECTIONS", "Adapter", "Daemon", "Data", "Environment", "HyperParams", "Locked", "Model",
     "Monitoring", "Output", "ProfileSection", "Resolved", "TrainerConfig", "config_hash",
     "field_paths", "flatten", "from_dict", "load_config", "parse_set", "read_config_file",
-    "read_json", "resolve", "schema", "set_dotted", "to_dict",
+    "read_json", "read_recorded_config", "resolve", "schema", "set_dotted", "to_dict",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from trainer_core.config.structure import check, one_of, structure, unstructure
+from trainer_core.config.structure import check, one_of, shown, structure, unstructure
 from trainer_core.errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -78,7 +78,7 @@ def _change_kinds(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
 
     bad = [v for v in value if v not in CHANGE_KINDS]
     if bad:
-        raise FieldError(attribute, f"unknown change kind {bad[0]!r}; known: "
+        raise FieldError(attribute, f"unknown change kind {shown(bad[0])}; known: "
                                     + ", ".join(CHANGE_KINDS))
 
 
@@ -486,8 +486,9 @@ class Output:
     )
     overwrite: bool = attrs.field(
         default=False,
-        metadata=doc("Replace whatever output_dir holds (a finished run, other files). "
-                     "Without it a non-empty output_dir is refused."),
+        metadata=doc("Replace the run output_dir holds (a run directory only: a folder of "
+                     "other files, or one holding the data, is refused). Without it a "
+                     "non-empty output_dir is refused."),
     )
     allow_changes: list[str] = attrs.field(
         factory=list,
@@ -735,6 +736,13 @@ class Daemon:
         validator=check(_positive, "must be > 0"),
         metadata=doc("Attempts per file; a failed attempt requeues the file one priority "
                      "level lower, the last one moves it to failed/."),
+    )
+    max_row_mb: float = attrs.field(
+        default=16.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Largest row (line) a file may hold, in MiB: a file with a longer one "
+                     "fails at intake, its report naming the line (one huge row would "
+                     "otherwise take many GB of worker memory)."),
     )
     epochs_per_file: float = attrs.field(
         default=1.0,

@@ -259,12 +259,16 @@ class Worker:
         from trainer_core.train.checkpoint import load_checkpoint, read_checkpoint
 
         s = self.setup
+        self.at = None  # until fully restored
         if self.dist is not None:  # every rank reads it; FSDP takes its shards
             self.state = self.dist.apply_checkpoint(read_checkpoint(Path(checkpoint)), s)
         else:
             self.state = load_checkpoint(Path(checkpoint), s.model, s.optimizer, s.scheduler,
                                          s.scaler)
-        self.at = checkpoint
+        from trainer_core.daemon.schedule import apply_config_optimizer
+
+        apply_config_optimizer(self.cfg, s.scheduler, s.optimizer)  # the config's, not the
+        self.at = checkpoint  # checkpoint's (a restart may have changed them, accepted)
 
     def save(self, daemon_fields: dict[str, Any]) -> str:
         from trainer_core.train.checkpoint import save_checkpoint
@@ -327,12 +331,13 @@ class Worker:
                                                        job["name"]))
         except UserError as exc:
             self.send("failed", file_id=fid, error=str(exc), rows=len(rows),
-                      invalid_rows=len({p.line for p in problems}))
+                      invalid_rows=len({p.line for p in problems}), data_error=True)
             return True
         examples = ds.examples()  # built per step from the (memory-mapped) arrays
         if not examples:
             self.send("failed", file_id=fid, error="no examples left after preprocessing",
-                      rows=len(rows), invalid_rows=len({p.line for p in problems}))
+                      rows=len(rows), invalid_rows=len({p.line for p in problems}),
+                      data_error=True)
             return True
         hp, d = cfg.hyperparams, cfg.daemon
         plan = plan_steps(len(examples), hp.batch_size * hp.gradient_accumulation,
@@ -474,9 +479,19 @@ class Worker:
                 try:
                     if not self.train(msg):
                         return
-                except (UserError, Stop):
+                except Stop:
                     raise
+                except UserError as exc:  # about this file (unreadable, gone): it fails alone
+                    self.at = None
+                    self.send("failed", file_id=msg["file_id"], error=str(exc))
                 except Exception as exc:
+                    from trainer_core.daemon.ledger import is_disk_full
+
+                    if is_disk_full(exc):  # a checkpoint on a full disk: the daemon waits
+                        self.at = None
+                        self.send("failed", file_id=msg["file_id"], disk_full=True,
+                                  error=str(exc).splitlines()[0][:300])
+                        continue
                     # Under torchrun a peer's death often surfaces here first (gloo: connection
                     # reset); name the peer when the evidence is there.
                     why = self.dist.peer_failure() if self.dist is not None else None

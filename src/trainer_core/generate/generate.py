@@ -83,8 +83,7 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     the built-in, anything else is the template saved with the tokenizer (so a Jinja file that
     moved since training still applies). Any other model directory uses the defaults.
     """
-    from trainer_core.config import resolve
-    from trainer_core.config.sources import read_config_file
+    from trainer_core.config import read_recorded_config, resolve
     from trainer_core.model.adapters import ADAPTER_DIR, adapter_weights_file
 
     path = Path(model_dir).expanduser()
@@ -94,7 +93,8 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
         if adapter_weights_file(path) is None or run_dir is None:
             raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
         adapter_dir = path / ADAPTER_DIR  # an adapter run's checkpoint: base + adapter
-    tree: dict[str, Any] = read_config_file(run_dir / CONFIG_FILE) if run_dir else {}
+    # The run's settings, never its permissions: trust_remote_code only from the user.
+    tree: dict[str, Any] = read_recorded_config(run_dir / CONFIG_FILE) if run_dir else {}
     recorded = dict(tree.get("profile") or {})
     manifest_dir = run_dir or path  # older runs (and some copies) have run.json only
     if not recorded:

@@ -85,9 +85,34 @@ def quiet_hf() -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def check_weight_files(model_dir: str | Path) -> None:
+    """Refuse empty or truncated ``*.safetensors`` files with one line, before anything is
+    written (no torch needed): the 8-byte header length, the JSON header and the tensors' byte
+    ranges must all fit in the file."""
+    import json
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n < 0 or n > size - 8:
+                    raise ValueError(f"{size} bytes, no complete header")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"{size} bytes, its tensors need {8 + n + end}")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise UserError(f"{f}: not a complete safetensors file ({exc}); the model "
+                            "directory is truncated or damaged") from None
+
+
 def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(model_dir)
     from trainer_core.model.adapters import load_kwargs
 
     quiet_hf()

@@ -15,11 +15,11 @@ from typing import Any
 
 from trainer_core import __version__
 from trainer_core.config import TrainerConfig, config_hash
-from trainer_core.files import RUN_MANIFEST, sha256_file, write_json_atomic
+from trainer_core.files import RUN_MANIFEST, write_json_atomic
 from trainer_core.model.adapters import adapter_facts, adapter_plan
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
-from trainer_core.train.inputs import dataset_path
+from trainer_core.train.inputs import data_sha256, dataset_path
 from trainer_core.train.step import token_budget, warmup_steps
 
 
@@ -150,7 +150,7 @@ def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> d
         "plugins": [{"distribution": d, "version": v} for d, v in plugins],
         "config_hash": config_hash(cfg),
         "dataset": str(data_file),
-        "dataset_sha256": sha256_file(data_file),
+        "dataset_sha256": data_sha256(data_file),
         "data": summary["data"],
         "model": summary["model"],
         "torch_version": md.version("torch"),
@@ -179,8 +179,8 @@ def resume_facts(cfg: TrainerConfig, profile: Any, tokenizer: Any, total_steps: 
     return {
         "profile": {"name": profile.name, "version": profile.version,
                     "options": profile.options_dict()},
-        "dataset_sha256": sha256_file(dataset_path(cfg)),
-        "validation_sha256": sha256_file(Path(data.validation)) if data.validation else None,
+        "dataset_sha256": data_sha256(dataset_path(cfg)),
+        "validation_sha256": data_sha256(Path(data.validation)) if data.validation else None,
         "validation_split": data.validation_split,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": _short_identity(resolve_template(cfg.model.chat_template,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import http.server
+import ipaddress
 import json
 import math
 import secrets
@@ -77,7 +78,24 @@ def safe_path(root: Path, rel: str) -> Path:
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """Whether ``host`` (a bound address or a Host header's host part) is exactly a loopback
+    name or address: ``127.0.0.1.evil.com`` is not (DNS rebinding)."""
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_part(header: str) -> str:
+    """The host of a ``Host`` header: ``[::1]:8080`` -> ``[::1]``, ``a:80`` -> ``a``."""
+    if header.startswith("[") and "]" in header:
+        end = header.index("]") + 1
+        rest = header[end:]
+        return header[:end] if not rest or (rest[0] == ":" and rest[1:].isdigit()) else header
+    host, sep, port = header.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else header
 
 
 class Dashboard:
@@ -131,8 +149,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _check_host(self) -> None:
         if not is_loopback(self.dashboard.host):
             return
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-        if not is_loopback(host):
+        host = host_part(self.headers.get("Host") or "").lower().rstrip(".")
+        if not (is_loopback(host) or host == self.dashboard.host):
             raise HTTPError(403, "forbidden host")
 
     def _route(self) -> tuple[str, dict[str, str]]:
