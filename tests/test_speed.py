@@ -182,7 +182,10 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm():
                 (m(x) ** 2).sum().backward()
             norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"))
             norm_new = clip_in_optimizer(opt_new, max_norm)
-            assert float(norm_new) == float(norm_ref) > 1.0  # the first clip really clips
+            # The same norm up to float32 summation order (one stacked norm vs clip_grad_norm_'s
+            # own reduction), and the first clip really clips.
+            assert float(norm_new) == pytest.approx(float(norm_ref), rel=1e-6)
+            assert float(norm_ref) > 1.0
             assert (opt_new.grad_scale is None) == (max_norm is None)
             opt_ref.step()
             opt_new.step()

@@ -13,7 +13,14 @@ from typing import Any
 
 import attrs
 
-from trainer_core.config.sections import SECTIONS, TrainerConfig, field_paths, to_dict
+from trainer_core.config.sections import (
+    RETIRED,
+    SECTIONS,
+    TrainerConfig,
+    field_paths,
+    to_dict,
+    without_retired,
+)
 from trainer_core.config.structure import structure
 from trainer_core.errors import ConfigError
 
@@ -174,7 +181,7 @@ def resolve(
         merged = _merge(merged, tree)
     source_label = str(file) if file is not None else "config"
     try:
-        cfg = structure(merged, TrainerConfig, "")
+        cfg = structure(without_retired(merged), TrainerConfig, "")
     except ConfigError as exc:
         prefix = f"{source_label}: " if file is not None else ""
         raise ConfigError(f"{prefix}{exc}") from None
@@ -182,7 +189,8 @@ def resolve(
     sources = {k: "default" for k in flatten(to_dict(cfg))}
     for name, tree in layers:
         for k in flatten(tree):
-            sources[k] = name
+            if k not in RETIRED:
+                sources[k] = name
     return Resolved(cfg, sources)
 
 

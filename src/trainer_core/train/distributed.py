@@ -301,14 +301,6 @@ class Distributed:
         self.share(first)
         return result[0] if self.is_main else fn()
 
-    def agree_stop(self, signal_number: int | None) -> int | None:
-        """A stop signal if any rank received one (so that all stop after the same step)."""
-        import signal
-
-        if self.all_sum([1.0 if signal_number else 0.0])[0] == 0:
-            return None
-        return signal_number or int(signal.SIGTERM)
-
     def step_consensus(self, batches: list[dict[str, Any]], signal_number: int | None
                        ) -> tuple[int, int | None]:
         """After a step: its processed tokens over all ranks, and whether any rank got a stop

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -73,6 +73,9 @@ from trainer_core.train.step import (
     token_budget,
 )
 
+if TYPE_CHECKING:
+    from trainer_core.data.batching import StepPlan
+
 
 @attrs.define
 class Run:
@@ -81,7 +84,7 @@ class Run:
     cfg: TrainerConfig
     profile: Any
     tokenizer: Any
-    plan: Any  # trainer_core.data.batching.StepPlan
+    plan: StepPlan
     setup: TrainingSetup
     #: Sequences of ``{"input_ids", "labels"}`` (a lazy view over the preprocessed arrays).
     train_examples: Sequence[dict[str, Any]]
