@@ -793,6 +793,20 @@ def field_paths(cls: type = TrainerConfig, prefix: str = "") -> dict[str, attrs.
     return out
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
+            if path == "profile.options" and not value:
+                out[path] = value
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
 def _resolve_types() -> None:
     # ``from __future__ import annotations`` leaves string types; attrs resolves them here.
     for cls in (HyperParams, ProfileSection, Monitoring, Locked, Data, Model, Output, Environment,
@@ -813,8 +827,6 @@ def config_hash(cfg: TrainerConfig) -> str:
 
 def schema() -> list[dict[str, Any]]:
     """Every field: dotted path, type, default and doc (for ``trainer config schema``)."""
-    from trainer_core.config.sources import flatten
-
     out = []
     defaults = flatten(to_dict(TrainerConfig()))
     for path, a in field_paths().items():

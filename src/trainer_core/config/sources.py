@@ -15,9 +15,9 @@ import attrs
 
 from trainer_core.config.sections import (
     RETIRED,
-    SECTIONS,
     TrainerConfig,
     field_paths,
+    flatten,
     to_dict,
     without_retired,
 )
@@ -113,20 +113,6 @@ def parse_set(item: str) -> tuple[str, Any]:
     if nesting_depth(value) > MAX_DEPTH:
         raise ConfigError(f"--set {key.strip()}: nested more than {MAX_DEPTH} levels deep")
     return key.strip(), value
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
-            if path == "profile.options" and not value:
-                out[path] = value
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
 
 
 # --------------------------------------------------------------------------- resolution

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_core.files import METRICS_FILE, PREVIEWS_FILE, RUN_MANIFEST, STATUS_FILE
-from trainer_core.monitor.dashboard.server import HTTPError, safe_path
+from trainer_core.monitor.dashboard.base import HTTPError, safe_path
 from trainer_core.monitor.status import read_status
 from trainer_core.monitor.watch import find_runs, is_run_dir
 
