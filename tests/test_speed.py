@@ -15,14 +15,10 @@ import torch
 
 from trainer_core.config import load_config
 from trainer_core.data.batching import collate_packed
+from trainer_core.model.attention import VARLEN_ATTN, register_varlen_attention
+from trainer_core.model.fused_loss import fused_linear_cross_entropy_sum, make_loss_fn
 from trainer_core.model.loss import linear_cross_entropy_sum
-from trainer_core.model.speed import (
-    VARLEN_ATTN,
-    fused_linear_cross_entropy_sum,
-    make_loss_fn,
-    plan_speed,
-    register_varlen_attention,
-)
+from trainer_core.model.speed import plan_speed
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
@@ -399,7 +395,7 @@ def test_attention_kernel_switch():
     import pytest
 
     from trainer_core.errors import ConfigError, UserError
-    from trainer_core.model.speed import attention_kernel
+    from trainer_core.model.attention import attention_kernel
 
     assert attention_kernel("fa2") == "fa2"
     assert attention_kernel("auto") == "fa2"  # no Hopper GPU here
@@ -412,7 +408,7 @@ def test_attention_kernel_switch():
 def test_cuda_allocator_setting_keeps_the_users(monkeypatch):
     import os
 
-    from trainer_core.model.speed import tune_cuda_allocator
+    from trainer_core.model.tuning import tune_cuda_allocator
 
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
@@ -429,7 +425,7 @@ def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypat
     import json
     import subprocess
 
-    from trainer_core.model import speed
+    from trainer_core.model import fa4_warmup
 
     started = []
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)) or cmd)
@@ -438,24 +434,24 @@ def test_fa4_warm_up_process_gets_the_models_attention_shape(tmp_path, monkeypat
         {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
          "hidden_size": 1024}))
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert not speed.warm_fa4_kernels(tmp_path) and not started  # one process per machine
+    assert not fa4_warmup.warm_fa4_kernels(tmp_path) and not started  # one process per machine
     monkeypatch.setenv("LOCAL_RANK", "0")
     # What FA4's import leaves before any kernel is compiled: empty folders per kernel kind.
     kinds = tmp_path / "cache" / "fa4" / "source-fingerprint"
     for kind in ("fwd", "bwd", "bwd_pre"):
         (kinds / kind).mkdir(parents=True)
     try:
-        assert speed.warm_fa4_kernels(tmp_path)
+        assert fa4_warmup.warm_fa4_kernels(tmp_path)
     finally:
-        speed._state.pop("fa4_warm", None)
+        fa4_warmup._warming.clear()
     # the forward and the backward kernels, each compiled by a process of its own
     assert [cmd[-1].split("; ")[1] for cmd, _ in started] == [
         "_run_fa4_once(16, 8, 128, 'fwd')", "_run_fa4_once(16, 8, 128, 'bwd')"]
     for _, kw in started:
         assert kw["env"]["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "cache" / "fa4")
-    assert not speed.warm_fa4_kernels(tmp_path / "missing")  # no config: nothing to warm
+    assert not fa4_warmup.warm_fa4_kernels(tmp_path / "missing")  # no config: nothing to warm
     (kinds / "fwd" / "0123abcd.o").write_bytes(b"")  # a kernel compiled by an earlier run
-    assert not speed.warm_fa4_kernels(tmp_path) and len(started) == 2  # warm machine: no wait
+    assert not fa4_warmup.warm_fa4_kernels(tmp_path) and len(started) == 2  # warm machine: no wait
 
 
 def test_mix_order_reduction_switch(monkeypatch):
@@ -464,7 +460,7 @@ def test_mix_order_reduction_switch(monkeypatch):
     import torch._inductor
     import torch._inductor.config as inductor_config
 
-    from trainer_core.model.speed import set_mix_order_reduction
+    from trainer_core.model.tuning import set_mix_order_reduction
 
     cfg = inductor_config.triton
     for name in ("mix_order_reduction", "mix_order_reduction_non_strict_mode"):
@@ -481,15 +477,15 @@ def test_mix_order_reduction_switch(monkeypatch):
 
 
 def test_loss_kernel_switch_picks_the_triton_chunk_kernel_on_cuda_only(monkeypatch):
-    from trainer_core.model import speed
+    from trainer_core.model import fused_loss
 
     cfg = load_config(overrides={"environment.fused_loss": "on", "environment.compile": "off"})
     assert "loss gradient by a Triton kernel" not in plan_speed(cfg, torch.device("cpu")).notes
-    assert speed._ce_kernel("cpu", triton_ce=True) is speed._ce_loss_and_grad
+    assert fused_loss._ce_kernel("cpu", triton_ce=True) is fused_loss._ce_loss_and_grad
     pytest.importorskip("triton")
     from trainer_core.model.cross_entropy import ce_loss_and_grad_inplace
 
-    assert speed._ce_kernel("cuda", triton_ce=True) is ce_loss_and_grad_inplace
+    assert fused_loss._ce_kernel("cuda", triton_ce=True) is ce_loss_and_grad_inplace
     on = load_config(overrides={"environment.fused_loss": "on", "environment.compile": "off",
                                 "environment.triton_cross_entropy": "on"})
     # a CUDA kernel: the CPU keeps the eager formula whatever the switch says

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from trainer_core.config import TrainerConfig
+from trainer_core.model.fa4_warmup import warm_fa4_kernels
 from trainer_core.model.graphs import TOKEN_MULTIPLE, StepGraphs, graphs_wanted
 from trainer_core.model.loading import (
     autocast,
@@ -25,13 +26,8 @@ from trainer_core.model.loading import (
     pick_device,
     pick_precision,
 )
-from trainer_core.model.speed import (
-    SpeedPlan,
-    plan_speed,
-    tune_cpu_allocator,
-    tune_cuda_allocator,
-    warm_fa4_kernels,
-)
+from trainer_core.model.speed import SpeedPlan, plan_speed
+from trainer_core.model.tuning import tune_cpu_allocator, tune_cuda_allocator
 
 
 def make_optimizer(model: Any, cfg: TrainerConfig, device: Any) -> Any:
