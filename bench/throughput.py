@@ -225,7 +225,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     from trainer_core.config import load_config
     from trainer_core.data.batching import count_trained, micro_batches, plan_steps
     from trainer_core.train import step as engine
-    from trainer_core.train.inputs import Prefetcher
+    from trainer_core.train.inputs import Prefetcher, token_budget
 
     base = {
         "model.path": str(model_dir),
@@ -245,7 +245,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     model, speed = setup.model, setup.speed
     print(f"  [{name}] attn={speed.attn_implementation} notes={list(speed.notes)} "
           f"precision={setup.precision}", flush=True)
-    budget = engine.token_budget(cfg)
+    budget = token_budget(cfg)
     pad_id = 151_643
     n_params, shape = _n_params(model), _shape(model)
     meter = Meter(name, warmup)

@@ -164,7 +164,7 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm():
     """The CUDA step clips through fused AdamW's grad_scale; the result is clip_grad_norm_'s."""
     import copy
 
-    from trainer_core.train.step import clip_in_optimizer
+    from trainer_core.train.update import clip_in_optimizer
 
     torch.manual_seed(0)
     for max_norm in (0.5, None, 1e9):
@@ -198,7 +198,7 @@ def test_guarded_update_equals_clip_and_step_and_skips_non_finite_steps():
 
     import pytest
 
-    from trainer_core.train.step import guarded_update
+    from trainer_core.train.update import guarded_update
 
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
@@ -263,13 +263,15 @@ def test_update_graph_records_the_same_step_as_the_eager_one(micro_model_dir):
     from contextlib import nullcontext
 
     from trainer_core.config import TrainerConfig
-    from trainer_core.model.graphs import TOKEN_MULTIPLE, StepGraphs, static_inputs
-    from trainer_core.train.step import guarded_update, make_optimizer, queue_update
+    from trainer_core.model.graphs import TOKEN_MULTIPLE, static_inputs
+    from trainer_core.train.graph_update import UpdateGraphs
+    from trainer_core.train.step import make_optimizer
+    from trainer_core.train.update import guarded_update, queue_update
 
     register_varlen_attention()
     fn = make_loss_fn(varlen=True, fused=True)
     # (embedding rows off: bit-equal to the plain step; they are compared on their own below)
-    graphs = StepGraphs(fn, nullcontext, embedding_rows=False)
+    graphs = UpdateGraphs(fn, nullcontext, embedding_rows=False)
     ref = _load(micro_model_dir, VARLEN_ATTN)
     new = copy.deepcopy(ref)
     cfg = TrainerConfig()
@@ -370,9 +372,9 @@ def test_update_graphs_are_dropped_when_the_optimizer_state_is_replaced():
     daemon's rollback) or another optimizer must not replay it."""
     from contextlib import nullcontext
 
-    from trainer_core.model.graphs import StepGraphs
+    from trainer_core.train.graph_update import UpdateGraphs
 
-    graphs = StepGraphs(lambda m, b: (None, 0), nullcontext)
+    graphs = UpdateGraphs(lambda m, b: (None, 0), nullcontext)
     model = torch.nn.Linear(3, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     graphs._check_optimizer(opt)

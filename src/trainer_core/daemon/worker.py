@@ -3,9 +3,10 @@
 It loads torch, the tokenizer and the model once and keeps them (and the optimizer) in memory
 across files, so consecutive files pay neither a model load nor a compilation: a file that
 starts from the checkpoint this worker just wrote starts at once; only a rollback or a restart
-reloads a checkpoint from disk. Training is the engine's: ``prepare_training`` + ``train_step``
-over ``micro_batches`` of a ``plan_steps`` plan, with checkpoints by ``save_checkpoint`` and
-``load_checkpoint``, so resuming a killed file continues it exactly.
+reloads a checkpoint from disk. Training is the step engine's (:mod:`trainer_core.train.engine`):
+``prepare_training`` + ``train_step`` over ``micro_batches`` of a ``plan_steps`` plan, with
+checkpoints by ``engine.save`` and ``engine.load``, so resuming a killed file continues it
+exactly.
 
 Protocol: JSON lines. The daemon writes commands on stdin (``init``, ``train``, ``pause``,
 ``stop``, ``skip``); the worker answers on its own copy of stdout (``hello``, ``ready``,
@@ -196,10 +197,7 @@ class Worker:
         return value
 
     def finite(self) -> bool:
-        from trainer_core.model.loading import weights_finite
-
-        return self.dist.weights_finite() if self.dist is not None else weights_finite(
-            self.setup.model)
+        return self.setup.engine.finite()  # (several processes: all ranks agree)
 
     # ------------------------------------------------------------------ setup
 
@@ -255,28 +253,17 @@ class Worker:
         """Bring the in-memory state to ``checkpoint`` unless it is already there."""
         if self.at == checkpoint:
             return
-        from trainer_core.train.checkpoint import load_checkpoint, read_checkpoint
+        from trainer_core.train.checkpoint import read_checkpoint
 
-        s = self.setup
-        if self.dist is not None:  # every rank reads it; FSDP takes its shards
-            self.state = self.dist.apply_checkpoint(read_checkpoint(Path(checkpoint)), s)
-        else:
-            self.state = load_checkpoint(Path(checkpoint), s.model, s.optimizer, s.scheduler,
-                                         s.scaler)
+        # (several processes: every rank reads it; FSDP takes its shards)
+        self.state = self.setup.engine.load(read_checkpoint(Path(checkpoint)))
         self.at = checkpoint
 
     def save(self, daemon_fields: dict[str, Any]) -> str:
-        from trainer_core.train.checkpoint import save_checkpoint
-
-        s = self.setup
         # In memory as on disk: a resume that needs no reload still knows the data position.
         self.state["daemon"] = daemon_fields
-        if self.dist is not None:  # rank 0 writes (FSDP gathers first); all return together
-            path = self.dist.save_checkpoint(self.home.root, self.state["step"], s, self.state,
-                                             keep=None)
-        else:
-            path = save_checkpoint(self.home.root, self.state["step"], s.model, s.optimizer,
-                                   s.scheduler, s.scaler, self.state, keep=None)
+        # (several processes: rank 0 writes, FSDP gathers first; all return together)
+        path = self.setup.engine.save(self.home.root, self.state["step"], self.state, keep=None)
         self.at = str(path)
         return str(path)
 
@@ -298,8 +285,8 @@ class Worker:
         )
         from trainer_core.data.rows import check_rows, read_rows
         from trainer_core.errors import DataError
-        from trainer_core.train.inputs import preprocess_rows
-        from trainer_core.train.step import token_budget, train_step
+        from trainer_core.train.inputs import preprocess_rows, token_budget
+        from trainer_core.train.step import train_step
 
         cfg, s = self.cfg, self.setup
         fid, attempt, path = job["file_id"], job["attempt"], job["path"]

@@ -424,7 +424,7 @@ class Distributed:
         import torch
 
         from trainer_core.model.loading import autocast
-        from trainer_core.train.step import to_device
+        from trainer_core.train.inputs import to_device
 
         if not examples:
             return None

@@ -18,8 +18,8 @@ from trainer_core.config import TrainerConfig, config_hash
 from trainer_core.files import RUN_MANIFEST, sha256_file, write_json_atomic
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
-from trainer_core.train.inputs import dataset_path
-from trainer_core.train.step import token_budget, warmup_steps
+from trainer_core.train.inputs import dataset_path, token_budget
+from trainer_core.train.step import warmup_steps
 
 
 def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: Path, plan: Any,
