@@ -9,9 +9,9 @@ checkpoints by ``engine.save`` and ``engine.load``, so resuming a killed file co
 exactly.
 
 Protocol: JSON lines. The daemon writes commands on stdin (``init``, ``train``, ``pause``,
-``stop``, ``skip``); the worker answers on its own copy of stdout (``hello``, ``ready``,
-``progress``, ``checkpoint``, ``done``, ``failed``, ``paused``, ``stopped``, ``skipped``,
-``fatal``). Everything else the process prints goes to stderr (the daemon's logs/worker.log).
+``stop``, ``skip``); the worker answers on its own copy of stdout (``hello``, ``loaded``,
+``ready``, ``started``, ``progress``, ``checkpoint``, ``done``, ``failed``, ``paused``,
+``stopped``, ``skipped``, ``fatal``, ``log``). Everything else the process prints goes to stderr (the daemon's logs/worker.log).
 Closed stdin means the daemon is gone: the worker exits.
 
 Under torchrun (``daemon.nproc`` > 1) every rank runs this worker; rank 0 alone reads the
