@@ -354,6 +354,23 @@ def test_error_type():
     assert config_error({"hyperparams": 5}) == "hyperparams: expected an object, got 5"
 
 
+def test_a_retired_field_in_an_old_file_is_ignored(tmp_path):
+    # An old daemon home's config (or a run's trainer_config.json) names a field since removed.
+    old = to_dict(TrainerConfig())
+    old["environment"]["dataloader_workers"] = 2
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    resolved = R.resolve(file=path)
+    assert resolved.config == TrainerConfig()
+    assert "environment.dataloader_workers" not in resolved.sources
+    assert from_dict(old) == TrainerConfig()
+    assert old["environment"]["dataloader_workers"] == 2  # the caller's dict is untouched
+    assert "dataloader_workers" not in to_dict(TrainerConfig())["environment"]
+    # Still an unknown setting where the user types it now.
+    with pytest.raises(ConfigError, match="environment.dataloader_workers: unknown setting"):
+        R.set_dotted({}, "environment.dataloader_workers", 2)
+
+
 def test_int_is_accepted_for_float():
     cfg = from_dict({"hyperparams": {"learning_rate": 1, "num_epochs": 2}})
     assert cfg.hyperparams.learning_rate == 1.0

@@ -53,10 +53,6 @@ def _fraction(v: Any) -> bool:
     return 0 <= v <= 1
 
 
-def _open_fraction(v: Any) -> bool:
-    return 0 < v < 1
-
-
 def _half_open_fraction(v: Any) -> bool:
     return 0 <= v < 1
 
@@ -509,11 +505,6 @@ class Output:
 class Environment:
     """Process-level settings."""
 
-    dataloader_workers: int = attrs.field(
-        default=0,
-        validator=check(_non_negative, "must be >= 0"),
-        metadata=doc("Background workers preparing batches (0: in the training process)."),
-    )
     report_to: list[str] = attrs.field(
         factory=list,
         metadata=doc("Experiment trackers to log to, besides metrics.jsonl (always written): "
@@ -863,10 +854,30 @@ def cross_field_problems(cfg: TrainerConfig) -> list[str]:
 # --------------------------------------------------------------------------- dicts and files
 
 
+#: Fields that no longer exist, with why. A file that still names one (an old config file, a
+#: daemon home's config, a run's trainer_config.json) loads with the key ignored, since its value
+#: never changed what training did; ``--set`` of one is still an unknown setting.
+RETIRED: dict[str, str] = {
+    "environment.dataloader_workers": "never used: the next step's batches are collated on a "
+                                      "prefetch thread",
+}
+
+
+def without_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested config dict) less the :data:`RETIRED` keys; the input is not changed."""
+    out = dict(data)
+    for dotted in RETIRED:
+        section, _, name = dotted.partition(".")
+        if isinstance(out.get(section), dict) and name in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
+
+
 def from_dict(data: dict[str, Any], source: str = "config") -> TrainerConfig:
     """Build a validated config from a (possibly partial) nested dict."""
     try:
-        return structure(data, TrainerConfig, "")
+        return structure(without_retired(data) if isinstance(data, dict) else data,
+                         TrainerConfig, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") if source != "config" else exc from None
 
@@ -891,6 +902,20 @@ def field_paths(cls: type = TrainerConfig, prefix: str = "") -> dict[str, attrs.
     return out
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
+            if path == "profile.options" and not value:
+                out[path] = value
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
 def _resolve_types() -> None:
     # ``from __future__ import annotations`` leaves string types; attrs resolves them here.
     for cls in (HyperParams, ProfileSection, Monitoring, Locked, Data, Model, Output, Environment,
@@ -911,8 +936,6 @@ def config_hash(cfg: TrainerConfig) -> str:
 
 def schema() -> list[dict[str, Any]]:
     """Every field: dotted path, type, default and doc (for ``trainer config schema``)."""
-    from trainer_core.config.sources import flatten
-
     out = []
     defaults = flatten(to_dict(TrainerConfig()))
     for path, a in field_paths().items():

@@ -16,7 +16,14 @@ from typing import Any
 
 import attrs
 
-from trainer_core.config.sections import SECTIONS, TrainerConfig, field_paths, to_dict
+from trainer_core.config.sections import (
+    RETIRED,
+    TrainerConfig,
+    field_paths,
+    flatten,
+    to_dict,
+    without_retired,
+)
 from trainer_core.config.structure import structure
 from trainer_core.errors import ConfigError
 
@@ -211,20 +218,6 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
-            if path == "profile.options" and not value:
-                out[path] = value
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 # --------------------------------------------------------------------------- resolution
 
 
@@ -278,7 +271,7 @@ def resolve(
         merged = _merge(merged, tree)
     source_label = str(file) if file is not None else "config"
     try:
-        cfg = structure(merged, TrainerConfig, "")
+        cfg = structure(without_retired(merged), TrainerConfig, "")
     except ConfigError as exc:
         if positions is not None:
             raise locate(exc, positions, source_label) from None
@@ -288,7 +281,8 @@ def resolve(
     sources = {k: "default" for k in flatten(to_dict(cfg))}
     for name, tree in layers:
         for k in flatten(tree):
-            sources[k] = name
+            if k not in RETIRED:
+                sources[k] = name
     return Resolved(cfg, sources)
 
 

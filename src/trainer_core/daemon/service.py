@@ -32,11 +32,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
+
+import attrs
 
 from trainer_core.config import TrainerConfig, to_dict
-from trainer_core.daemon import storage
+from trainer_core.daemon import protocol, storage
 from trainer_core.daemon.home import PRIORITY_LEVELS, STATE_FOLDERS, Home, HomeLock, priority_name
 from trainer_core.daemon.intake import (
     LINK_COPY_PREFIX,
@@ -289,16 +292,16 @@ class WorkerHandle:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                continue
-        self.events.put({"event": "exit", "code": self.proc.wait()})
+            msg = protocol.decode_event(line.decode("utf-8", "replace"))
+            if msg is not None:
+                self.events.put(msg)
+        self.events.put(protocol.Exit(self.proc.wait()))
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Any) -> None:
+        """A command (:mod:`trainer_core.daemon.protocol`) on the worker's stdin."""
         try:
             assert self.proc.stdin is not None
-            self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+            self.proc.stdin.write(protocol.encode(msg).encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the exit event follows
@@ -420,7 +423,7 @@ class Daemon:
         self.log(f"stopping ({why})")
         if self.worker is not None:
             # Training: checkpoint at the next step boundary and exit; idle: just exit.
-            self.worker.send({"cmd": "stop"})
+            self.worker.send(protocol.StopCommand())
 
     def log(self, msg: str) -> None:
         line = f"{dt.datetime.now().isoformat(timespec='seconds')} {msg}"
@@ -614,7 +617,7 @@ class Daemon:
         if cmd == "pause":
             ledger.put_meta("paused", 1)
             if self.job is not None and self.worker is not None and self.worker.state == "busy":
-                self.worker.send({"cmd": "pause"})
+                self.worker.send(protocol.PauseCommand())
                 return "pausing at the next step boundary"
             return "paused"
         if cmd == "resume":
@@ -632,7 +635,7 @@ class Daemon:
                 skip_queued(self.home, ledger, row)
                 return f"#{row['id']} {row['name']} skipped"
             if self.job is not None and self.worker is not None and self.worker.state == "busy":
-                self.worker.send({"cmd": "skip"})
+                self.worker.send(protocol.SkipCommand())
                 return f"skipping #{row['id']} {row['name']} at the next step boundary"
             self.end_attempt(row, "skipped", "skipped by the user")
             return f"#{row['id']} {row['name']} skipped"
@@ -679,74 +682,109 @@ class Daemon:
             except queue.Empty:
                 msg = None
 
-    def on_event(self, msg: dict[str, Any]) -> None:
-        w = self.worker
-        assert w is not None
-        ev = msg["event"]
-        if ev == "loaded":
-            w.state = "idle"
-            self.spawn_failures = 0
-        elif ev == "ready":  # init: the base model is checkpoint step 0
-            with self.ledger.tx() as db:
-                self.ledger.set_meta(db, "model_checkpoint", self.rel(msg["checkpoint"]))
-                self.ledger.set_meta(db, "model_step", 0)
-            storage.publish(self.home, Path(msg["checkpoint"]))
-            w.state = "idle"
-            self.log("base model checkpointed as step 0 and published")
-        elif ev == "started" and self.job is not None:
-            self.job.update(file_step=msg["file_step"], file_steps=msg["file_steps"],
-                            step=msg["step"])
-            self.ledger.set_file(msg["file_id"], train_started_at=msg["time"])
-            how = f"resumed at file step {msg['file_step']}" if msg["resumed"] else "started"
-            self.log(f"#{self.job['id']} {self.job['name']} {how} "
-                     f"({msg['file_steps']} steps, global step {msg['step']})")
-        elif ev == "progress" and self.job is not None:
-            append_jsonl(self.home.metrics,
-                         {k: msg[k] for k in ("time", "step", "file_id", "file_step", "loss",
-                                              "lr", "grad_norm", "tokens")})
-            elapsed = time.time() - self.job["t0"]
-            self.job.update(file_step=msg["file_step"], file_steps=msg["file_steps"],
-                            step=msg["step"], loss=msg["loss"], lr=msg["lr"],
-                            tokens=msg["tokens"])
-            if elapsed > 0:
-                self.rate_tokens_per_s = (msg["tokens"] - self.job["tokens0"]) / elapsed
-        elif ev == "checkpoint" and self.job is not None:
-            self.job["checkpoint"] = msg["checkpoint"]
-        elif ev == "done":
-            w.state = "idle"
-            row = self.ledger.file(msg["file_id"])
-            self.commit(row, Path(msg["checkpoint"]), msg)
-        elif ev == "failed":
-            # exiting: a rank died under torchrun; no new work until the exit is seen
-            w.state = "exiting" if msg.get("exiting") else "idle"
-            row = self.ledger.file(msg["file_id"])
-            extra = {k: msg[k] for k in ("rows", "invalid_rows") if k in msg}
-            if msg.get("disk_full"):  # not the file's failure: back in line, not counted
-                self.disk_full_attempt(row, msg["error"])
-            else:  # data_error: the file's own data; another attempt would fail the same way
-                self.end_attempt(row, "failed", msg["error"],
-                                 final=bool(msg.get("data_error")), **extra)
-        elif ev == "skipped":
-            w.state = "idle"
-            self.end_attempt(self.ledger.file(msg["file_id"]), "skipped", "skipped by the user")
-        elif ev == "paused":
-            w.state = "idle"
-            if self.job is not None:
-                self.job["checkpoint"] = msg["checkpoint"]
-            self.log(f"paused at global step {msg['step']} (checkpoint saved)")
-        elif ev == "stopped":
-            w.state = "exited"
-            if msg.get("checkpoint"):
-                self.log(f"worker stopped at global step {msg['step']} (checkpoint saved)")
-        elif ev == "fatal":
-            self.log(f"error: {msg['error']}")
-            self.exit_code = 2
-            self.request_stop("fatal worker error")
-            w.state = "exited"
-        elif ev == "log":
-            self.log(msg["message"])
-        elif ev == "exit":
-            self.on_worker_exit(msg["code"])
+    # ------------------------------------------------------------------ the worker's events
+
+    def on_event(self, msg: Any) -> None:
+        """One message from the worker (:mod:`trainer_core.daemon.protocol`), by
+        :data:`EVENT_HANDLERS`; ``hello`` needs nothing."""
+        handler = self.EVENT_HANDLERS.get(type(msg))
+        if handler is not None:
+            handler(self, msg)
+
+    def handle(self) -> WorkerHandle:
+        """The worker whose message is being handled."""
+        assert self.worker is not None
+        return self.worker
+
+    def on_loaded(self, msg: protocol.Loaded) -> None:
+        self.handle().state = "idle"
+        self.spawn_failures = 0
+
+    def on_ready(self, msg: protocol.Ready) -> None:
+        """``init``'s answer: the base model is checkpoint step 0."""
+        with self.ledger.tx() as db:
+            self.ledger.set_meta(db, "model_checkpoint", self.rel(msg.checkpoint))
+            self.ledger.set_meta(db, "model_step", 0)
+        storage.publish(self.home, Path(msg.checkpoint))
+        self.handle().state = "idle"
+        self.log("base model checkpointed as step 0 and published")
+
+    def on_started(self, msg: protocol.Started) -> None:
+        if self.job is None:
+            return
+        self.job.update(file_step=msg.file_step, file_steps=msg.file_steps, step=msg.step)
+        self.ledger.set_file(msg.file_id, train_started_at=msg.time)
+        how = f"resumed at file step {msg.file_step}" if msg.resumed else "started"
+        self.log(f"#{self.job['id']} {self.job['name']} {how} "
+                 f"({msg.file_steps} steps, global step {msg.step})")
+
+    def on_progress(self, msg: protocol.Progress) -> None:
+        if self.job is None:
+            return
+        append_jsonl(self.home.metrics,
+                     {"time": msg.time, "step": msg.step, "file_id": msg.file_id,
+                      "file_step": msg.file_step, "loss": msg.loss, "lr": msg.lr,
+                      "grad_norm": msg.grad_norm, "tokens": msg.tokens})
+        elapsed = time.time() - self.job["t0"]
+        self.job.update(file_step=msg.file_step, file_steps=msg.file_steps, step=msg.step,
+                        loss=msg.loss, lr=msg.lr, tokens=msg.tokens)
+        if elapsed > 0:
+            self.rate_tokens_per_s = (msg.tokens - self.job["tokens0"]) / elapsed
+
+    def on_checkpoint(self, msg: protocol.Checkpoint) -> None:
+        if self.job is not None:
+            self.job["checkpoint"] = msg.checkpoint
+
+    def on_done(self, msg: protocol.Done) -> None:
+        self.handle().state = "idle"
+        self.commit(self.ledger.file(msg.file_id), Path(msg.checkpoint), attrs.asdict(msg))
+
+    def on_failed(self, msg: protocol.Failed) -> None:
+        # exiting: a rank died under torchrun; no new work until the exit is seen
+        self.handle().state = "exiting" if msg.exiting else "idle"
+        row = self.ledger.file(msg.file_id)
+        extra = {k: v for k, v in (("rows", msg.rows), ("invalid_rows", msg.invalid_rows))
+                 if v is not None}
+        if msg.disk_full:  # not the file's failure: back in line, not counted
+            self.disk_full_attempt(row, msg.error)
+        else:  # data_error: the file's own data; another attempt would fail the same way
+            self.end_attempt(row, "failed", msg.error, final=msg.data_error, **extra)
+
+    def on_skipped(self, msg: protocol.Skipped) -> None:
+        self.handle().state = "idle"
+        self.end_attempt(self.ledger.file(msg.file_id), "skipped", "skipped by the user")
+
+    def on_paused(self, msg: protocol.Paused) -> None:
+        self.handle().state = "idle"
+        if self.job is not None:
+            self.job["checkpoint"] = msg.checkpoint
+        self.log(f"paused at global step {msg.step} (checkpoint saved)")
+
+    def on_stopped(self, msg: protocol.Stopped) -> None:
+        self.handle().state = "exited"
+        if msg.checkpoint:
+            self.log(f"worker stopped at global step {msg.step} (checkpoint saved)")
+
+    def on_fatal(self, msg: protocol.Fatal) -> None:
+        self.log(f"error: {msg.error}")
+        self.exit_code = 2
+        self.request_stop("fatal worker error")
+        self.handle().state = "exited"
+
+    def on_log(self, msg: protocol.Log) -> None:
+        self.log(msg.message)
+
+    def on_exit(self, msg: protocol.Exit) -> None:
+        self.on_worker_exit(msg.code)
+
+    #: Each message the worker sends -> what the daemon does with it.
+    EVENT_HANDLERS: ClassVar[dict[type, Callable[[Any, Any], None]]] = {
+        protocol.Loaded: on_loaded, protocol.Ready: on_ready, protocol.Started: on_started,
+        protocol.Progress: on_progress, protocol.Checkpoint: on_checkpoint,
+        protocol.Done: on_done, protocol.Failed: on_failed, protocol.Skipped: on_skipped,
+        protocol.Paused: on_paused, protocol.Stopped: on_stopped, protocol.Fatal: on_fatal,
+        protocol.Log: on_log, protocol.Exit: on_exit,
+    }
 
     def on_worker_exit(self, code: int) -> None:
         assert self.worker is not None
@@ -778,7 +816,7 @@ class Daemon:
             return
         if self.model_checkpoint() is None:
             w.state = "busy"
-            w.send({"cmd": "init"})
+            w.send(protocol.InitCommand())
             return
         if self.ledger.meta("paused") == "1":
             self.state = "paused"
@@ -823,10 +861,10 @@ class Daemon:
                     "tokens0": 0, "t0": time.time(), "started_at": time.time()}
         w.state = "busy"
         self.state = "training"
-        w.send({"cmd": "train", "file_id": row["id"], "attempt": row["attempts"],
-                "name": row["name"], "path": str(self.home.queue / row["fname"]),
-                "start_from": str(start_from), "seed": self.file_seed(row),
-                "problems_path": str(problems_path(self.home, row))})
+        w.send(protocol.TrainCommand(
+            file_id=row["id"], attempt=row["attempts"], name=row["name"],
+            path=str(self.home.queue / row["fname"]), start_from=str(start_from),
+            seed=self.file_seed(row), problems_path=str(problems_path(self.home, row))))
         self.write_status(force=True)
 
     def file_seed(self, row: dict[str, Any]) -> int:

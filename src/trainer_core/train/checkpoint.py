@@ -523,12 +523,6 @@ def check_weight_keys(path: Path, weights: dict[str, Any], model: Any) -> None:
                             f"model expects {tuple(own[k].shape)}")
 
 
-def read_training_state(path: Path) -> dict[str, Any]:
-    """The optimizer, scheduler, scaler and RNG states of checkpoint ``path``
-    (``training_state.pt``), loaded with ``weights_only=True`` like :func:`read_checkpoint`."""
-    return read_checkpoint(path).training
-
-
 def _storage_ptr(t: Any) -> int:
     # A sharded (FSDP2) parameter is a DTensor: tied weights share its local shard.
     return int((t.to_local() if hasattr(t, "to_local") else t).data_ptr())

@@ -301,14 +301,6 @@ class Distributed:
         self.share(first)
         return result[0] if self.is_main else fn()
 
-    def agree_stop(self, signal_number: int | None) -> int | None:
-        """A stop signal if any rank received one (so that all stop after the same step)."""
-        import signal
-
-        if self.all_sum([1.0 if signal_number else 0.0])[0] == 0:
-            return None
-        return signal_number or int(signal.SIGTERM)
-
     def step_consensus(self, batches: list[dict[str, Any]], signal_number: int | None
                        ) -> tuple[int, int | None]:
         """After a step: its processed tokens over all ranks, and whether any rank got a stop
@@ -432,7 +424,7 @@ class Distributed:
         import torch
 
         from trainer_core.model.loading import autocast
-        from trainer_core.train.step import to_device
+        from trainer_core.train.inputs import to_device
 
         if not examples:
             return None

@@ -1,4 +1,5 @@
-"""What a run trains on: the dataset file, validated rows, preprocessed examples."""
+"""What a run trains on: the dataset file, validated rows, preprocessed examples, a step's
+token budget, batches moved to the device, and the thread that collates the next step."""
 
 from __future__ import annotations
 
@@ -212,3 +213,15 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def token_budget(cfg: TrainerConfig) -> int:
+    """Tokens per micro-batch: ``data.max_tokens_per_batch``, else batch size x max length."""
+    hp = cfg.hyperparams
+    return cfg.data.max_tokens_per_batch or hp.batch_size * hp.max_length
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A collated batch's tensors on ``device`` (copied without waiting, from pinned memory)."""
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v)
+            for k, v in batch.items()}

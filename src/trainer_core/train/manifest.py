@@ -19,8 +19,8 @@ from trainer_core.files import RUN_MANIFEST, write_json_atomic
 from trainer_core.model.adapters import adapter_facts, adapter_plan
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
-from trainer_core.train.inputs import data_sha256, dataset_path
-from trainer_core.train.step import token_budget, warmup_steps
+from trainer_core.train.inputs import data_sha256, dataset_path, token_budget
+from trainer_core.train.step import warmup_steps
 
 
 def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: Path, plan: Any,

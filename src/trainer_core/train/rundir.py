@@ -12,7 +12,8 @@ What trainer guarantees about an output directory (README, "What trainer guarant
 
 :func:`inspect_run_dir` (what a directory holds), :func:`find_resumable_runs`,
 :func:`locate_output` (the read-only decision), :func:`claim_output` (lock and prepare) and
-:func:`record_outcome` are meant for reuse (the daemon calls them).
+:func:`record_outcome` are what the recipe calls; the daemon keeps its own home
+(:mod:`trainer_core.daemon.home`) and uses none of them.
 """
 
 from __future__ import annotations

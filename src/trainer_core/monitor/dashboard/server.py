@@ -36,18 +36,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from trainer_core.monitor.dashboard.base import HTTPError, safe_path
+
 #: The page's own files; each view's script comes from the view (``/static/<view>.js``).
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 #: File types /files/ serves (plots and the run's text files); anything else is refused.
 SERVED_SUFFIXES = {".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
                    ".jsonl": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def clean(obj: Any) -> Any:
@@ -63,18 +59,6 @@ def clean(obj: Any) -> Any:
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(clean(obj), default=str, allow_nan=False).encode()
-
-
-def safe_path(root: Path, rel: str) -> Path:
-    """``root/rel`` resolved (symlinks too), or HTTPError 404 when it leaves ``root``."""
-    rel = urllib.parse.unquote(rel)
-    if "\x00" in rel:
-        raise HTTPError(404, "not found")
-    root = root.resolve()
-    target = (root / rel.lstrip("/")).resolve()
-    if target != root and root not in target.parents:
-        raise HTTPError(404, "not found")
-    return target
 
 
 def is_loopback(host: str) -> bool:

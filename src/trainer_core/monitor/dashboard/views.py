@@ -33,7 +33,7 @@ from trainer_core.files import (
     STATUS_FILE,
     run_lock_holder,
 )
-from trainer_core.monitor.dashboard.server import HTTPError, safe_path
+from trainer_core.monitor.dashboard.base import HTTPError, safe_path
 from trainer_core.monitor.status import read_status
 from trainer_core.monitor.watch import find_runs, is_run_dir
 
