@@ -73,7 +73,7 @@ def write_gguf(source: Source, dest: Path, gguf_type: str,
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(str(source.config.get("_name_or_path") or source.path.resolve().name))
+    writer.add_name(_model_name(source.path))
     writer.add_vocab_size(hp["vocab_size"])
     writer.add_context_length(hp["context"])
     writer.add_embedding_length(hp["hidden"])
@@ -147,6 +147,14 @@ def write_gguf(source: Source, dest: Path, gguf_type: str,
         counts[t.name] = counts.get(t.name, 0) + 1
     return {"type": gguf_type, "tensors": counts, "pre_tokenizer": pre, "tokens": len(tokens),
             "chat_template": special.chat_template is not None}
+
+
+def _model_name(path: Path) -> str:
+    """``general.name``: the directory's name; a checkpoint's is ``RUN-step-N``."""
+    path = path.resolve()
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}-{path.name}"
+    return path.name
 
 
 def _convert(array: Any, item: tuple[str, str, Any], source: Source, hp: dict[str, Any]) -> Any:
