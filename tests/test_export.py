@@ -264,6 +264,11 @@ def test_existing_output_is_refused_without_overwrite(micro_model_dir, tmp_path)
     folder.mkdir()
     _one_line_error(export_cli(str(micro_model_dir), "--to", "hf", "-o", str(folder)),
                     "already exists")
+    _one_line_error(export_cli(str(micro_model_dir), "--to", "gguf", "-o", str(folder),
+                               "--overwrite"), "is a directory")
+    assert folder.is_dir()
+    _one_line_error(export_cli(str(micro_model_dir), "--to", "hf", "-o",
+                               str(micro_model_dir / "inside")), "outside")
     result = export_cli(str(micro_model_dir), "--to", "gguf", "-o", str(out), "--overwrite")
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:4] == b"GGUF"

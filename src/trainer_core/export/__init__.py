@@ -120,23 +120,31 @@ def weight_names(source: Source) -> list[str]:
     return names
 
 
-def check_output(dest: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``; the parent directory must exist."""
-    if (dest.exists() or dest.is_symlink()) and not overwrite:
-        raise UserError(f"-o {dest}: already exists (use --overwrite to replace it)")
+def check_output(dest: Path, overwrite: bool, source: Path, directory: bool) -> None:
+    """Refuse an existing output unless ``overwrite`` (and then only one of the same kind: a
+    file for a file, a directory for a directory), an output inside the source or holding it,
+    and a missing parent directory."""
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise UserError(f"-o {dest}: already exists (use --overwrite to replace it)")
+        if dest.is_dir() != directory:
+            raise UserError(f"-o {dest}: is a {'directory' if dest.is_dir() else 'file'}; "
+                            f"--overwrite replaces a {'directory' if directory else 'file'} only")
+    here, there = dest.resolve(), source.resolve()
+    if here == there or there in here.parents or here in there.parents:
+        raise UserError(f"-o {dest}: must be outside the directory being exported ({source})")
     if not dest.parent.is_dir():
         raise UserError(f"-o {dest}: directory {dest.parent} does not exist")
 
 
 @contextmanager
-def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_output(dest: Path) -> Iterator[Path]:
     """A temporary path next to ``dest``, renamed to ``dest`` when the block succeeds.
 
     On any error (or Ctrl-C) the temporary file or directory is removed and ``dest`` is left
-    as it was. A directory replaced with ``overwrite`` is moved aside first and deleted only
-    once the new one is in place.
+    as it was. A directory being replaced is moved aside first and deleted only once the new
+    one is in place. Callers check ``dest`` first (:func:`check_output`).
     """
-    check_output(dest, overwrite)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
@@ -174,8 +182,8 @@ def run_export(src: str, to: str, output: str, gguf_type: str | None = None,
         from trainer_core.export.to_gguf import write_gguf
 
         source = resolve_source(src)
-        check_output(dest, overwrite)
-        with atomic_output(dest, overwrite) as tmp:
+        check_output(dest, overwrite, source.path, directory=False)
+        with atomic_output(dest) as tmp:
             summary = write_gguf(source, tmp, gguf_type or "f16", progress)
         size = dest.stat().st_size
     elif to == "hf":
@@ -184,8 +192,8 @@ def run_export(src: str, to: str, output: str, gguf_type: str | None = None,
         from trainer_core.export.to_hf import write_hf
 
         source = resolve_source(src)
-        check_output(dest, overwrite)
-        with atomic_output(dest, overwrite) as tmp:
+        check_output(dest, overwrite, source.path, directory=True)
+        with atomic_output(dest) as tmp:
             summary = write_hf(source, tmp, dtype)
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     else:

@@ -32,15 +32,22 @@ def write_hf(source: Source, dest: Path, dtype: str | None) -> dict[str, Any]:
     if (source.path / CHAT_TEMPLATES_DIR).is_dir():
         shutil.copytree(source.path / CHAT_TEMPLATES_DIR, dest / CHAT_TEMPLATES_DIR)
         copied.append(CHAT_TEMPLATES_DIR)
-    if (source.path / WEIGHTS_INDEX).is_file():
-        shutil.copyfile(source.path / WEIGHTS_INDEX, dest / WEIGHTS_INDEX)
-        copied.append(WEIGHTS_INDEX)
+    total = 0
     for file in source.weight_files:
         if dtype is None:
             shutil.copyfile(file, dest / file.name)
         else:
-            _cast(file, dest / file.name, HF_DTYPES[dtype][0])
+            total += _cast(file, dest / file.name, HF_DTYPES[dtype][0])
         copied.append(file.name)
+    if (source.path / WEIGHTS_INDEX).is_file():
+        if dtype is None:
+            shutil.copyfile(source.path / WEIGHTS_INDEX, dest / WEIGHTS_INDEX)
+        else:  # the shards' tensor bytes changed with the cast
+            index = json.loads((source.path / WEIGHTS_INDEX).read_text(encoding="utf-8"))
+            index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+            (dest / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n",
+                                              encoding="utf-8")
+        copied.append(WEIGHTS_INDEX)
     if dtype is not None:
         config = dict(source.config, dtype=HF_DTYPES[dtype][1])
         config.pop("torch_dtype", None)  # the older name of the same field
@@ -49,7 +56,8 @@ def write_hf(source: Source, dest: Path, dtype: str | None) -> dict[str, Any]:
     return {"dtype": dtype, "files": sorted(copied)}
 
 
-def _cast(src: Path, dest: Path, dtype_name: str) -> None:
+def _cast(src: Path, dest: Path, dtype_name: str) -> int:
+    """Write ``src``'s tensors to ``dest`` with floating ones cast; returns their bytes."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -62,3 +70,4 @@ def _cast(src: Path, dest: Path, dtype_name: str) -> None:
             t = fh.get_tensor(name)
             tensors[name] = t.to(target) if t.is_floating_point() else t
     save_file(tensors, str(dest), metadata={**metadata, "format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
