@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,7 @@ def _remove(path: Path) -> None:
 
 
 def run_export(src: str, to: str, output: str, gguf_type: str | None = None,
-           dtype: str | None = None, overwrite: bool = False,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+           dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Export ``src`` to ``output``; returns a summary (path, bytes, seconds, what was written)."""
     import time
 
@@ -184,7 +183,7 @@ def run_export(src: str, to: str, output: str, gguf_type: str | None = None,
         source = resolve_source(src)
         check_output(dest, overwrite, source.path, directory=False)
         with atomic_output(dest) as tmp:
-            summary = write_gguf(source, tmp, gguf_type or "f16", progress)
+            summary = write_gguf(source, tmp, gguf_type or "f16")
         size = dest.stat().st_size
     elif to == "hf":
         if gguf_type is not None:

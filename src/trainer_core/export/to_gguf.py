@@ -22,14 +22,13 @@ Tensors are converted and written one at a time, so memory stays near one tensor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from trainer_core.errors import UserError
 from trainer_core.export import Source, iter_weights, weight_names
 
-#: ``--type`` -> (GGML type of 2-D tensors, llama.cpp file type).
+#: ``--type`` values; :func:`_types` maps each to (GGML type of 2-D tensors, file type).
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
 
 #: Split regexes of byte-level BPE tokenizers -> llama.cpp's pre-tokenizer name.
@@ -57,8 +56,7 @@ def _types() -> dict[str, tuple[Any, Any]]:
             "bf16": (q.BF16, f.MOSTLY_BF16), "q8_0": (q.Q8_0, f.MOSTLY_Q8_0)}
 
 
-def write_gguf(source: Source, dest: Path, gguf_type: str,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def write_gguf(source: Source, dest: Path, gguf_type: str) -> dict[str, Any]:
     """Write ``source`` to ``dest`` as GGUF with 2-D tensors in ``gguf_type``."""
     import gguf
     import numpy as np
@@ -131,17 +129,17 @@ def write_gguf(source: Source, dest: Path, gguf_type: str,
                                    raw_dtype=t)
 
     writer.write_header_to_file(path=dest)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    todo, wanted = iter(plan), {p[0] for p in plan}
-    for done, (hf_name, array) in enumerate(
-            (n, a) for n, a in iter_weights(source) if n in wanted):
-        item = next(todo)
-        assert item[0] == hf_name  # both walk the same files in the same order
-        writer.write_tensor_data(_convert(array, item, source, hp))
-        if progress is not None:
-            progress(f"{done + 1}/{len(plan)} tensors")
-    writer.close()
+    try:
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        todo, wanted = iter(plan), {p[0] for p in plan}
+        for hf_name, array in iter_weights(source):
+            if hf_name in wanted:
+                item = next(todo)
+                assert item[0] == hf_name  # both walk the same files in the same order
+                writer.write_tensor_data(_convert(array, item, source, hp))
+    finally:
+        writer.close()
     counts: dict[str, int] = {}
     for _, _, t in plan:
         counts[t.name] = counts.get(t.name, 0) + 1
@@ -207,8 +205,10 @@ def _hyperparams(source: Source) -> dict[str, Any]:
         raise UserError(f"{where}: rope type {rope_type!r} is not exported (only the default "
                         "rotary embedding)")
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key) and source.architecture == "LlamaForCausalLM":
-            raise UserError(f"{where}: {key}: biases are not exported for Llama")
+        if cfg.get(key):
+            raise UserError(f"{where}: {key}: models with biases are not exported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act: {cfg['hidden_act']!r} is not exported (silu only)")
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
     return {
