@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from trainer_core.cli import cli
 
 pytest.importorskip("gguf", reason="pip install 'trainer-core[gguf]'")
-pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 #: Largest |logit difference| allowed, relative to the largest |logit| of the HF model (README

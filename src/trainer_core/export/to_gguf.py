@@ -270,7 +270,7 @@ def _pre_tokenizer(pre: Any, path: Path) -> str:
     steps = [s for s in steps or [] if s]
     if len(steps) == 2 and steps[0].get("type") == "Split" \
             and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
-        name = PRE_TOKENIZER_REGEXES.get((steps[0].get("pattern") or {}).get("Regex"))
+        name = PRE_TOKENIZER_REGEXES.get(str((steps[0].get("pattern") or {}).get("Regex")))
         if name is not None:
             return name
     described = []
