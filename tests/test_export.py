@@ -308,7 +308,12 @@ def test_wrong_options_and_tokenizers_are_one_line_errors(micro_model_dir, tmp_p
     (model / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     _one_line_error(export_cli(str(model), "--to", "gguf", "-o", str(out)),
                     "tokenizer.json", "pre_tokenizer", "Whitespace")
-    assert not out.exists()
+    for name in os.listdir(model):
+        if name.startswith("tokenizer"):
+            (model / name).unlink()
+    _one_line_error(export_cli(str(model), "--to", "hf", "-o", str(tmp_path / "hf")),
+                    "no tokenizer files")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
 # --------------------------------------------------------------------------- Llama, small vocabulary

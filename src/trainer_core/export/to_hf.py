@@ -24,7 +24,12 @@ MODEL_FILES = ("config.json", "generation_config.json")
 def write_hf(source: Source, dest: Path, dtype: str | None) -> dict[str, Any]:
     """Write the clean directory ``dest`` (it must not exist yet)."""
     from trainer_core.data.tokenizer import CHAT_TEMPLATES_DIR, TOKENIZER_FILES
+    from trainer_core.errors import UserError
+    from trainer_core.generate.generate import has_tokenizer
 
+    if not has_tokenizer(source.path):  # a model nobody could prompt
+        raise UserError(f"{source.path}: no tokenizer files (tokenizer.json or "
+                        "tokenizer_config.json)")
     dest.mkdir()
     copied = [name for name in (*MODEL_FILES, *TOKENIZER_FILES) if (source.path / name).is_file()]
     for name in copied:
