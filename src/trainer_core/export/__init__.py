@@ -169,7 +169,7 @@ def _remove(path: Path) -> None:
 
 
 def run_export(src: str, to: str, output: str, gguf_type: str | None = None,
-           dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+               dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Export ``src`` to ``output``; returns a summary (path, bytes, seconds, what was written)."""
     import time
 
