@@ -27,7 +27,7 @@ def export(source: str, to: str, gguf_type: str | None, dtype: str | None, outpu
     A run exports its final model (an adapter run's is merged already); a run that never
     finished has none, so export one of its checkpoints. Qwen3 and Llama architectures.
     """
-    from trainer_core.export import run_export
+    from trainer_core.export.write import run_export
 
     summary = run_export(source, to, output, gguf_type=gguf_type, dtype=dtype,
                          overwrite=overwrite)

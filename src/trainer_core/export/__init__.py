@@ -166,37 +166,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def run_export(src: str, to: str, output: str, gguf_type: str | None = None,
-               dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Export ``src`` to ``output``; returns a summary (path, bytes, seconds, what was written)."""
-    import time
-
-    start = time.perf_counter()
-    dest = Path(output).expanduser()
-    if to == "gguf":
-        if dtype is not None:
-            raise UserError("--dtype applies to --to hf; for --to gguf use --type")
-        from trainer_core.export.to_gguf import write_gguf
-
-        source = resolve_source(src)
-        check_output(dest, overwrite, source.path, directory=False)
-        with atomic_output(dest) as tmp:
-            summary = write_gguf(source, tmp, gguf_type or "f16")
-        size = dest.stat().st_size
-    elif to == "hf":
-        if gguf_type is not None:
-            raise UserError("--type applies to --to gguf; for --to hf use --dtype")
-        from trainer_core.export.to_hf import write_hf
-
-        source = resolve_source(src)
-        check_output(dest, overwrite, source.path, directory=True)
-        with atomic_output(dest) as tmp:
-            summary = write_hf(source, tmp, dtype)
-        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    else:
-        raise UserError(f"--to {to}: unknown format; choose gguf or hf")
-    return {"output": str(dest), "bytes": size, "seconds": round(time.perf_counter() - start, 2),
-            "source": str(source.path), "architecture": source.architecture, **summary}
-
