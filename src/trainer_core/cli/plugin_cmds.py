@@ -77,5 +77,21 @@ def new_profile(name: str, directory: str) -> None:
 
     root = write_plugin(name, directory)
     click.echo(f"created {root}")
-    click.echo(f"next: pip install -e {root} && trainer profiles && "
-               f"trainer preview --profile {name} -n 1 && python -m pytest {root}")
+    pip, trainer, python = (venv_tool(t) for t in ("pip", "trainer", "python"))
+    click.echo(f"next: {pip} install -e {root} && {trainer} profiles && "
+               f"{trainer} preview --profile {name} -n 1 && {python} -m pytest {root}")
+
+
+def venv_tool(name: str) -> str:
+    """How to call ``name`` from this environment's bin directory in a fresh shell (no
+    activated venv): ``.venv/bin/pip`` under the current directory, else its absolute path;
+    the bare name when the environment has no such script."""
+    import os
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        return name
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer_core.config import TrainerConfig, to_dict
 from trainer_core.monitor.progress import format_duration
 
 
-def print_plan(cfg: TrainerConfig, s: dict[str, Any], stream: Any) -> None:
+def print_plan(s: dict[str, Any], stream: Any) -> None:
+    """The plan of ``trainer run --dry-run`` (the resolved config is printed only on request:
+    ``--verbose``, or ``--json`` where it is a key of the summary)."""
     import json
 
     d = s["data"]
@@ -19,20 +20,27 @@ def print_plan(cfg: TrainerConfig, s: dict[str, Any], stream: Any) -> None:
         f"  model        {s['model']} ({s['parameters'] or '?'} parameters)",
         f"  output       {s['output_dir']}",
         f"  data         {d['train_rows']} train rows, {d['validation_rows']} validation rows; "
-        f"skipped invalid: {d['skipped_invalid'] or 'none'}",
+        f"skipped invalid: {_counts(d['skipped_invalid'])}",
         f"  examples     {d['train'].get('rows_kept')} kept, dropped: "
-        f"{d['train'].get('dropped') or 'none'}",
+        f"{_counts(d['train'].get('dropped'))}",
+        *([f"  validation   {d['validation'].get('rows_kept')} kept, dropped: "
+           f"{_counts(d['validation'].get('dropped'))}"] if d.get("validation") else []),
         *[f"  dropped row  {p}" for p in d["train"].get("problems") or []],
+        *[f"  dropped row  {p}" for p in (d.get("validation") or {}).get("problems") or []],
         f"  tokens       {d['train'].get('total_tokens')} total, {d['train'].get('trained_tokens')} "
         "trained per epoch",
         f"  steps        {s['steps']} x {s['examples_per_step']} examples "
         f"(warmup {s['warmup_steps']})",
         f"  memory       ~{s['estimated_memory_gb']} GB peak (runtime, weights, grads, AdamW, "
         "activations, loss logits)",
-        "config",
-        json.dumps(to_dict(cfg), indent=2),
     ]
     stream.write("\n".join(lines) + "\n")
+
+
+def _counts(counts: dict[str, int] | None) -> str:
+    """``profile_invalid 105, too_long 2``, or ``none``."""
+    shown = ", ".join(f"{k} {v}" for k, v in sorted((counts or {}).items()) if v)
+    return shown or "none"
 
 
 def print_summary(s: dict[str, Any], stream: Any) -> None:

@@ -192,7 +192,7 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
         output_dir, target.resume_from, facts, plan.total_steps, cfg.output.allow_changes, note))
                             if target.resume and not target.restart else (None, []))
     if dry_run:
-        print_plan(cfg, summary, stream or sys.stderr)
+        print_plan(summary, stream or sys.stderr)
         return summary
 
     # Listeners are built before the model loads: a tracker whose package is missing fails now.
