@@ -157,7 +157,7 @@ def test_dry_run_prints_the_plan_and_the_config_only_on_request(micro_model_dir,
 def test_new_profile_next_line_calls_this_environments_tools(tmp_path):
     import sys
 
-    from trainer_core.cli.plugin_cmds import venv_tool
+    from trainer_core.monitor.console import venv_tool
 
     result = run_trainer("new-profile", "nx", "--dir", str(tmp_path))
     nxt = next(line for line in result.stdout.splitlines() if line.startswith("next: "))

@@ -73,6 +73,7 @@ def plugins(as_json: bool, as_requirements: bool, run_dir: str | None) -> None:
 def new_profile(name: str, directory: str) -> None:
     """Create a complete, installable profile plugin: trainer-NAME/ with pyproject, package,
     README and passing tests. `pip install -e trainer-NAME` and `trainer profiles` lists it."""
+    from trainer_core.monitor.console import venv_tool
     from trainer_core.scaffold import write_plugin
 
     root = write_plugin(name, directory)
@@ -81,17 +82,3 @@ def new_profile(name: str, directory: str) -> None:
     click.echo(f"next: {pip} install -e {root} && {trainer} profiles && "
                f"{trainer} preview --profile {name} -n 1 && {python} -m pytest {root}")
 
-
-def venv_tool(name: str) -> str:
-    """How to call ``name`` from this environment's bin directory in a fresh shell (no
-    activated venv): ``.venv/bin/pip`` under the current directory, else its absolute path;
-    the bare name when the environment has no such script."""
-    import os
-    import sys
-    from pathlib import Path
-
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        return name
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else str(path)

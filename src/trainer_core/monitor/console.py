@@ -51,12 +51,50 @@ def print_summary(s: dict[str, Any], stream: Any) -> None:
         f"  loss {loss_start:.4f} -> {s['loss_end']:.4f}" if loss_start is not None
         else "  loss n/a",
         f"  eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else "",
-        f"  previews {s['preview_scores']}" if s.get("preview_scores") else "",
+        f"  previews {_scores(s['preview_scores'])}" if s.get("preview_scores") else "",
         f"  wall time {format_duration(s['wall_time_s'])} ({s['tokens_per_s']} tok/s)",
         f"  model in {s['output_dir']}" if s["state"] == "completed"
         else f"  no final model written; see {s['output_dir']}/status.json",
+        *(next_steps(s["output_dir"]) if s["state"] == "completed" else []),
     ]
     stream.write("\n".join(x for x in lines if x) + "\n")
+
+
+def next_steps(output_dir: str) -> list[str]:
+    """What to do with a finished run, as commands that work as printed in a fresh shell."""
+    import shlex
+    from pathlib import Path
+
+    trainer = venv_tool("trainer")
+    run = shlex.quote(output_dir)
+    parent = shlex.quote(str(Path(output_dir).parent))
+    return ["next:",
+            f"  {trainer} generate --model {run} --prompt 'What is 7 + 5?'",
+            f"  {trainer} watch {run} --once",
+            f"  {trainer} dashboard {parent}",
+            f"  {trainer} plot {run}"]
+
+
+def venv_tool(name: str) -> str:
+    """How to call ``name`` from this environment's bin directory in a fresh shell (no
+    activated venv): ``.venv/bin/trainer`` under the current directory, else its absolute
+    path; the bare name when the environment has no such script."""
+    import os
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        return name
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def _scores(scores: dict[str, Any]) -> str:
+    """``has_stop_suffix 1.00, has_think_prefix 0.75`` (the mean of each preview score)."""
+    return ", ".join(f"{k.removeprefix('preview/')} "
+                     f"{v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                     for k, v in scores.items())
 
 
 def short_scores(scores: dict[str, Any]) -> str:
