@@ -59,10 +59,8 @@ def test_load_config_parses_sets_like_the_cli_and_checks_profile_options(trainer
     # typed overrides stay typed: a string for an integer is refused, naming the field
     with pytest.raises(UserError, match="hyperparams.max_steps"):
         load_config(overrides={"hyperparams.max_steps": "20"})
-    # the demo preset applies without a model, exactly as `trainer run` resolves it
-    from trainer_core.demo import DEMO_HYPERPARAMS
-
-    assert cfg.hyperparams.learning_rate == DEMO_HYPERPARAMS["hyperparams.learning_rate"]
+    # a program's config is what it says: no demo preset
+    assert cfg.hyperparams.learning_rate == trainer_core.TrainerConfig().hyperparams.learning_rate
     # profile.options are checked here too, not only by build_profile
     trainer_plugin(Plugin(), "salted-plugin")
     with pytest.raises(UserError, match=r"profile\.options\.colour: unknown key"):

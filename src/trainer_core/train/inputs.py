@@ -55,23 +55,24 @@ def load_rows(cfg: TrainerConfig) -> tuple[Any, Any, dict[str, int]]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 sets: Iterable[str] = ()) -> TrainerConfig:
-    """The resolved config exactly as ``trainer run`` builds it, for services and command
-    plugins: defaults < the demo preset (only when no model is given) < the file at ``path``
+    """The resolved config for services and command plugins: defaults < the file at ``path``
     (JSON or YAML) < ``overrides`` (dotted keys, typed values: ``{"hyperparams.max_steps": 20}``)
     < ``sets`` (``"section.field=value"`` strings parsed as ``--set`` parses them: JSON if the
-    value parses, else text, so ``"hyperparams.max_steps=20"`` gives the integer 20).
+    value parses, else text, so ``"hyperparams.max_steps=20"`` gives the integer 20). Unlike
+    ``trainer run`` without ``--model``, no demo preset applies: a program's config is what it
+    says.
 
     Like ``trainer run`` it checks the profile: an unknown profile or invalid
     ``profile.options`` raise :class:`~trainer_core.errors.UserError` naming the field.
     """
-    from trainer_core.config import parse_set
+    from trainer_core.config import parse_set, resolve
     from trainer_core.plugins.registry import build_profile
 
     cli = dict(overrides or {})
     for item in sets:
         key, value = parse_set(item)
         cli[key] = value
-    config = resolve_run(path, cli).config
+    config = resolve(file=path, cli=cli).config
     build_profile(config)  # the options are structured (and checked) by the profile
     return config
 
