@@ -46,22 +46,23 @@ class Clock:
         return self.t
 
 
-def _start(total=100):
-    return RunStart("out", total, 0, False, time.time(), {"device_type": "cpu"}, {}, {})
+def _start(total=100, device="cpu"):
+    return RunStart("out", total, 0, False, time.time(), {"device_type": device}, {}, {})
 
 
-def _feed(monitoring=None, probe=None, clock=None):
+def _feed(monitoring=None, probe=None, clock=None, device="cpu"):
     """An alerts listener wired into a fan-out with a recorder; returns (emit, recorder)."""
     rec = Alerts()
     listener = AlertsListener(monitoring or Monitoring(), memory_probe=probe,
                               clock=clock or time.time)
     events = RunEvents([listener, rec])
-    events.start(_start())
+    events.start(_start(device=device))
     state = {"tokens": 0}
 
     def step(n, loss=1.0, grad=1.0, tokens=100):
         state["tokens"] += tokens
-        events.step_end(StepEnd(n, 100, loss, 1e-3, grad, 0.0, 0.0, 0.0, state["tokens"], None))
+        events.step_end(StepEnd(n, 100, loss, 1e-3, grad, 0.0, 0.0, 0.0, state["tokens"] // 4,
+                                None, tokens_seen=state["tokens"]))
 
     return events, step, rec, listener
 
@@ -72,8 +73,8 @@ def _wobble(i):
 
 def test_throughput_drop_raises_then_clears_and_skips_eval_steps():
     clock = Clock()
-    events, step, rec, _ = _feed(Monitoring(throughput_warmup_steps=2, throughput_window=4),
-                                 clock=clock)
+    events, step, rec, _ = _feed(Monitoring(throughput_warmup_steps=2, throughput_window=4,
+                                            throughput_drop=0.5), clock=clock)
     n = 0
     for _ in range(12):  # 100 tokens/s
         n += 1
@@ -91,11 +92,32 @@ def test_throughput_drop_raises_then_clears_and_skips_eval_steps():
         step(n)
     assert rec.changes() == [("throughput", "raised")]
     assert "below 50%" in rec.seen[0].message and rec.seen[0].level == "warning"
+    # the rate is the run's one tokens/s (processed tokens), with its unit
+    assert rec.seen[0].message.startswith("33 tok/s")
+    assert "baseline 100 tok/s" in rec.seen[0].message
     for _ in range(4):
         n += 1
         clock.t += 1.0
         step(n)
     assert rec.changes() == [("throughput", "raised"), ("throughput", "cleared")]
+
+
+def _slowdown(step, clock, n=0):
+    for fast in (True,) * 12 + (False,) * 6:
+        n += 1
+        clock.t += 1.0 if fast else 3.0
+        step(n)
+
+
+def test_throughput_default_is_off_on_the_cpu_and_on_for_a_gpu():
+    """Unset, the rule is off on the CPU (shared with other work, its speed varies by itself:
+    the demo used to end with this alert) and 0.5 on a GPU."""
+    for device, expected in (("cpu", []), ("cuda", [("throughput", "raised")])):
+        clock = Clock()
+        _, step, rec, _ = _feed(Monitoring(throughput_warmup_steps=2, throughput_window=4),
+                                clock=clock, device=device, probe=lambda: None)
+        _slowdown(step, clock)
+        assert rec.changes() == expected, device
 
 
 def test_loss_spike_and_grad_norm_explosion():
@@ -126,6 +148,19 @@ def test_validation_gap_growing_and_non_finite_eval():
     assert rec.changes()[-1] == ("val_gap", "cleared")
     events.evaluation(Evaluation(n, float("nan")))
     assert rec.changes()[-1] == ("non_finite", "raised") and rec.seen[-1].level == "error"
+
+
+def test_validation_gap_growing_while_validation_loss_falls_is_not_overfitting():
+    """The demo's shape: training loss falls faster than validation loss, so the gap grows,
+    but validation loss still improves at every evaluation."""
+    events, step, rec, _ = _feed(Monitoring(loss_window=5, val_gap_evals=3, val_gap_min=0.1))
+    n = 0
+    for eval_loss in (1.9, 1.65, 1.45, 1.3, 1.2):  # gaps 0.08, 0.13, 0.23, 0.38, 0.58
+        for _ in range(5):
+            n += 1
+            step(n, loss=2.0 - 0.06 * n)
+        events.evaluation(Evaluation(n, eval_loss))
+    assert rec.changes() == []
 
 
 def test_gpu_memory_mostly_unused():
@@ -232,6 +267,7 @@ def test_real_run_raises_stall_and_throughput_and_prints_each_once(micro_model_d
     resolved = _resolved(micro_model_dir, small_jsonl, out, **{
         "hyperparams.max_steps": 20, "monitoring.stall_after_s": 4.0,
         "monitoring.throughput_warmup_steps": 2, "monitoring.throughput_window": 4,
+        "monitoring.throughput_drop": 0.5,
         "monitoring.loss_spike_factor": 100.0, "monitoring.grad_norm_factor": 1000.0})
     summary = run_training(resolved, stream=stream,
                            listeners=[SlowDown(slow_from=14, delay=2.5, hang_at=8, hang_s=8.0)])

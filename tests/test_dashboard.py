@@ -28,6 +28,12 @@ def _write_run(d: Path, state="completed", steps=5):
     (d / "loss.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
 
 
+def _question(prompt: str, width: int = 120) -> str:
+    """What the previews table shows of a prompt: its start, with an ellipsis when cut."""
+    text = " ".join(prompt.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 @pytest.fixture
 def served(tmp_path):
     root = tmp_path / "runs"
@@ -183,7 +189,8 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
         "monitoring.preview_steps": 15, "monitoring.num_preview_samples": 2,
         "monitoring.max_new_tokens": 12, "environment.logging_steps": 1,
         "data.validation_split": 0.1, "monitoring.status_interval_s": 0.2,
-        "monitoring.throughput_warmup_steps": 3, "monitoring.throughput_window": 4})
+        "monitoring.throughput_warmup_steps": 3, "monitoring.throughput_window": 4,
+        "monitoring.throughput_drop": 0.5})
     result: dict = {}
     trainer = threading.Thread(target=lambda: result.update(run_training(
         resolved, quiet=True, listeners=[Pace(0.15, slow_from=32, slow_delay=2.0)])))
@@ -215,11 +222,16 @@ def test_dashboard_in_a_real_browser(micro_model_dir, small_jsonl, tmp_path, mon
         # a preview with its step appears; the eval series is drawn
         wait.until(lambda d: js("return document.querySelectorAll('#previews tr.preview')"
                                 ".length") >= 2)
+        # each preview shows the start of its question and the reference answer
+        cells = js("return [...document.querySelector('#previews tr.preview').children]"
+                   ".map((c) => c.textContent)")
+        first = json.loads((out / "previews.jsonl").read_text().splitlines()[0])
+        assert cells[1] == _question(first["prompt"]) and cells[3] == first["reference"]
         # the alert shows (the run slows down from step 32)
         wait.until(lambda d: js("return document.querySelector("
                                 "'#alerts [data-alert=throughput]') !== null"))
         alert_text = js("return document.querySelector('#alerts').textContent")
-        assert "trained tokens/s" in alert_text
+        assert "tok/s, below 50%" in alert_text
         for chart in ("chart-lr", "chart-tps", "chart-grad"):
             assert int(js(f"return document.querySelector('#{chart} svg').dataset.points")) > 0
         shot = Path(os.environ.get("TRAINER_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))

@@ -68,7 +68,9 @@ def test_events_arrive_in_order_and_match_the_files(micro_model_dir, small_jsonl
     logged = [s.record for s in steps if s.record is not None]
     on_disk = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == on_disk
-    assert "eval_loss" in logged[0] and "eval_loss" in logged[-1]
+    # step 1 is always logged (the first point of a chart is the summary's first loss)
+    assert logged[0]["step"] == 1 and logged[0]["loss"] == end_summary_loss_start(rec)
+    assert "eval_loss" in logged[1] and "eval_loss" in logged[-1]
     preview = next(e for k, e in rec.events if k == "preview")
     assert preview.step == 4 and len(preview.records) == 1
     previews_on_disk = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
@@ -111,3 +113,7 @@ def test_listeners_from_the_run_listeners_hook(micro_model_dir, small_jsonl, tmp
     assert seen["output_dir"] == out and seen["config"].hyperparams.max_steps == 4
     assert [k for k, _ in rec.events][0] == "start" and rec.events[-1][0] == "end"
     assert sum(k == "step_end" for k, _ in rec.events) == 4
+
+
+def end_summary_loss_start(rec):
+    return rec.events[-1][1].summary["loss_start"]

@@ -85,7 +85,10 @@ def start(home: str, config_file: str | None, model: str | None, sets: tuple[str
     from trainer_core.plugins.registry import get_profile_class
 
     get_profile_class(cfg.profile.name)  # unknown profile: exit 2 before anything starts
-    from trainer_core.daemon.control import precheck_start
+    from trainer_core.daemon.control import ignored_settings, precheck_start
+
+    for setting in ignored_settings(cfg):
+        click.echo(f"note: the daemon ignores {setting}", err=True)
 
     precheck_start(h, cfg)  # refusals before anything is saved (again under the lock)
     if detach:
@@ -255,7 +258,9 @@ def history(home: str, limit: int, as_json: bool) -> None:
 
     rows = get_history(_home(home), limit or None)
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        from trainer_core.daemon.reports import iso_times
+
+        click.echo(json.dumps([iso_times(r) for r in rows], indent=2, default=str))
         return
     for r in rows:
         when = dt.datetime.fromtimestamp(r["finished_at"]).strftime("%Y-%m-%d %H:%M:%S") \

@@ -128,14 +128,9 @@ def cli_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_run_config(config_file: str | None, overrides: dict[str, Any]):
     """Defaults < demo preset (only without a model) < file < CLI."""
-    from trainer_core.config import resolve
+    from trainer_core.train.inputs import resolve_run
 
-    resolved = resolve(file=config_file, cli=overrides)
-    if resolved.config.model.path is None:
-        from trainer_core.demo import DEMO_HYPERPARAMS
-
-        resolved = resolve(file=config_file, cli=overrides, preset=DEMO_HYPERPARAMS)
-    return resolved
+    return resolve_run(config_file, overrides)
 
 
 

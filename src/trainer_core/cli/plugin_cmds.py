@@ -73,9 +73,12 @@ def plugins(as_json: bool, as_requirements: bool, run_dir: str | None) -> None:
 def new_profile(name: str, directory: str) -> None:
     """Create a complete, installable profile plugin: trainer-NAME/ with pyproject, package,
     README and passing tests. `pip install -e trainer-NAME` and `trainer profiles` lists it."""
+    from trainer_core.monitor.console import venv_tool
     from trainer_core.scaffold import write_plugin
 
     root = write_plugin(name, directory)
     click.echo(f"created {root}")
-    click.echo(f"next: pip install -e {root} && trainer profiles && "
-               f"trainer preview --profile {name} -n 1 && python -m pytest {root}")
+    pip, trainer, python = (venv_tool(t) for t in ("pip", "trainer", "python"))
+    click.echo(f"next: {pip} install -e {root} && {trainer} profiles && "
+               f"{trainer} preview --profile {name} -n 1 && {python} -m pytest {root}")
+

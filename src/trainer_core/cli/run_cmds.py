@@ -13,17 +13,25 @@ from trainer_core.cli.options import config_options, resolve_run_config
 
 @click.command()
 @config_options
-@click.option("--dry-run", is_flag=True, help="Print the run plan and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the run plan (on stderr) and exit; the resolved config too with "
+                   "--verbose, or as the summary's `config` key with --json.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="With --dry-run: print the resolved config (JSON) after the plan.")
 @click.option("--unlock", is_flag=True,
               help="Continue in an output directory locked to another model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or preview lines.")
-@click.option("--json", "json_summary", is_flag=True, help="Print the final summary as JSON.")
+@click.option("--json", "json_summary", is_flag=True,
+              help="Print the final summary (the plan with --dry-run) as JSON on stdout.")
 @click.option("--nproc", "--gpus", "nproc", type=click.IntRange(min=1), default=None,
               help="Train in N processes on this node (one per GPU) by starting torchrun; "
                    "prints the equivalent torchrun command. See docs/distributed.md.")
-def run(config_file: str | None, overrides: dict[str, Any], dry_run: bool, unlock: bool,
-        quiet: bool, json_summary: bool, nproc: int | None) -> None:
-    """Fine-tune a model. With no --model and no --dataset: the embedded tiny demo."""
+def run(config_file: str | None, overrides: dict[str, Any], dry_run: bool, verbose: bool,
+        unlock: bool, quiet: bool, json_summary: bool, nproc: int | None) -> None:
+    """Fine-tune a model. With no --model and no --dataset: the embedded tiny demo.
+
+    Progress, the summary and the --dry-run plan go to stderr; stdout holds only what --json
+    asks for, so it can be piped."""
     from trainer_core.plugins.registry import get_profile_class
 
     resolved = resolve_run_config(config_file, overrides)
@@ -36,6 +44,13 @@ def run(config_file: str | None, overrides: dict[str, Any], dry_run: bool, unloc
     from trainer_core.train.recipe import run_training
 
     summary = run_training(resolved, dry_run=dry_run, unlock=unlock, quiet=quiet)
+    if dry_run and (verbose or json_summary):
+        from trainer_core.config import to_dict
+
+        config = to_dict(resolved.config)
+        if verbose:
+            click.echo("config\n" + json.dumps(config, indent=2), err=True)
+        summary = {**summary, "config": config}
     if summary.get("world_size", 1) > 1 and _rank() != 0:
         json_summary = False  # rank 0 prints for the job
     if json_summary:

@@ -230,14 +230,16 @@ class Monitoring:
                      "reader (`trainer watch`, the dashboard) also sees a run whose process hung "
                      "or died."),
     )
-    throughput_drop: float = attrs.field(
-        default=0.5,
+    throughput_drop: float | None = attrs.field(
+        default=None,
         validator=check(_fraction, "must be between 0 and 1"),
-        metadata=doc("Alert `throughput` when trained tokens/s (median of the last "
-                     "throughput_window steps) falls below this fraction of the run's own "
-                     "baseline (median of the first throughput_window steps after warm-up). "
-                     "Steps that include an evaluation, preview or checkpoint are left out. "
-                     "0 disables it."),
+        metadata=doc("Alert `throughput` when tokens/s (processed tokens, the run's one "
+                     "definition; median of the last throughput_window steps) falls below this "
+                     "fraction of the run's own baseline (median of the first "
+                     "throughput_window steps after warm-up). Steps that include an "
+                     "evaluation, preview or checkpoint are left out. 0 disables it. Unset: 0.5 "
+                     "on a GPU, off on the CPU, whose speed follows whatever else the machine "
+                     "runs (set it to alert there too)."),
     )
     throughput_warmup_steps: int = attrs.field(
         default=10,
@@ -273,7 +275,8 @@ class Monitoring:
         validator=check(_positive, "must be > 0"),
         metadata=doc("Alert `val_gap` when the gap between validation loss and training loss "
                      "(median of the last loss_window steps) has grown at this many evaluations "
-                     "in a row and exceeds val_gap_min: the model has started to overfit."),
+                     "in a row, exceeds val_gap_min, and the validation loss is higher than "
+                     "this many evaluations ago: the model has started to overfit."),
     )
     val_gap_min: float = attrs.field(
         default=0.1,

@@ -106,8 +106,50 @@ def _daemon_setting(home: Home, name: str, default: Any) -> Any:
         return default
 
 
+#: Config fields the daemon does not use (dotted path -> what decides instead).
+IGNORED_BY_DAEMON = {
+    "hyperparams.num_epochs": "daemon.epochs_per_file",
+    "hyperparams.max_steps": "daemon.epochs_per_file",
+    "hyperparams.save_steps": "daemon.save_steps",
+    "hyperparams.eval_steps": "no validation in the daemon",
+    "data.dataset": "the files submitted",
+    "data.validation": "no validation in the daemon",
+    "data.validation_split": "no validation in the daemon",
+    "output.output_dir": "the home",
+    "monitoring.preview_steps": "no previews in the daemon",
+    "monitoring.num_preview_samples": "no previews in the daemon",
+}
+
+
+def ignored_settings(cfg: Any) -> list[str]:
+    """The fields of ``cfg`` set away from their defaults that the daemon ignores, as
+    ``hyperparams.num_epochs=5.0 (daemon.epochs_per_file decides)``; said at start, so a home
+    config's leftover is not mistaken for a setting."""
+    from trainer_core.config import TrainerConfig, flatten, to_dict
+
+    given, default = flatten(to_dict(cfg)), flatten(to_dict(TrainerConfig()))
+    return [f"{key}={given[key]!r} ({why}{'' if why.startswith('no ') else ' decides'})"
+            for key, why in IGNORED_BY_DAEMON.items()
+            if key in given and given[key] != default.get(key)]
+
+
+def queue_summary(ledger: Ledger) -> dict[str, Any]:
+    """The queue as status.json shows it, from the ledger (current as soon as a file is
+    submitted)."""
+    queued = ledger.queued()
+    by_priority: dict[str, int] = {"high": 0, "normal": 0, "low": 0, "retry": 0}
+    for r in queued:
+        by_priority[priority_name(r["priority"])] += 1
+    return {"total": len(queued), "by_priority": by_priority,
+            "next": [{"id": r["id"], "name": r["name"], "priority": priority_name(r["priority"]),
+                      "attempts": r["attempts"]} for r in queued[:10]]}
+
+
 def status(home: Home) -> dict[str, Any]:
-    """status.json of the running daemon, else what the ledger says (state ``stopped``)."""
+    """status.json of the running daemon, else what the ledger says (state ``stopped``).
+
+    The queue and the counts always come from the ledger: a file submitted a moment ago is
+    listed at once, not at the daemon's next status write."""
     ledger = open_ledger(home)
     try:
         pid = daemon_running(home)
@@ -117,16 +159,12 @@ def status(home: Home) -> dict[str, Any]:
                 data = json.loads(home.status.read_text(encoding="utf-8"))
             except ValueError:
                 data = {}
+        data.update(queue=queue_summary(ledger), counts=ledger.counts())
         if not pid:
-            queued = ledger.queued()
-            data.update(state="stopped", pid=None, current=None, counts=ledger.counts(),
+            data.update(state="stopped", pid=None, current=None,
                         paused=ledger.meta("paused") == "1",
                         model={**(data.get("model") or {}), "step": ledger.model_step(),
-                               "checkpoint": ledger.meta("model_checkpoint")},
-                        queue={"total": len(queued),
-                               "next": [{"id": r["id"], "name": r["name"],
-                                         "priority": priority_name(r["priority"]),
-                                         "attempts": r["attempts"]} for r in queued[:10]]})
+                               "checkpoint": ledger.meta("model_checkpoint")})
             training = ledger.training()
             if training is not None:
                 data["interrupted"] = {"id": training["id"], "name": training["name"],

@@ -2,7 +2,8 @@
 
 Fields: the ledger row (``id``, ``name``, ``sha256``, ``priority``, ``state``, ``attempts``,
 ``rows``, ``invalid_rows``, ``steps``, ``tokens``, ``step_before``, ``step_after``,
-``loss_start``, ``loss_end``, ``checkpoint``, ``error``, ``duplicate_of`` and the timestamps),
+``loss_start``, ``loss_end``, ``checkpoint``, ``error``, ``duplicate_of`` and the timestamps,
+as ISO 8601 UTC text),
 ``attempt_log`` (every attempt: outcome, steps, error) and, when the worker found invalid rows,
 ``problems`` (``line``, ``field``, ``reason``, ``detail`` for each).
 """
@@ -27,12 +28,22 @@ def problems_path(home: Home, row: dict[str, Any]) -> Path:
     return home.queue / f".{row['fname']}.problems.json"
 
 
+def iso_times(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its ``*_at`` epoch seconds as ISO 8601 UTC text
+    (``2026-12-05T03:40:14.123+00:00``); the ledger keeps the numbers."""
+    import datetime as dt
+
+    return {k: (dt.datetime.fromtimestamp(v, dt.timezone.utc).isoformat(timespec="milliseconds")
+                if k.endswith("_at") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                else v) for k, v in record.items()}
+
+
 def write_report(home: Home, ledger: Ledger, fid: int) -> Path:
     row = ledger.file(fid)
     attempts = [dict(r) for r in ledger.db.execute(
         "SELECT attempt, outcome, step_before, step_after, steps, tokens, loss_start, loss_end, "
         "error, started_at, finished_at FROM attempts WHERE file_id=? ORDER BY id", (fid,))]
-    report: dict[str, Any] = {**row, "attempt_log": attempts}
+    report: dict[str, Any] = iso_times({**row, "attempt_log": [iso_times(a) for a in attempts]})
     side = problems_path(home, row)
     if side.exists():
         report["problems"] = json.loads(side.read_text(encoding="utf-8"))

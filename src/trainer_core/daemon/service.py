@@ -994,11 +994,9 @@ def fmt(x: Any) -> str:
 
 def build_status(d: Daemon, now: float) -> dict[str, Any]:
     """The home's status.json (fields documented in the README's "Continuous training")."""
+    from trainer_core.daemon.control import queue_summary
+
     ledger = d.ledger
-    queued = ledger.queued()
-    by_priority: dict[str, int] = {"high": 0, "normal": 0, "low": 0, "retry": 0}
-    for r in queued:
-        by_priority[priority_name(r["priority"])] += 1
     last = ledger.files("state IN ('completed','failed','skipped')",
                         order="finished_at DESC LIMIT 10")
     job = d.job
@@ -1023,10 +1021,7 @@ def build_status(d: Daemon, now: float) -> dict[str, Any]:
         "model": {"step": ledger.model_step(), "checkpoint": model_ckpt,
                   "current": str(storage.current_model(d.home) or "") or None},
         "current": current,
-        "queue": {"total": len(queued), "by_priority": by_priority,
-                  "next": [{"id": r["id"], "name": r["name"],
-                            "priority": priority_name(r["priority"]), "attempts": r["attempts"]}
-                           for r in queued[:10]]},
+        "queue": queue_summary(ledger),
         "last": [{"id": r["id"], "name": r["name"], "state": r["state"], "steps": r["steps"],
                   "tokens": r["tokens"], "loss_end": r["loss_end"], "error": r["error"],
                   "finished_at": r["finished_at"]} for r in last],

@@ -5,13 +5,17 @@ event each time a rule changes state (raised, then cleared), so every other list
 once: the console prints it, ``status.json`` keeps the active ones, ``metrics.jsonl`` and the
 trackers log it. The rules, tuned by the ``monitoring`` config section:
 
-* ``throughput``: trained tokens/s (median of recent clean steps) below a fraction of the run's
-  own baseline. Step times are measured between ``step_end`` events; a step whose interval holds
-  an evaluation, a preview or a checkpoint is left out, so slow bookkeeping never looks like a
+* ``throughput``: tokens/s (processed tokens, as everywhere in a run; median of recent clean
+  steps) below a fraction of the run's own baseline; off on the CPU unless
+  ``throughput_drop`` is set (a CPU shared with other work slows down and recovers on its own).
+  Step times are measured between ``step_end`` events; a step whose interval holds an
+  evaluation, a preview or a checkpoint is left out, so slow bookkeeping never looks like a
   slow GPU.
 * ``loss_spike``: a step's loss far above the median of a rolling window.
 * ``grad_norm``: a gradient norm far above the median of a rolling window.
-* ``val_gap``: validation minus training loss grown at several evaluations in a row.
+* ``val_gap``: validation minus training loss grown at several evaluations in a row while
+  the validation loss rose (a gap that grows while validation loss still falls is not
+  overfitting yet).
 * ``non_finite``: a non-finite evaluation loss (the recipe emits the training-loss case itself,
   see :func:`non_finite_alert`, since such a step ends the run before ``step_end``).
 * ``stalled``: no event for ``stall_after_s`` (a watchdog thread; readers of ``status.json`` can
@@ -42,6 +46,9 @@ from trainer_core.monitor.events import (
     RunStart,
     StepEnd,
 )
+
+#: ``monitoring.throughput_drop`` when unset, on a GPU (on the CPU the rule is off).
+DEFAULT_THROUGHPUT_DROP = 0.5
 
 #: Every alert name, for readers and docs.
 ALERT_NAMES = ("throughput", "loss_spike", "grad_norm", "val_gap", "non_finite", "stalled",
@@ -83,13 +90,15 @@ class AlertsListener(RunListener):
         self.step = 0
         self._losses: deque[float] = deque(maxlen=monitoring.loss_window)
         self._grads: deque[float] = deque(maxlen=monitoring.loss_window)
-        # throughput: (time, tokens_trained) of the last step_end; was its interval clean?
+        # throughput: (time, tokens_seen) of the last step_end; was its interval clean?
         self._last: tuple[float, int] | None = None
         self._dirty = False
         self._steps_timed = 0
         self._baseline: list[float] = []
         self._recent: deque[float] = deque(maxlen=monitoring.throughput_window)
         self._gaps: list[float] = []
+        self._evals: list[float] = []
+        self._throughput_drop = monitoring.throughput_drop
         self._last_event = clock()
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
@@ -128,8 +137,11 @@ class AlertsListener(RunListener):
     def on_start(self, event: RunStart) -> None:
         self.step = event.start_step
         self._last_event = self.clock()
-        if self.memory_probe is None and event.summary.get("device_type") == "cuda":
+        device = event.summary.get("device_type")
+        if self.memory_probe is None and device == "cuda":
             self.memory_probe = cuda_memory_probe
+        if self._throughput_drop is None:
+            self._throughput_drop = 0.0 if device in (None, "cpu") else DEFAULT_THROUGHPUT_DROP
         self._watchdog = threading.Thread(target=self._watch, name="trainer-stall-watchdog",
                                           daemon=True)
         self._watchdog.start()
@@ -159,10 +171,12 @@ class AlertsListener(RunListener):
             return
         gap = loss - statistics.median(self._losses)
         self._gaps.append(gap)
+        self._evals.append(loss)
         n = self.m.val_gap_evals
         recent = self._gaps[-(n + 1):]
         growing = len(recent) == n + 1 and all(recent[i + 1] > recent[i] for i in range(n))
-        if growing and gap > self.m.val_gap_min:
+        rising = len(self._evals) > n and loss > self._evals[-(n + 1)]
+        if growing and rising and gap > self.m.val_gap_min:
             self._set("val_gap", True, "warning",
                       f"validation loss {loss:.4f} is {gap:.4f} above training loss and the gap "
                       f"grew at the last {n} evaluations: the model is overfitting; consider "
@@ -190,15 +204,17 @@ class AlertsListener(RunListener):
 
     def _throughput(self, event: StepEnd) -> None:
         now = self.clock()
-        last, self._last = self._last, (now, event.tokens_trained)
+        last, self._last = self._last, (now, event.tokens_seen)
         dirty, self._dirty = self._dirty, False
         if last is None:
             return
         self._steps_timed += 1
         elapsed = now - last[0]
-        if dirty or elapsed <= 0 or self._steps_timed <= self.m.throughput_warmup_steps:
+        drop = self._throughput_drop or 0.0
+        if (not drop or dirty or elapsed <= 0
+                or self._steps_timed <= self.m.throughput_warmup_steps):
             return
-        rate = (event.tokens_trained - last[1]) / elapsed
+        rate = (event.tokens_seen - last[1]) / elapsed
         window = self.m.throughput_window
         if len(self._baseline) < window:
             self._baseline.append(rate)
@@ -208,14 +224,14 @@ class AlertsListener(RunListener):
             return
         base = statistics.median(self._baseline)
         current = statistics.median(self._recent)
-        if current < self.m.throughput_drop * base:
+        if current < drop * base:
             self._set("throughput", True, "warning",
-                      f"{current:,.0f} trained tokens/s, below {self.m.throughput_drop:.0%} of "
-                      f"this run's baseline {base:,.0f}: is something else using the device, or "
-                      "is it throttling?")
-        elif current >= self.m.throughput_drop * base:
+                      f"{current:,.0f} tok/s, below {drop:.0%} of this run's baseline "
+                      f"{base:,.0f} tok/s: is something else using the device, or is it "
+                      "throttling?")
+        else:
             self._set("throughput", False,
-                      message=f"throughput back to {current:,.0f} trained tokens/s")
+                      message=f"throughput back to {current:,.0f} tok/s")
 
     def _spike(self, name: str, window: deque[float], value: float, factor: float, what: str,
                advice: str) -> None:

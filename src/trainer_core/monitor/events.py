@@ -60,6 +60,9 @@ class StepEnd:
     epoch: float
     tokens_trained: int  #: cumulative trained (label) tokens
     record: dict[str, Any] | None
+    #: cumulative processed tokens (the examples' input tokens, padding excluded): what every
+    #: tokens/s of a run counts (progress line, status.json, metrics.jsonl, run.json, alerts)
+    tokens_seen: int = 0
 
 
 @attrs.frozen

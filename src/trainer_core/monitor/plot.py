@@ -166,11 +166,19 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "") -> Path:
     from trainer_core.errors import UserError
 
     runs = []
-    for d in run_dirs:
-        metrics = Path(d) / METRICS_FILE
+    seen: set[Path] = set()
+    # runs/latest (a symlink) is the run it points at: `trainer plot runs/*` draws each run
+    # once, under its own name.
+    for d in sorted(map(Path, run_dirs), key=lambda d: d.is_symlink()):
+        metrics = d / METRICS_FILE
         if not metrics.exists():
             raise UserError(f"{d}: no metrics.jsonl (is it a run directory?)")
-        runs.append((Path(d).name or str(d), read_metrics(metrics)[0]))
+        real = d.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        runs.append(((real.name if d.is_symlink() else d.name) or str(d),
+                     read_metrics(metrics)[0]))
     write_svg(out, render_svg(runs, title))
     return out
 

@@ -63,8 +63,9 @@ def find_runs(root: Path, depth: int = 2) -> list[Path]:
         nxt = []
         for d in level:
             try:
+                # A symlink (runs/latest) points at a run listed under its own name.
                 children = sorted(p for p in d.iterdir() if p.is_dir()
-                                  and not p.name.startswith("."))
+                                  and not p.name.startswith(".") and not p.is_symlink())
             except OSError:
                 continue
             for c in children:
@@ -136,6 +137,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def question_start(prompt: str, width: int = 40) -> str:
+    """The start of a preview's question on one line, with an ellipsis when cut (profiles add
+    their instructions at the end, so the start is what tells questions apart)."""
+    return _clip(" ".join(prompt.split()), width)
+
+
 def render_run(run: Path, width: int = 100, now: float | None = None,
                ascii_only: bool = False) -> str:
     """One run: progress, latest numbers, loss sparkline, alerts, latest previews."""
@@ -183,7 +190,10 @@ def render_run(run: Path, width: int = 100, now: float | None = None,
         for p in previews:
             scores = " ".join(f"{k}={_num(v, '.2g', str(v))}"
                               for k, v in (p.get("scores") or {}).items())
-            lines.append(_clip(f"    {p.get('prompt', '')[-40:]!r} -> {p.get('output', '')!r}"
+            ref = p.get("reference")
+            lines.append(_clip(f"    {question_start(p.get('prompt') or '')!r} -> "
+                               f"{p.get('output', '')!r}"
+                               + (f" (reference {ref!r})" if ref is not None else "")
                                + (f"  [{scores}]" if scores else ""), width))
     return "\n".join(lines)
 

@@ -3,10 +3,10 @@ token budget, batches moved to the device, and the thread that collates the next
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from trainer_core.config import TrainerConfig
 from trainer_core.errors import UserError
@@ -92,6 +92,87 @@ def load_rows(cfg: TrainerConfig) -> tuple[Any, Any, dict[str, int]]:
     return train_rows, val_rows, skipped
 
 
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                sets: Iterable[str] = ()) -> TrainerConfig:
+    """The resolved config for services and command plugins: defaults < the file at ``path``
+    (JSON or YAML) < ``overrides`` (dotted keys, typed values: ``{"hyperparams.max_steps": 20}``)
+    < ``sets`` (``"section.field=value"`` strings parsed as ``--set`` parses them: JSON if the
+    value parses, else text, so ``"hyperparams.max_steps=20"`` gives the integer 20). Unlike
+    ``trainer run`` without ``--model``, no demo preset applies: a program's config is what it
+    says.
+
+    Like ``trainer run`` it checks the profile: an unknown profile or invalid
+    ``profile.options`` raise :class:`~trainer_core.errors.UserError` naming the field.
+    """
+    from trainer_core.config import parse_set, resolve
+    from trainer_core.plugins.registry import build_profile
+
+    cli = dict(overrides or {})
+    for item in sets:
+        key, value = parse_set(item)
+        cli[key] = value
+    config = resolve(file=path, cli=cli).config
+    build_profile(config)  # the options are structured (and checked) by the profile
+    return config
+
+
+def resolve_run(path: str | Path | None, overrides: dict[str, Any]) -> Any:
+    """``trainer run``'s resolution, with provenance: defaults < demo preset (only without a
+    model) < file < overrides."""
+    from trainer_core.config import resolve
+
+    resolved = resolve(file=path, cli=overrides)
+    if resolved.config.model.path is None:
+        from trainer_core.demo import DEMO_HYPERPARAMS
+
+        resolved = resolve(file=path, cli=overrides, preset=DEMO_HYPERPARAMS)
+    return resolved
+
+
+class PreparedRow(NamedTuple):
+    """One row as the profile prepared it for training (see :func:`prepare_rows`)."""
+
+    #: ``"train"`` or ``"validation"``.
+    split: str
+    #: The row's position among its split's rows (0-based, after the validation split): the
+    #: ``index`` that ``transform`` received, and the one its rng was seeded from.
+    index: int
+    #: Line of the row in its file (1-based; 0 when unknown).
+    line: int
+    #: The example after the system prompt and ``transform``.
+    example: dict[str, Any]
+    #: Problems of the prepared row (its structure, then the profile's ``validate``); a row
+    #: with problems is dropped (``data.on_invalid: skip``) or stops the run (``error``).
+    problems: list[str]
+
+
+def prepare_rows(cfg: TrainerConfig, profile: Any = None) -> Iterator[PreparedRow]:
+    """What training sees after the profile: every training row, then every validation row,
+    read as :func:`load_rows` reads them and prepared exactly as preprocessing prepares them
+    (system prompt, ``transform(example, index, rng)`` with the rng of
+    ``profile_rng(data.seed, index)`` for training rows and ``profile_rng(data.seed + 1, index)``
+    for validation rows, then ``validate``). Rows the profile rejects are yielded too, with their
+    problems; rows dropped later (too long, no trained token, control tokens in the content)
+    need the tokenizer and are not checked here. ``profile`` defaults to
+    ``build_profile(cfg)``. A profile that raises is a ``UserError`` naming ``file:line``.
+    """
+    from trainer_core.data.preprocess import prepare_row
+    from trainer_core.data.rows import LINE_KEY
+    from trainer_core.plugins.registry import build_profile
+
+    profile = build_profile(cfg) if profile is None else profile
+    train_rows, val_rows, _ = load_rows(cfg)
+    sources = (("train", train_rows, 0, dataset_path(cfg)),
+               ("validation", val_rows, 1, cfg.data.validation or dataset_path(cfg)))
+    for split, rows, offset, source in sources:
+        for index in range(len(rows)):
+            row = rows[index]
+            line = int(row.get(LINE_KEY, 0) or 0)
+            where = f"{source}:{line}" if line else f"{source}: row {index + 1}"
+            example, problems = prepare_row(profile, row, index, cfg.data.seed + offset, where)
+            yield PreparedRow(split, index, line, example, problems)
+
+
 def preprocess_rows(rows: list, cfg: TrainerConfig, profile: Any, tokenizer: Any,
                     source: str, seed_offset: int = 0) -> tuple[Any, dict[str, Any]]:
     from trainer_core.data.preprocess import preprocess
@@ -115,12 +196,26 @@ def prepare_examples(cfg: TrainerConfig, profile: Any, tokenizer: Any, train_row
     ``skipped`` (rows dropped while reading, by reason) counts towards
     ``data.max_invalid_fraction`` together with the rows preprocessing dropped.
     """
-    train_ds, train_stats = preprocess_rows(train_rows, cfg, profile, tokenizer,
-                                            str(dataset_path(cfg)))
-    val_ds, val_stats = (preprocess_rows(val_rows, cfg, profile, tokenizer,
-                                         str(cfg.data.validation or dataset_path(cfg)),
-                                         seed_offset=1)
-                         if val_rows else (None, {}))
+    from trainer_core.errors import DataError
+
+    # Both files are checked before a rejection stops the run, so the error lists each file's
+    # rejected rows (data.on_invalid: error), not only the training file's.
+    errors: list[str] = []
+    try:
+        train_ds, train_stats = preprocess_rows(train_rows, cfg, profile, tokenizer,
+                                                str(dataset_path(cfg)))
+    except DataError as exc:
+        errors.append(str(exc))
+    val_ds, val_stats = None, {}
+    if val_rows:
+        try:
+            val_ds, val_stats = preprocess_rows(val_rows, cfg, profile, tokenizer,
+                                                str(cfg.data.validation or dataset_path(cfg)),
+                                                seed_offset=1)
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise DataError("\n".join(errors))
     train_examples = _examples(train_ds)
     val_examples = _examples(val_ds) if val_ds is not None else []
     if not train_examples:

@@ -156,6 +156,11 @@ def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> d
         "torch_version": md.version("torch"),
         "transformers_version": md.version("transformers"),
         "started_at": time.time(),
+        # how many processes trained the run, and on how many GPUs (one per process on CUDA)
+        "world_size": summary.get("world_size", 1),
+        "distributed": summary.get("distributed"),
+        "device_count": (summary.get("world_size", 1)
+                         if summary.get("device_type") == "cuda" else 0),
     }
 
 

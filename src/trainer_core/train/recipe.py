@@ -190,7 +190,7 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
         output_dir, target.resume_from, facts, plan.total_steps, cfg.output.allow_changes, note))
                             if target.resume and not target.restart else (None, []))
     if dry_run:
-        print_plan(cfg, summary, stream or sys.stderr)
+        print_plan(summary, stream or sys.stderr)
         return summary
 
     # Listeners are built before the model loads: a tracker whose package is missing fails now.
@@ -431,7 +431,8 @@ def account_step(run: Run, done: int, batches: list[dict[str, Any]], n_trained: 
     run.tokens_per_s = run.window_tokens / elapsed if elapsed > 0 else 0.0
     rate = (done - run.start_step) / max(now - run.loop_start, 1e-9)
     run.eta_s = (run.plan.total_steps - done) / rate if rate > 0 else float("inf")
-    if done % run.cfg.environment.logging_steps and done != run.plan.total_steps:
+    # Step 1 is always logged: the first point of every chart is the summary's first loss.
+    if done % run.cfg.environment.logging_steps and done not in (1, run.plan.total_steps):
         return None
     run.window_tokens, run.window_start = 0, time.time()
     return {"step": done, "epoch": round(run.plan.epoch_at(done), 4), "loss": loss, "lr": lr,
@@ -482,7 +483,8 @@ def end_step(run: Run, done: int, loss: float, lr: float, grad_norm: float,
         run.state["history"].append(record)
     run.events.step_end(StepEnd(done, run.plan.total_steps, loss, lr, grad_norm,
                                 run.tokens_per_s, run.eta_s, run.plan.epoch_at(done),
-                                run.state["tokens_trained"], record))
+                                run.state["tokens_trained"], record,
+                                tokens_seen=run.state["tokens_seen"]))
 
 
 def evaluation_due(run: Run, done: int) -> bool:

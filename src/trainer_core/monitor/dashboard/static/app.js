@@ -36,6 +36,13 @@ TD.post = async function (path, body) {
   return data;
 };
 
+// The start of a text on one line, with an ellipsis when cut (a question's start says which
+// question it is; profiles append their instructions at the end).
+TD.clip = function (text, width) {
+  const flat = text.split(/\s+/).filter(Boolean).join(" ");
+  return flat.length <= width ? flat : flat.slice(0, width - 1) + "\u2026";
+};
+
 TD.fmt = function (v, digits) {
   if (v === null || v === undefined || !isFinite(v)) return "–";
   const a = Math.abs(v);

@@ -94,13 +94,15 @@
     const recs = S.run.previews.slice().sort((a, b) => b.step - a.step);
     const rows = recs.slice(0, 12).map((p) => el("tr", {class: "preview"},
       el("td", {text: String(p.step)}),
-      el("td", {text: (p.prompt || "").slice(-120)}),
+      el("td", {title: p.prompt || "", text: TD.clip(p.prompt || "", 120)}),
       el("td", {}, el("div", {class: "out", title: p.output || "", text: p.output || ""})),
+      el("td", {}, el("div", {class: "out", title: p.reference || "", text: p.reference ?? "-"})),
       el("td", {}, ...Object.entries(p.scores || {}).map(([k, v]) =>
         el("span", {class: "score", text: `${k} ${typeof v === "number" ? TD.fmt(v) : v}`})))));
     box.replaceChildren(el("h2", {text: "previews"}), rows.length
-      ? el("table", {}, el("tr", {}, el("th", {text: "step"}), el("th", {text: "prompt"}),
-                           el("th", {text: "output"}), el("th", {text: "scores"})), ...rows)
+      ? el("table", {}, el("tr", {}, el("th", {text: "step"}), el("th", {text: "question"}),
+                           el("th", {text: "output"}), el("th", {text: "reference"}),
+                           el("th", {text: "scores"})), ...rows)
       : el("div", {class: "muted", text: "no previews yet"}));
   }
 
