@@ -177,12 +177,13 @@ def test_the_exceptions_still_exist():
         assert target in {t for _, t in string_imports(module)}, (module, target)
 
 
-def facade_lazy_exports() -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """The facade's ``_LAZY`` table, its ``if TYPE_CHECKING`` imports (name -> module) and
-    ``__all__``, read from its source."""
+def facade_lazy_exports() -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]],
+                                   list[str]]:
+    """The facade's ``_LAZY`` table, its ``if TYPE_CHECKING`` imports (public name ->
+    (module, name there)) and ``__all__``, read from its source."""
     tree = ast.parse(module_file("trainer_core").read_text(encoding="utf-8"))
-    lazy: dict[str, str] = {}
-    typed: dict[str, str] = {}
+    lazy: dict[str, tuple[str, str]] = {}
+    typed: dict[str, tuple[str, str]] = {}
     public: list[str] = []
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
@@ -193,7 +194,7 @@ def facade_lazy_exports() -> tuple[dict[str, str], dict[str, str], list[str]]:
         elif isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
             for sub in node.body:
                 if isinstance(sub, ast.ImportFrom):
-                    typed.update({a.name: sub.module for a in sub.names})
+                    typed.update({a.asname or a.name: (sub.module, a.name) for a in sub.names})
     return lazy, typed, public
 
 
@@ -205,10 +206,10 @@ def test_facade_lazy_exports_are_public_and_resolve():
     # What type checkers see is what the facade serves, and every lazy name is public.
     assert typed == lazy
     assert set(lazy) <= set(public)
-    for name, module in lazy.items():
+    for name, (module, attr) in lazy.items():
         assert module in MODULE_NAMES, (name, module)
         assert top_name(module) not in NEVER_IMPORTED, (name, module)
-        assert getattr(facade, name) is getattr(importlib.import_module(module), name), name
+        assert getattr(facade, name) is getattr(importlib.import_module(module), attr), name
     # At import time the facade loads nothing above its own layer (the lazy names are why).
     assert all(layer_of(m) <= FACADE_LAYER for _, m in imports_of("trainer_core"))
 

@@ -133,18 +133,6 @@ def ignored_settings(cfg: Any) -> list[str]:
             if key in given and given[key] != default.get(key)]
 
 
-def queue_summary(ledger: Ledger) -> dict[str, Any]:
-    """The queue as status.json shows it, from the ledger (current as soon as a file is
-    submitted)."""
-    queued = ledger.queued()
-    by_priority: dict[str, int] = {"high": 0, "normal": 0, "low": 0, "retry": 0}
-    for r in queued:
-        by_priority[priority_name(r["priority"])] += 1
-    return {"total": len(queued), "by_priority": by_priority,
-            "next": [{"id": r["id"], "name": r["name"], "priority": priority_name(r["priority"]),
-                      "attempts": r["attempts"]} for r in queued[:10]]}
-
-
 def status(home: Home) -> dict[str, Any]:
     """status.json of the running daemon, else what the ledger says (state ``stopped``).
 
@@ -159,7 +147,7 @@ def status(home: Home) -> dict[str, Any]:
                 data = json.loads(home.status.read_text(encoding="utf-8"))
             except ValueError:
                 data = {}
-        data.update(queue=queue_summary(ledger), counts=ledger.counts())
+        data.update(queue=ledger.queue_summary(), counts=ledger.counts())
         if not pid:
             data.update(state="stopped", pid=None, current=None,
                         paused=ledger.meta("paused") == "1",

@@ -210,6 +210,20 @@ class Ledger:
         """Waiting files, in the order they will train."""
         return self.files("state='queued'", order="priority DESC, seq ASC")
 
+    def queue_summary(self) -> dict[str, Any]:
+        """The queue as status.json shows it, from the ledger (current as soon as a file is
+        submitted)."""
+        from trainer_core.daemon.home import priority_name
+
+        queued = self.queued()
+        by_priority: dict[str, int] = {"high": 0, "normal": 0, "low": 0, "retry": 0}
+        for r in queued:
+            by_priority[priority_name(r["priority"])] += 1
+        return {"total": len(queued), "by_priority": by_priority,
+                "next": [{"id": r["id"], "name": r["name"],
+                          "priority": priority_name(r["priority"]), "attempts": r["attempts"]}
+                         for r in queued[:10]]}
+
     def training(self) -> dict[str, Any] | None:
         rows = self.files("state='training'")
         return rows[0] if rows else None

@@ -994,8 +994,6 @@ def fmt(x: Any) -> str:
 
 def build_status(d: Daemon, now: float) -> dict[str, Any]:
     """The home's status.json (fields documented in the README's "Continuous training")."""
-    from trainer_core.daemon.control import queue_summary
-
     ledger = d.ledger
     last = ledger.files("state IN ('completed','failed','skipped')",
                         order="finished_at DESC LIMIT 10")
@@ -1021,7 +1019,7 @@ def build_status(d: Daemon, now: float) -> dict[str, Any]:
         "model": {"step": ledger.model_step(), "checkpoint": model_ckpt,
                   "current": str(storage.current_model(d.home) or "") or None},
         "current": current,
-        "queue": queue_summary(ledger),
+        "queue": ledger.queue_summary(),
         "last": [{"id": r["id"], "name": r["name"], "state": r["state"], "steps": r["steps"],
                   "tokens": r["tokens"], "loss_end": r["loss_end"], "error": r["error"],
                   "finished_at": r["finished_at"]} for r in last],
