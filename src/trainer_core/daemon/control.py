@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from trainer_core.daemon.home import Home, HomeLock, daemon_running, priority_name
+from trainer_core.daemon.home import Home, HomeLock, daemon_running
 from trainer_core.daemon.ledger import Ledger
 from trainer_core.errors import UserError
 
