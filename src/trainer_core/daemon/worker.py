@@ -296,49 +296,27 @@ class Worker:
         """Train one file through the shared loop (:class:`FileLoop`); returns False when the
         worker must exit (stop)."""
         from trainer_core.data.batching import plan_steps
-        from trainer_core.data.rows import RowFormat, check_rows, read_rows
-        from trainer_core.errors import DataError
-        from trainer_core.train.inputs import preprocess_rows
 
         cfg, s = self.cfg, self.setup
-        fid, attempt, path = job.file_id, job.attempt, job.path
+        fid, attempt = job.file_id, job.attempt
         self.restore(job.start_from)
         resumed = self.state.get("daemon") or {}
         mine = resumed.get("file_id") == fid and resumed.get("attempt") == attempt
         if not mine:
             resumed = {}
-        # Validation: all rows, the same rules as `trainer run`.
-        rows, problems = read_rows(path, RowFormat.from_config(cfg.data))
-        if problems and self.is_main:
-            Path(job.problems_path).write_text(json.dumps(
-                [{"line": p.line, "field": p.field, "reason": p.reason, "detail": p.detail}
-                 for p in problems], indent=1), encoding="utf-8")
-        try:
-            check_rows(problems, cfg.data.on_invalid, job.name)
-            if not rows:
-                raise DataError(f"{job.name}: no valid rows")
-            ds, _ = self.first(lambda: preprocess_rows(rows, cfg, self.profile, self.tokenizer,
-                                                       job.name))
-        except UserError as exc:
-            self.send(protocol.Failed(file_id=fid, error=str(exc), rows=len(rows),
-                                      invalid_rows=len({p.line for p in problems}),
-                                      data_error=True))
+        read = self.file_examples(job)
+        if read is None:
             return True
-        examples = ds.examples()  # built per step from the (memory-mapped) arrays
-        if not examples:
-            self.send(protocol.Failed(file_id=fid, error="no examples left after preprocessing",
-                                      rows=len(rows), invalid_rows=len({p.line for p in problems}),
-                                      data_error=True))
-            return True
+        examples, n_rows, invalid = read
         hp, d = cfg.hyperparams, cfg.daemon
         plan = plan_steps(len(examples), hp.batch_size * hp.gradient_accumulation,
                           d.epochs_per_file, None, job.seed, cfg.data.shuffle)
+        # (a resumed file: its counters from the checkpoint's daemon fields)
         file = FileProgress(
             fid, attempt, plan.total_steps, int(resumed.get("step_before", self.state["step"])),
-            rows=len(rows), invalid_rows=len({p.line for p in problems}),
-            file_step=int(resumed.get("file_step", 0)), tokens=int(resumed.get("tokens", 0)),
-            loss_start=resumed.get("loss_start"), loss_end=resumed.get("loss_end"),
-            tokens_trained=self.state["tokens_trained"])
+            rows=n_rows, invalid_rows=invalid, file_step=int(resumed.get("file_step", 0)),
+            tokens=int(resumed.get("tokens", 0)), loss_start=resumed.get("loss_start"),
+            loss_end=resumed.get("loss_end"), tokens_trained=self.state["tokens_trained"])
         self.schedule.begin_file(file.step_before, plan.total_steps)
         from trainer_core.daemon.schedule import apply_lr
 
@@ -359,6 +337,39 @@ class Worker:
         finally:
             events.close()
         return loop.command != "stop"
+
+    def file_examples(self, job: protocol.TrainCommand) -> tuple[Any, int, int] | None:
+        """The file's rows validated (the same rules as ``trainer run``; the invalid ones
+        written to ``job.problems_path``) and preprocessed: ``(examples, rows, invalid rows)``,
+        or None once a ``failed`` (``data_error``) is sent."""
+        from trainer_core.data.rows import RowFormat, check_rows, read_rows
+        from trainer_core.errors import DataError
+        from trainer_core.train.inputs import preprocess_rows
+
+        cfg = self.cfg
+        rows, problems = read_rows(job.path, RowFormat.from_config(cfg.data))
+        invalid = len({p.line for p in problems})
+        if problems and self.is_main:
+            Path(job.problems_path).write_text(json.dumps(
+                [{"line": p.line, "field": p.field, "reason": p.reason, "detail": p.detail}
+                 for p in problems], indent=1), encoding="utf-8")
+        try:
+            check_rows(problems, cfg.data.on_invalid, job.name)
+            if not rows:
+                raise DataError(f"{job.name}: no valid rows")
+            ds, _ = self.first(lambda: preprocess_rows(rows, cfg, self.profile, self.tokenizer,
+                                                       job.name))
+        except UserError as exc:
+            self.send(protocol.Failed(file_id=job.file_id, error=str(exc), rows=len(rows),
+                                      invalid_rows=invalid, data_error=True))
+            return None
+        examples = ds.examples()  # built per step from the (memory-mapped) arrays
+        if not examples:
+            self.send(protocol.Failed(file_id=job.file_id,
+                                      error="no examples left after preprocessing",
+                                      rows=len(rows), invalid_rows=invalid, data_error=True))
+            return None
+        return examples, len(rows), invalid
 
     def file_run(self, job: protocol.TrainCommand, plan: Any, examples: Any,
                  file: FileProgress) -> Any:
