@@ -314,7 +314,7 @@ def test_speed_pieces_not_measured_with_adapters_are_switched_off_with_one_line(
 def test_fused_loss_with_a_frozen_head_skips_its_gradient_and_keeps_the_rest():
     import torch
 
-    from trainer_core.model.speed import fused_linear_cross_entropy_sum
+    from trainer_core.model.fused_loss import fused_linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 8, generator=g)

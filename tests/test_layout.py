@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "demo": 4,
     "model": 5,
     "generate": 6, "generation": 6,
-    "monitor": 7,
+    "monitor": 7, "export": 7,
     "train": 8,
     "daemon": 9, "scaffold": 9,
     "cli": 10, "testing": 10, "__main__": 10,

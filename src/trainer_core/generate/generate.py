@@ -183,6 +183,7 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
     from trainer_core.data.tokenizer import load_tokenizer
     from trainer_core.generate.previews import generation_limit
     from trainer_core.generate.processors import generate
+    from trainer_core.model.adapters import load_kwargs
     from trainer_core.model.loading import load_model, pick_device
     from trainer_core.plugins.registry import collect_logits_processors
 
@@ -191,7 +192,8 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
     template = resolve_template(setup.chat_template, tokenizer)
     limit = generation_limit(cfg.monitoring.max_new_tokens, [p["reference"] for p in prompts],
                              tokenizer, cfg.hyperparams.max_length)
-    model = load_model(setup.model_dir, cfg, pick_device(cfg))
+    device = pick_device(cfg)
+    model = load_model(setup.model_dir, cfg, device, extra=load_kwargs(cfg, device))
     if setup.adapter_dir is not None:
         from trainer_core.model.adapters import attach
 

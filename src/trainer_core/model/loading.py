@@ -109,16 +109,19 @@ def check_weight_files(model_dir: str | Path) -> None:
                             "directory is truncated or damaged") from None
 
 
-def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:
+def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None,
+               extra: dict[str, Any] | None = None) -> Any:
+    """The model of ``model_dir`` on ``device``, from local files only.
+
+    ``extra``: more ``from_pretrained`` arguments, e.g. an adapter run's frozen base dtype and
+    qlora's 4-bit quantization (``model.adapters.load_kwargs``; with ``device_map`` the model
+    is placed on the device as it loads).
+    """
     from transformers import AutoModelForCausalLM
 
     check_weight_files(model_dir)
-    from trainer_core.model.adapters import load_kwargs
-
     quiet_hf()
-    # An adapter run's frozen base: its dtype, and qlora's 4-bit quantization (placed on the
-    # device as it loads).
-    kwargs = {"dtype": weight_dtype(cfg), **load_kwargs(cfg, device)}
+    kwargs = {"dtype": weight_dtype(cfg), **(extra or {})}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),

@@ -105,7 +105,8 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
         warm_fa4_kernels(model_dir)  # overlaps the model load and the blocks' compilation
     if device.type == "cpu":
         tune_cpu_allocator()
-    model = load_model(model_dir, cfg, device, speed.attn_implementation)
+    model = load_model(model_dir, cfg, device, speed.attn_implementation,
+                       adapters.load_kwargs(cfg, device))
     if facts is not None:
         check_model_locked(model, facts)
     model = adapters.wrap(model, cfg, parallel)  # adapters: a frozen base, trainable adapters
