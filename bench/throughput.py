@@ -280,7 +280,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
         collate_s += time.time() - t0 if step >= warmup else 0.0
         micro_counts.append(len(batches))
         before = setup.graphs.stats() if setup.graphs is not None else None
-        # As `trainer run` (train/recipe.run_steps): a step left running is read once the next
+        # As `trainer run` (train/loop.Loop.steps): a step left running is read once the next
         # one is launched, unless the next runs to its end at launch (eager, a capture).
         if pending is not None and not engine.runs_ahead(setup, batches):
             finish(*pending)

@@ -158,10 +158,10 @@ def alter_steps(monkeypatch):
     would. The seam is the loop's ``launch_step``."""
     import attrs
 
-    from trainer_core.train import recipe
+    from trainer_core.train import loop
 
     def install(fn):
-        real = recipe.launch_step
+        real = loop.launch_step
         count = [0]
 
         def launch(*args, **kwargs):
@@ -170,6 +170,6 @@ def alter_steps(monkeypatch):
             n, inner = count[0], step.wait
             return attrs.evolve(step, wait=lambda: fn(n, *inner()))
 
-        monkeypatch.setattr(recipe, "launch_step", launch)
+        monkeypatch.setattr(loop, "launch_step", launch)
 
     return install

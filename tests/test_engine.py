@@ -517,10 +517,10 @@ def test_the_loop_reads_a_step_after_launching_the_next_except_where_the_model_i
     import attrs
     from safetensors.torch import load_file
 
-    from trainer_core.train import recipe
+    from trainer_core.train import loop
 
     events: list[tuple[str, int]] = []
-    real = recipe.launch_step
+    real = loop.launch_step
 
     def launch(*args, **kwargs):
         index = sum(1 for kind, _ in events if kind == "launch")
@@ -535,14 +535,14 @@ def test_the_loop_reads_a_step_after_launching_the_next_except_where_the_model_i
         # as a GPU replay would be (on the CPU every step is finished at launch)
         return attrs.evolve(step, wait=wait, running=True)
 
-    monkeypatch.setattr(recipe, "launch_step", launch)
+    monkeypatch.setattr(loop, "launch_step", launch)
     # the third step runs to its end at launch (as an eager step does): step 2 is read first
-    monkeypatch.setattr(recipe, "runs_ahead",
+    monkeypatch.setattr(loop, "runs_ahead",
                         lambda *a: sum(kind == "launch" for kind, _ in events) != 2)
     runs = {}
     for mode in ("overlap", "in-order"):
         if mode == "in-order":
-            monkeypatch.setattr(recipe, "can_overlap", lambda *a: False)
+            monkeypatch.setattr(loop.Loop, "can_overlap", lambda *a: False)
         events.clear()
         out = tmp_path / mode
         result = CliRunner().invoke(cli, _run_args(

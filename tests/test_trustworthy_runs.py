@@ -229,13 +229,13 @@ def test_a_signal_during_a_running_step_stops_after_it_and_resumes_exactly(
     import attrs
     from safetensors.torch import load_file
 
-    from trainer_core.train import recipe
+    from trainer_core.train import loop
 
-    real = recipe.launch_step
+    real = loop.launch_step
     # as a GPU replay would be (on the CPU every step is finished at launch)
-    monkeypatch.setattr(recipe, "launch_step",
+    monkeypatch.setattr(loop, "launch_step",
                         lambda *a, **k: attrs.evolve(real(*a, **k), running=True))
-    monkeypatch.setattr(recipe, "runs_ahead", lambda *a: True)
+    monkeypatch.setattr(loop, "runs_ahead", lambda *a: True)
     out, straight = tmp_path / "run", tmp_path / "straight"
     args = ("--max-steps", "8", "--save-steps", "3", "--set", "hyperparams.save_total_limit=null")
     assert invoke(run_args(micro_model_dir, small_jsonl, straight, *args)).exit_code == 0

@@ -3,10 +3,11 @@
 It loads torch, the tokenizer and the model once and keeps them (and the optimizer) in memory
 across files, so consecutive files pay neither a model load nor a compilation: a file that
 starts from the checkpoint this worker just wrote starts at once; only a rollback or a restart
-reloads a checkpoint from disk. Training is the step engine's (:mod:`trainer_core.train.engine`):
-``prepare_training`` + ``train_step`` over ``micro_batches`` of a ``plan_steps`` plan, with
-checkpoints by ``engine.save`` and ``engine.load``, so resuming a killed file continues it
-exactly.
+reloads a checkpoint from disk. Each file is trained by the same loop as ``trainer run``
+(:class:`~trainer_core.train.loop.Loop`, here :class:`FileLoop`: the file's ``plan_steps`` plan
+continuing the model's global step, step overlap on the GPU, run events to :class:`FileListener`
+(which speaks the protocol), alerts and plugin listeners), with checkpoints by ``engine.save``
+and ``engine.load``, so resuming a killed file continues it exactly.
 
 Protocol: JSON lines, typed in :mod:`trainer_core.daemon.protocol`. The daemon writes commands
 on stdin (``init``, ``train``, ``pause``, ``stop``, ``skip``); the worker answers on its own copy
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import sys
@@ -44,10 +44,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from trainer_core.daemon import protocol
 from trainer_core.daemon.home import Home
 from trainer_core.errors import UserError
+from trainer_core.monitor.events import Alert, CheckpointSaved, RunEnd, RunListener, StepEnd
 from trainer_core.train.distributed import launched_by_torchrun
+from trainer_core.train.loop import Loop, Run, no_signals
 
 #: Under torchrun, seconds an idle rank 0 waits for a command before telling the others
 #: "nothing yet" (keeps every collective far below the process group's timeout).
@@ -214,7 +218,7 @@ class Worker:
         from trainer_core.daemon.schedule import DaemonSchedule
         from trainer_core.data.tokenizer import load_tokenizer
         from trainer_core.model.loading import model_directory, quiet_hf
-        from trainer_core.plugins.registry import build_profile
+        from trainer_core.plugins.registry import build_profile, check_report_to
         from trainer_core.train.distributed import main_first, share_from_main
         from trainer_core.train.step import prepare_training
 
@@ -222,6 +226,7 @@ class Worker:
         dist = self.dist
         quiet_hf()
         self.profile = build_profile(cfg)
+        check_report_to(cfg)  # trackers hear every file's run events: a missing one fails now
         model_dir = main_first(dist, lambda: model_directory(cfg))
         self.model_dir = model_dir
         check_model_against_config(cfg, model_facts(model_dir))
@@ -288,27 +293,62 @@ class Worker:
         self.send(protocol.Ready(checkpoint=checkpoint, step=0))
 
     def train(self, job: protocol.TrainCommand) -> bool:
-        """Train one file; returns False when the worker must exit (stop)."""
-        from trainer_core.data.batching import (
-            count_tokens,
-            count_trained,
-            micro_batches,
-            plan_steps,
-        )
-        from trainer_core.data.rows import RowFormat, check_rows, read_rows
-        from trainer_core.errors import DataError
-        from trainer_core.train.inputs import preprocess_rows, token_budget
-        from trainer_core.train.step import train_step
+        """Train one file through the shared loop (:class:`FileLoop`); returns False when the
+        worker must exit (stop)."""
+        from trainer_core.data.batching import plan_steps
 
         cfg, s = self.cfg, self.setup
-        fid, attempt, path = job.file_id, job.attempt, job.path
+        fid, attempt = job.file_id, job.attempt
         self.restore(job.start_from)
         resumed = self.state.get("daemon") or {}
         mine = resumed.get("file_id") == fid and resumed.get("attempt") == attempt
         if not mine:
             resumed = {}
-        # Validation: all rows, the same rules as `trainer run`.
-        rows, problems = read_rows(path, RowFormat.from_config(cfg.data))
+        read = self.file_examples(job)
+        if read is None:
+            return True
+        examples, n_rows, invalid = read
+        hp, d = cfg.hyperparams, cfg.daemon
+        plan = plan_steps(len(examples), hp.batch_size * hp.gradient_accumulation,
+                          d.epochs_per_file, None, job.seed, cfg.data.shuffle)
+        # (a resumed file: its counters from the checkpoint's daemon fields)
+        file = FileProgress(
+            fid, attempt, plan.total_steps, int(resumed.get("step_before", self.state["step"])),
+            rows=n_rows, invalid_rows=invalid, file_step=int(resumed.get("file_step", 0)),
+            tokens=int(resumed.get("tokens", 0)), loss_start=resumed.get("loss_start"),
+            loss_end=resumed.get("loss_end"), tokens_trained=self.state["tokens_trained"])
+        self.schedule.begin_file(file.step_before, plan.total_steps)
+        from trainer_core.daemon.schedule import apply_lr
+
+        apply_lr(s.scheduler, s.optimizer)
+        self.send(protocol.Started(file_id=fid, file_step=file.file_step,
+                                   file_steps=plan.total_steps, step=self.state["step"],
+                                   resumed=mine, time=time.time()))
+        loop = FileLoop(self.file_run(job, plan, examples, file), self, job, file)
+        events = loop.run.events
+        try:
+            events.start(self.file_start(job, loop.run, file, mine))
+            state, reason = self.end_file(job, file, *loop.train())
+            events.end(RunEnd(state, reason, file.summary(self.state)))
+        except BaseException as exc:
+            events.end(RunEnd("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                              file.summary(self.state)))
+            raise
+        finally:
+            events.close()
+        return loop.command != "stop"
+
+    def file_examples(self, job: protocol.TrainCommand) -> tuple[Any, int, int] | None:
+        """The file's rows validated (the same rules as ``trainer run``; the invalid ones
+        written to ``job.problems_path``) and preprocessed: ``(examples, rows, invalid rows)``,
+        or None once a ``failed`` (``data_error``) is sent."""
+        from trainer_core.data.rows import RowFormat, check_rows, read_rows
+        from trainer_core.errors import DataError
+        from trainer_core.train.inputs import preprocess_rows
+
+        cfg = self.cfg
+        rows, problems = read_rows(job.path, RowFormat.from_config(cfg.data))
+        invalid = len({p.line for p in problems})
         if problems and self.is_main:
             Path(job.problems_path).write_text(json.dumps(
                 [{"line": p.line, "field": p.field, "reason": p.reason, "detail": p.detail}
@@ -320,111 +360,86 @@ class Worker:
             ds, _ = self.first(lambda: preprocess_rows(rows, cfg, self.profile, self.tokenizer,
                                                        job.name))
         except UserError as exc:
-            self.send(protocol.Failed(file_id=fid, error=str(exc), rows=len(rows),
-                                      invalid_rows=len({p.line for p in problems}),
-                                      data_error=True))
-            return True
+            self.send(protocol.Failed(file_id=job.file_id, error=str(exc), rows=len(rows),
+                                      invalid_rows=invalid, data_error=True))
+            return None
         examples = ds.examples()  # built per step from the (memory-mapped) arrays
         if not examples:
-            self.send(protocol.Failed(file_id=fid, error="no examples left after preprocessing",
-                                      rows=len(rows), invalid_rows=len({p.line for p in problems}),
-                                      data_error=True))
-            return True
-        hp, d = cfg.hyperparams, cfg.daemon
-        plan = plan_steps(len(examples), hp.batch_size * hp.gradient_accumulation,
-                          d.epochs_per_file, None, job.seed, cfg.data.shuffle)
-        file_step = int(resumed.get("file_step", 0))
-        step_before = int(resumed.get("step_before", self.state["step"]))
-        tokens = int(resumed.get("tokens", 0))
-        loss_start = resumed.get("loss_start")
-        loss_end = resumed.get("loss_end")
-        self.schedule.begin_file(step_before, plan.total_steps)
-        from trainer_core.daemon.schedule import apply_lr
+            self.send(protocol.Failed(file_id=job.file_id,
+                                      error="no examples left after preprocessing",
+                                      rows=len(rows), invalid_rows=invalid, data_error=True))
+            return None
+        return examples, len(rows), invalid
 
-        apply_lr(s.scheduler, s.optimizer)
-        invalid = len({p.line for p in problems})
+    def file_run(self, job: protocol.TrainCommand, plan: Any, examples: Any,
+                 file: FileProgress) -> Any:
+        """The shared loop's :class:`~trainer_core.train.loop.Run` for one file: its plan,
+        continuing the model's global step, no validation or previews; the listeners speak
+        the protocol, then alerts and plugin listeners (``run_listeners``) on rank 0."""
+        from trainer_core.monitor.events import RunEvents
 
-        def fields(complete: bool) -> dict[str, Any]:
-            return {"file_id": fid, "attempt": attempt, "file_step": file_step,
-                    "file_steps": plan.total_steps, "step_before": step_before,
-                    "tokens": tokens, "loss_start": loss_start, "loss_end": loss_end,
-                    "rows": len(rows), "invalid_rows": invalid, "complete": complete}
+        cfg = self.cfg
+        listeners: list[Any] = [FileListener(self, file)]
+        if self.is_main:
+            from trainer_core.monitor.alerts import AlertsListener
+            from trainer_core.plugins.registry import collect_run_listeners
 
-        self.send(protocol.Started(file_id=fid, file_step=file_step, file_steps=plan.total_steps,
-                                   step=self.state["step"], resumed=mine, time=time.time()))
-        while file_step < plan.total_steps:
-            cmd = self.step_command()
-            if cmd is not None:
-                if cmd == "skip":
-                    self.at = None  # rolled back on the next file: reload
-                    self.send(protocol.Skipped(file_id=fid))
-                    return True
-                if cmd in ("pause", "stop"):
-                    if not self.finite():
-                        self.at = None
-                        self.send(protocol.Failed(file_id=fid, error="non-finite weights"))
-                        return cmd != "stop"
-                    # Nothing trained since the last checkpoint: point at it rather than
-                    # rewrite it (rewriting the committed model's checkpoint opens a window
-                    # where a kill would lose it).
-                    ckpt = self.at if self.at is not None else self.save(fields(False))
-                    answer = protocol.Paused if cmd == "pause" else protocol.Stopped
-                    self.send(answer(file_id=fid, checkpoint=ckpt, step=self.state["step"],
-                                     file_step=file_step))
-                    return cmd != "stop"
-            self.fault_hooks(job.name, file_step)
-            batch_examples = [examples[i] for i in plan.step_indices(file_step)]
-            if self.dist is not None:  # this rank's token-balanced share of the step
-                batches, n_trained = self.dist.step_share(
-                    batch_examples, cfg, token_budget(cfg), self.tokenizer.pad_token_id,
-                    s.speed.pad_to_multiple)
-            else:
-                batches = micro_batches(batch_examples, cfg.data.packing, hp.batch_size,
-                                        token_budget(cfg), self.tokenizer.pad_token_id,
-                                        s.speed.pad_to_multiple)
-                n_trained = count_trained(batches)
-            self.at = None
-            loss, grad_norm, lr = train_step(s, batches, n_trained, hp.max_grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                self.send(protocol.Failed(file_id=fid, error=(
-                    f"loss {loss}, gradient norm {grad_norm} at file step {file_step + 1} "
-                    f"(global step {self.state['step'] + 1}); model rolled back")))
-                return True
-            file_step += 1
-            seen = (self.dist.step_consensus(batches, None)[0] if self.dist is not None
-                    else count_tokens(batches))
-            self.state["step"] += 1
-            self.state["tokens_trained"] += n_trained
-            self.state["tokens_seen"] += seen
-            if self.state["first_loss"] is None:
-                self.state["first_loss"] = loss
-            tokens += n_trained
-            loss_start = loss if loss_start is None else loss_start
-            loss_end = loss
-            self.send(protocol.Progress(
-                file_id=fid, file_step=file_step, file_steps=plan.total_steps,
-                step=self.state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
-                time=time.time()))
-            if (d.save_steps and file_step % d.save_steps == 0
-                    and file_step < plan.total_steps):
-                if not self.finite():
-                    self.at = None
-                    self.send(protocol.Failed(file_id=fid, error=f"non-finite weights at file "
-                                              f"step {file_step}; model rolled back"))
-                    return True
-                self.send(protocol.Checkpoint(file_id=fid, checkpoint=self.save(fields(False)),
-                                              step=self.state["step"], file_step=file_step))
+            listeners += [*([AlertsListener(cfg.monitoring)] if cfg.monitoring.alerts else []),
+                          *collect_run_listeners(cfg, self.home.root)]
+        return Run(cfg, self.profile, self.tokenizer, plan, self.setup, examples, [], [],
+                   self.home.root, RunEvents(listeners), self.state,
+                   start_step=self.state["step"], dist=self.dist, offset=file.step_before,
+                   note=lambda text: print(text, file=sys.stderr, flush=True))
+
+    def file_start(self, job: protocol.TrainCommand, run: Any, file: FileProgress,
+                   resumed: bool) -> Any:
+        from trainer_core.config import to_dict
+        from trainer_core.monitor.events import RunStart
+
+        s = self.setup
+        summary = {"file": job.name, "file_id": file.file_id, "attempt": file.attempt,
+                   "rows": file.rows, "invalid_rows": file.invalid_rows,
+                   "train_examples": len(run.train_examples), "file_steps": file.file_steps,
+                   "total_steps": run.total_steps, "precision": s.precision,
+                   "device_type": s.device.type}
+        return RunStart(str(self.home.root), run.total_steps, self.state["step"], resumed,
+                        time.time(), summary, to_dict(self.cfg),
+                        {"daemon_file": job.name, "file_id": file.file_id,
+                         "attempt": file.attempt})
+
+    def end_file(self, job: protocol.TrainCommand, file: FileProgress, state: str,
+                 detail: str | None) -> tuple[str, str | None]:
+        """Tell the daemon how the file's loop ended; returns the run event's
+        ``(state, reason)``."""
+        if state == "completed":
+            return self.finish_file(job, file)
+        if state == "skipped":
+            self.send(protocol.Skipped(file_id=file.file_id))
+            return "interrupted", "skipped by the daemon"
+        if state in ("paused", "stopped"):
+            answer = protocol.Paused if state == "paused" else protocol.Stopped
+            self.send(answer(file_id=file.file_id, checkpoint=detail, step=self.state["step"],
+                             file_step=file.file_step))
+            return "interrupted", f"{state} by the daemon at step {self.state['step']}"
+        self.send(protocol.Failed(file_id=file.file_id, error=detail or state))
+        return "failed", detail
+
+    def finish_file(self, job: protocol.TrainCommand, file: FileProgress
+                    ) -> tuple[str, str | None]:
+        """The file's steps are done: its final checkpoint (with the merged model for an
+        adapter run) and ``done``, unless the weights are not finite."""
         if not self.finite():
             self.at = None
-            self.send(protocol.Failed(file_id=fid, error="non-finite weights at the end of the "
-                                      "file; model rolled back"))
-            return True
-        ckpt = self.save(fields(True))
+            error = "non-finite weights at the end of the file; model rolled back"
+            self.send(protocol.Failed(file_id=file.file_id, error=error))
+            return "failed", error
+        fields = file.fields(True)
+        ckpt = self.save(fields)
         if self.faults.get("crashdone") and self.faults["crashdone"] in job.name:
             os._exit(18)
-        self.send(protocol.Done(checkpoint=ckpt, **fields(True), step=self.state["step"],
+        self.send(protocol.Done(checkpoint=ckpt, **fields, step=self.state["step"],
                                 time=time.time()))
-        return True
+        return "completed", None
 
     def fault_hooks(self, name: str, file_step: int) -> None:
         if "sleep" in self.faults:
@@ -496,6 +511,137 @@ class Worker:
                 self.send(protocol.Stopped(file_id=None))
                 return
             # pause/skip with nothing in training: nothing to do
+
+
+@attrs.define
+class FileProgress:
+    """One file's counters, as its checkpoints (``daemon`` fields) and ``done`` carry them."""
+
+    file_id: int
+    attempt: int
+    file_steps: int
+    step_before: int  #: the model's global step when the file began
+    rows: int
+    invalid_rows: int
+    file_step: int = 0
+    tokens: int = 0  #: trained tokens of this file
+    loss_start: float | None = None
+    loss_end: float | None = None
+    tokens_trained: int = 0  #: the run's cumulative count at the last step (for ``tokens``)
+
+    def step_done(self, event: StepEnd) -> None:
+        self.file_step = event.step - self.step_before
+        self.tokens += event.tokens_trained - self.tokens_trained
+        self.tokens_trained = event.tokens_trained
+        self.loss_start = event.loss if self.loss_start is None else self.loss_start
+        self.loss_end = event.loss
+
+    def fields(self, complete: bool) -> dict[str, Any]:
+        return {"file_id": self.file_id, "attempt": self.attempt, "file_step": self.file_step,
+                "file_steps": self.file_steps, "step_before": self.step_before,
+                "tokens": self.tokens, "loss_start": self.loss_start,
+                "loss_end": self.loss_end, "rows": self.rows,
+                "invalid_rows": self.invalid_rows, "complete": complete}
+
+    def summary(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The file's part of a run end event's summary."""
+        return {**self.fields(False), "steps_done": state["step"]}
+
+
+class FileListener(RunListener):
+    """The shared loop's events, told to the daemon: ``progress`` per step, ``checkpoint``,
+    and raised alerts as ``log`` lines (every rank keeps the file's counters; rank 0 sends)."""
+
+    def __init__(self, worker: Worker, file: FileProgress) -> None:
+        self.worker = worker
+        self.file = file
+
+    def on_step_end(self, event: StepEnd) -> None:
+        self.file.step_done(event)
+        f = self.file
+        self.worker.send(protocol.Progress(
+            file_id=f.file_id, file_step=f.file_step, file_steps=f.file_steps, step=event.step,
+            loss=event.loss, lr=event.lr, grad_norm=event.grad_norm, tokens=f.tokens,
+            time=time.time()))
+
+    def on_checkpoint(self, event: CheckpointSaved) -> None:
+        self.worker.send(protocol.Checkpoint(file_id=self.file.file_id, checkpoint=event.path,
+                                             step=event.step, file_step=self.file.file_step))
+
+    def on_alert(self, event: Alert) -> None:
+        if event.state == "raised":
+            self.worker.send(protocol.Log(f"alert ({event.level}) {event.name} at step "
+                                          f"{event.step}: {event.message}"))
+
+
+class FileLoop(Loop):
+    """The shared loop (:class:`~trainer_core.train.loop.Loop`) over one file, with the
+    daemon's hooks: its commands are the stop requests (checked before each step),
+    checkpoints every ``daemon.save_steps`` file steps carry the file's fields, the history
+    stays out of them, there is no validation or preview, and failures roll the model back
+    (the next file reloads)."""
+
+    def __init__(self, run: Any, worker: Worker, job: protocol.TrainCommand,
+                 file: FileProgress) -> None:
+        super().__init__(run)
+        self.worker, self.job, self.file = worker, job, file
+        self.command: str | None = None  #: the command that ended the loop
+
+    def stop_requests(self) -> Any:
+        return no_signals()  # SIGTERM under torchrun comes as a command (step_command)
+
+    def before_step(self, index: int) -> str | None:
+        self.command = self.worker.step_command()
+        if self.command is not None:
+            return self.command
+        self.worker.fault_hooks(self.job.name, index)
+        self.worker.at = None  # the model in memory moves away from the last checkpoint
+        return None
+
+    def stop_before(self, request: str, index: int) -> tuple[str, str | None]:
+        worker = self.worker
+        if request == "skip":
+            worker.at = None  # rolled back on the next file: reload
+            return "skipped", None
+        if not worker.finite():
+            worker.at = None
+            return "failed", "non-finite weights"
+        # Nothing trained since the last checkpoint: point at it rather than rewrite it
+        # (rewriting the committed model's checkpoint opens a window where a kill would
+        # lose it).
+        ckpt = worker.at if worker.at is not None else worker.save(self.file.fields(False))
+        return ("paused" if request == "pause" else "stopped"), ckpt
+
+    def checkpoint_due(self, done: int) -> bool:
+        every, at = self.worker.cfg.daemon.save_steps, done - self.file.step_before
+        return bool(every and at % every == 0 and at < self.file.file_steps)
+
+    def evaluation_due(self, done: int) -> bool:
+        return False
+
+    def preview_due(self, done: int) -> bool:
+        return False
+
+    def save(self, done: int) -> None:
+        path = self.worker.save(self.file.fields(False))
+        self.run.events.checkpoint(CheckpointSaved(done, path))
+
+    def save_failed(self, done: int, exc: OSError) -> tuple[str, str | None]:
+        raise exc  # the worker's file-level handling (a full disk: the daemon waits)
+
+    def keep(self, record: dict[str, Any]) -> None:
+        pass  # a daemon trains forever: its checkpoints keep no history
+
+    def non_finite_step(self, done: int, loss: float, grad_norm: float
+                        ) -> tuple[str, str | None]:
+        return "failed", (f"loss {loss}, gradient norm {grad_norm} at file step "
+                          f"{done - self.file.step_before} (global step {done}); "
+                          "model rolled back")
+
+    def non_finite_weights(self, done: int) -> tuple[str, str | None]:
+        self.worker.at = None
+        return "failed", (f"non-finite weights at file step {done - self.file.step_before}; "
+                          "model rolled back")
 
 
 def parse_faults(text: str) -> dict[str, str]:

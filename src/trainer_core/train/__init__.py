@@ -1,4 +1,5 @@
-"""Layer 8, training: the recipe (``recipe.run_training`` and its loop), one optimizer step
+"""Layer 8, training: the recipe (``recipe.run_training``), the loop ``trainer run`` and the
+daemon both drive (``loop.Loop``), one optimizer step
 (``step``: ``prepare_training``, ``train_step``) through the step engine chosen once per run
 (``engine``; ``update`` and ``graph_update`` are the CUDA engine's update on the device and
 whole-step graphs, ``adamw`` its one-kernel AdamW, ``distributed`` several processes), inputs,

@@ -8,7 +8,8 @@ pieces. Each of those fights the Trainer's defaults; a short loop states them pl
 
 :func:`run_training` reads as its steps: profile and rows -> model directory and lock ->
 tokenizer and cached preprocessing -> plan (``--dry-run`` stops here) -> listeners -> model,
-optimizer and schedule -> resume state -> the loop -> final model -> end event. Everything
+optimizer and schedule -> resume state -> the loop (:mod:`trainer_core.train.loop`, shared
+with the daemon) -> final model -> end event. Everything
 that only watches a run (console, status.json, metrics.jsonl, previews.jsonl, run.json,
 loss.svg, alerts, trackers and other plugin listeners) hears about it through :class:`~trainer_core.monitor.events.RunEvents`.
 
@@ -19,32 +20,17 @@ behind ``run.dist`` and lives in :mod:`trainer_core.train.distributed`.
 
 from __future__ import annotations
 
-import functools
-import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import attrs
+from typing import Any
 
 from trainer_core.config import Resolved, TrainerConfig, to_dict
 from trainer_core.files import write_json_atomic
 from trainer_core.model import adapters
 from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf
-from trainer_core.monitor.alerts import non_finite_alert
 from trainer_core.monitor.console import print_plan
-from trainer_core.monitor.events import (
-    CheckpointSaved,
-    Evaluation,
-    Preview,
-    RunEnd,
-    RunEvents,
-    RunListener,
-    RunStart,
-    StepEnd,
-)
+from trainer_core.monitor.events import RunEnd, RunEvents, RunListener, RunStart
 from trainer_core.plugins.registry import build_profile, check_report_to
 from trainer_core.train.distributed import (
     distributed_session,
@@ -53,8 +39,15 @@ from trainer_core.train.distributed import (
     resume_checkpoint,
     share_from_main,
 )
-from trainer_core.train.engine import LaunchedStep, TrainingSetup
-from trainer_core.train.inputs import Prefetcher, load_rows, prepare_examples, token_budget
+from trainer_core.train.engine import TrainingSetup
+from trainer_core.train.inputs import load_rows, prepare_examples
+from trainer_core.train.loop import (  # noqa: F401  (Run and save_run_tokenizer: re-exported)
+    Loop,
+    Run,
+    current_segment,
+    model_finite,
+    save_run_tokenizer,
+)
 from trainer_core.train.manifest import plan_summary, resume_facts, run_manifest
 from trainer_core.train.rundir import (
     CONFIG_FILE,
@@ -66,48 +59,7 @@ from trainer_core.train.rundir import (
     truncate_logs,
 )
 from trainer_core.train.signals import StopRequested
-from trainer_core.train.step import launch_step, prepare_training, runs_ahead
-
-if TYPE_CHECKING:
-    from trainer_core.data.batching import StepPlan
-
-
-@attrs.define
-class Run:
-    """What the loop and its named steps share: the plan, the model, the data, the counters."""
-
-    cfg: TrainerConfig
-    profile: Any
-    tokenizer: Any
-    plan: StepPlan
-    setup: TrainingSetup
-    #: Sequences of ``{"input_ids", "labels"}`` (a lazy view over the preprocessed arrays).
-    train_examples: Sequence[dict[str, Any]]
-    val_examples: Sequence[dict[str, Any]]
-    prompts: list[dict[str, Any]]
-    output_dir: Path
-    events: RunEvents
-    #: checkpointed counters: step, tokens_trained, tokens_seen, first_loss, history
-    state: dict[str, Any]
-    last_loss: float = float("nan")
-    eval_loss: float | None = None
-    preview_scores: dict[str, float] = attrs.Factory(dict)
-    start_step: int = 0
-    window_tokens: int = 0
-    window_start: float = attrs.Factory(time.time)
-    loop_start: float = attrs.Factory(time.time)
-    tokens_per_s: float = 0.0
-    eta_s: float = float("inf")
-    #: what a checkpoint records about how the run was shaped (see manifest.resume_facts)
-    facts: dict[str, Any] = attrs.Factory(dict)
-    note: Any = print  #: prints a line the user must see (warnings), even when quiet
-    hint: str = "continue with the same command plus --resume"
-    warnings: list[str] = attrs.Factory(list)
-    previews_off: bool = False
-    #: several processes (torchrun): this rank's :class:`~trainer_core.train.distributed.Distributed`
-    dist: Any = None
-    #: checkpoints written in a thread (:class:`~trainer_core.train.checkpoint.BackgroundCheckpoint`)
-    saver: Any = None
+from trainer_core.train.step import prepare_training
 
 
 def run_training(resolved: Resolved, dry_run: bool = False, unlock: bool = False,
@@ -222,127 +174,13 @@ def _train(cfg: TrainerConfig, target: Any, profile: Any, model_dir: Path, train
         events.start(RunStart(str(output_dir), plan.total_steps, state["step"],
                               checkpoint is not None, started, summary, to_dict(cfg),
                               run_manifest(cfg, profile, summary)))
-        final_state, reason = train_loop(run)
+        final_state, reason = Loop(run).train()
         final_state, reason = save_final_model(run, final_state, reason)
         summary.update(final_summary(run, final_state, started), reason=reason)
         events.end(RunEnd(final_state, reason, summary))
     finally:
         events.close()
     return summary
-
-
-def train_loop(run: Run) -> tuple[str, str | None]:
-    """Steps until the plan is done, a signal arrives or a step fails; returns (state, reason).
-
-    A checkpoint still being written in the background is finished before this returns.
-    """
-    state, reason = run_steps(run)
-    error = finish_checkpoint(run, block=True)
-    if error and state != "failed":
-        return "failed", error
-    return state, reason
-
-
-def run_steps(run: Run) -> tuple[str, str | None]:
-    """The step loop. A step left running on the GPU (:func:`launch_step`) is read after the
-    next one is launched, so the card never waits for the host between steps; a step after
-    which the model is looked at (evaluation, preview, checkpoint, a signal, the end) is read
-    before anything else is launched. A signal that arrives while a step is read with the next
-    one already running stops the run after that next step (it is saved there)."""
-    run.loop_start = run.window_start = time.time()
-    # The next step's batches are collated while this one trains (one process: under torchrun
-    # each rank computes its share in step, as before).
-    inputs = Prefetcher(lambda s: step_batches(run, s), run.plan.total_steps,
-                        ahead=run.dist is None)
-    pending: Launched | None = None  # launched, not read yet
-    # Under torchrun, Ctrl-C can reach a rank twice (directly and forwarded): one request.
-    with StopRequested(deferred=True, repeat_window_s=1.0 if run.dist else 0.0) as stop, inputs:
-        try:
-            for step in range(run.state["step"], run.plan.total_steps):
-                batches, n_trained = inputs.get(step)
-                if pending is not None and not runs_ahead(run.setup, batches):
-                    # this step runs to its end at launch (eager, a capture): nothing to overlap
-                    outcome = finish_step(run, pending, stop, in_flight=False)
-                    pending = None
-                    if outcome is not None:
-                        return outcome
-                current = Launched(step, batches, n_trained, launch_step(
-                    run.setup, batches, n_trained, run.cfg.hyperparams.max_grad_norm,
-                    launched=functools.partial(inputs.prepare, step + 1)))
-                previous, pending = pending, current
-                if previous is not None:  # the step before, read while this one runs
-                    outcome = finish_step(run, previous, stop, in_flight=True)
-                    if outcome is not None:
-                        return outcome  # (the finally waits for this step)
-                if current.step.running and can_overlap(run, step + 1, stop):
-                    continue
-                pending = None
-                outcome = finish_step(run, current, stop, in_flight=False)
-                if outcome is not None:
-                    return outcome
-        finally:
-            if pending is not None:  # nothing stays queued once the loop is left
-                pending.step.wait()
-    return "completed", None
-
-
-@attrs.define
-class Launched:
-    """A launched step of the loop and what it trained on."""
-
-    index: int
-    batches: list[dict[str, Any]]
-    n_trained: int
-    step: LaunchedStep
-
-
-def can_overlap(run: Run, done: int, stop: StopRequested) -> bool:
-    """Whether step ``done`` may still be running when the next one is launched: nothing
-    looks at the model after it (and one process: torchrun's ranks agree every step)."""
-    return not (run.dist is not None or stop.signal is not None
-                or done == run.plan.total_steps or want_checkpoint(run, done)
-                or evaluation_due(run, done) or preview_due(run, done))
-
-
-def finish_step(run: Run, item: Launched, stop: StopRequested, in_flight: bool
-                ) -> tuple[str, str | None] | None:
-    """Read a launched step and do what follows it; ``(state, reason)`` if the run ends here.
-
-    ``in_flight``: the next step is already running, so no evaluation, preview or checkpoint
-    is due after this one (see :func:`can_overlap`), and a signal waits for the next step."""
-    loss, grad_norm, lr = item.step.result()
-    step, batches, n_trained = item.index, item.batches, item.n_trained
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        run.events.alert(non_finite_alert(step + 1, loss, grad_norm))
-        return "failed", (f"error: loss {loss}, gradient norm {grad_norm} at step "
-                          f"{step + 1}; stopping. The last good checkpoint is untouched "
-                          "and no final model is written.")
-    done = step + 1
-    # several processes: global token counts, and a signal any rank got stops all
-    tokens, agreed = (run.dist.step_consensus(batches, stop.signal) if run.dist
-                      else (None, None))
-    record = account_step(run, done, batches, n_trained, loss, lr, grad_norm, tokens)
-    record = maybe_evaluate(run, done, record)
-    record = maybe_preview(run, done, record)
-    end_step(run, done, loss, lr, grad_norm, record)
-    signal = None if in_flight else agreed if run.dist else stop.signal
-    if want_checkpoint(run, done) or signal is not None:
-        if not model_finite(run):
-            return "failed", (f"error: non-finite weights after step {done}; stopping "
-                              "without saving. The last good checkpoint is untouched.")
-        try:
-            save_checkpoint(run, done)
-        except CheckpointWriteFailed as exc:  # the previous background save
-            return "failed", str(exc)
-        except OSError as exc:
-            return "failed", checkpoint_error(done, exc)
-    error = finish_checkpoint(run, block=False)
-    if error:
-        return "failed", error
-    if signal is not None:
-        return "interrupted", (f"stopped by signal {signal} at step {done}; "
-                               f"checkpoint saved; {run.hint}.")
-    return None
 
 
 # --------------------------------------------------------------------------- the named steps
@@ -394,120 +232,6 @@ def resume_state(checkpoint: Any, setup: TrainingSetup, accepted: list | None = 
     return state
 
 
-def step_batches(run: Run, step: int) -> tuple[list[dict[str, Any]], int]:
-    """The micro-batches of ``step`` (a pure function of seed and step) and their trained tokens."""
-    from trainer_core.data.batching import count_trained, micro_batches
-
-    examples = [run.train_examples[i] for i in run.plan.step_indices(step)]
-    if run.dist is not None:  # this rank's token-balanced share of the global step
-        return run.dist.step_share(examples, run.cfg, token_budget(run.cfg),
-                                   run.tokenizer.pad_token_id, run.setup.speed.pad_to_multiple)
-    batches = micro_batches(examples, run.cfg.data.packing, run.cfg.hyperparams.batch_size,
-                            token_budget(run.cfg), run.tokenizer.pad_token_id,
-                            run.setup.speed.pad_to_multiple)
-    return batches, count_trained(batches)
-
-
-def account_step(run: Run, done: int, batches: list[dict[str, Any]], n_trained: int,
-                 loss: float, lr: float, grad_norm: float, tokens: int | None = None
-                 ) -> dict[str, Any] | None:
-    """Update counters and rates; on logging steps return the step's metrics record.
-
-    ``tokens``: the step's processed tokens when ``batches`` are only part of it."""
-    if tokens is None:
-        from trainer_core.data.batching import count_tokens
-
-        tokens = count_tokens(batches)
-    state = run.state
-    state["step"] = done
-    state["tokens_trained"] += n_trained
-    state["tokens_seen"] += tokens
-    if state["first_loss"] is None:
-        state["first_loss"] = loss
-    run.last_loss = loss
-    run.window_tokens += tokens
-    now = time.time()
-    elapsed = now - run.window_start
-    run.tokens_per_s = run.window_tokens / elapsed if elapsed > 0 else 0.0
-    rate = (done - run.start_step) / max(now - run.loop_start, 1e-9)
-    run.eta_s = (run.plan.total_steps - done) / rate if rate > 0 else float("inf")
-    # Step 1 is always logged: the first point of every chart is the summary's first loss.
-    if done % run.cfg.environment.logging_steps and done not in (1, run.plan.total_steps):
-        return None
-    run.window_tokens, run.window_start = 0, time.time()
-    return {"step": done, "epoch": round(run.plan.epoch_at(done), 4), "loss": loss, "lr": lr,
-            "grad_norm": grad_norm, "tokens_per_s": run.tokens_per_s,
-            "tokens_trained": state["tokens_trained"], "time": now}
-
-
-def maybe_evaluate(run: Run, done: int, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validation loss every ``eval_steps`` and at the end."""
-    if not evaluation_due(run, done):
-        return record
-    # (several processes: every rank scores a share)
-    run.eval_loss = run.setup.engine.evaluate(run.val_examples, run.cfg,
-                                              run.tokenizer.pad_token_id, token_budget(run.cfg))
-    run.events.evaluation(Evaluation(done, run.eval_loss))
-    return {**(record or {"step": done}), "eval_loss": run.eval_loss}
-
-
-def maybe_preview(run: Run, done: int, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Generate and score the preview prompts every ``preview_steps`` and at the end."""
-    from trainer_core.generate.previews import run_previews
-
-    if not preview_due(run, done):
-        return record
-    # Several processes: rank 0 generates with its full DDP replica while the others wait at
-    # the next collective; FSDP holds no full copy anywhere, so there are no previews.
-    if run.previews_off or (run.dist is not None and (not run.dist.is_main
-                                                      or run.dist.strategy == "fsdp")):
-        return record
-    try:
-        records, run.preview_scores = run_previews(run.setup.model, run.tokenizer, run.profile,
-                                                   run.prompts, run.cfg, done)
-    except Exception as exc:  # a plugin's processors or scores: training goes on without them
-        run.previews_off = True
-        run.setup.model.train()
-        text = f"previews and scores skipped from step {done} on: {exc}"
-        run.warnings.append(text)
-        run.note(f"warning: {text}")
-        return record
-    run.events.preview(Preview(done, records, run.preview_scores))
-    return {**(record or {"step": done}), **run.preview_scores}
-
-
-def end_step(run: Run, done: int, loss: float, lr: float, grad_norm: float,
-             record: dict[str, Any] | None) -> None:
-    """Keep the step's record in the (checkpointed) history and tell the listeners."""
-    if record is not None:
-        run.state["history"].append(record)
-    run.events.step_end(StepEnd(done, run.plan.total_steps, loss, lr, grad_norm,
-                                run.tokens_per_s, run.eta_s, run.plan.epoch_at(done),
-                                run.state["tokens_trained"], record,
-                                tokens_seen=run.state["tokens_seen"]))
-
-
-def evaluation_due(run: Run, done: int) -> bool:
-    """Validation after step ``done``: every ``eval_steps`` and at the end, if there is a
-    validation set (:func:`maybe_evaluate`; :func:`can_overlap` reads it too)."""
-    hp = run.cfg.hyperparams
-    return bool(run.val_examples) and bool((hp.eval_steps and done % hp.eval_steps == 0)
-                                           or done == run.plan.total_steps)
-
-
-def preview_due(run: Run, done: int) -> bool:
-    """Previews after step ``done``: every ``preview_steps`` and at the end, if any are
-    asked for (:func:`maybe_preview`; :func:`can_overlap` reads it too)."""
-    mon = run.cfg.monitoring
-    return bool(mon.num_preview_samples) and bool(
-        (mon.preview_steps and done % mon.preview_steps == 0) or done == run.plan.total_steps)
-
-
-def want_checkpoint(run: Run, done: int) -> bool:
-    save_steps = run.cfg.hyperparams.save_steps
-    return bool(save_steps and done % save_steps == 0 and done != run.plan.total_steps)
-
-
 def background_saver(cfg: TrainerConfig, device: Any, dist: Any) -> Any:
     """A :class:`BackgroundCheckpoint` where ``environment.async_checkpoint`` wants one."""
     switch = cfg.environment.async_checkpoint
@@ -516,51 +240,6 @@ def background_saver(cfg: TrainerConfig, device: Any, dist: Any) -> Any:
     from trainer_core.train.checkpoint import BackgroundCheckpoint
 
     return BackgroundCheckpoint()
-
-
-class CheckpointWriteFailed(Exception):
-    """A background checkpoint could not be written (the message is the run's reason)."""
-
-
-def checkpoint_error(step: int, exc: OSError) -> str:
-    return (f"error: cannot write the checkpoint of step {step}: {exc.strerror or exc}; "
-            "stopping. Earlier checkpoints are kept and no final model is written.")
-
-
-def finish_checkpoint(run: Run, block: bool) -> str | None:
-    """Announce a background checkpoint once written; its error message if writing failed."""
-    if run.saver is None or not run.saver.busy:
-        return None
-    step = run.saver.step
-    try:
-        done = run.saver.wait() if block else run.saver.finished()
-    except OSError as exc:
-        return checkpoint_error(step, exc)
-    if done is not None:
-        save_run_tokenizer(run, done[1])
-        run.events.checkpoint(CheckpointSaved(done[0], str(done[1])))
-    return None
-
-
-def save_checkpoint(run: Run, done: int) -> None:
-    s = run.setup
-    state = {**run.state, "segments": [*run.state["segments"], current_segment(run, done)],
-             "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
-    if run.saver is not None:
-        # One save at a time; the previous one's write error stops the run here.
-        error = finish_checkpoint(run, block=True)
-        if error:
-            raise CheckpointWriteFailed(error)
-        run.saver.start(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler,
-                        state, run.cfg.hyperparams.save_total_limit, run.facts)
-        return
-    # (several processes: rank 0 writes; FSDP gathers the full state first)
-    path = s.engine.save(run.output_dir, done, state, run.cfg.hyperparams.save_total_limit,
-                         run.facts)
-    # With the tokenizer, a checkpoint is a model directory any tool (and `trainer generate`) loads.
-    if is_main(run.dist):
-        save_run_tokenizer(run, path)
-    run.events.checkpoint(CheckpointSaved(done, str(path)))
 
 
 def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[str, str | None]:
@@ -589,19 +268,6 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
     return ("failed", error) if error else (final_state, reason)
 
 
-def model_finite(run: Run) -> bool:
-    """Finite weights (several processes: all ranks agree)."""
-    return run.setup.engine.finite()
-
-
-def current_segment(run: Run, end_step: int) -> dict[str, Any]:
-    """This process's stretch of training: start and end step, time spent in the loop."""
-    now = time.time()
-    return {"start_step": run.start_step, "end_step": end_step,
-            "train_time_s": round(now - run.loop_start, 3), "started_at": run.loop_start,
-            "ended_at": now}
-
-
 def save_model_as_base(model: Any, base_dir: Path, output_dir: Path,
                        state_dict: dict[str, Any] | None = None) -> None:
     """Save the weights with the base model's inference settings, not training's.
@@ -623,16 +289,6 @@ def save_model_as_base(model: Any, base_dir: Path, output_dir: Path,
         model.config.use_cache = trained_use_cache
     if (base_dir / "generation_config.json").is_file():
         shutil.copyfile(base_dir / "generation_config.json", output_dir / "generation_config.json")
-
-
-def save_run_tokenizer(run: Run, dest: Path) -> None:
-    """The tokenizer as loaded, carrying the chat template training rendered with."""
-    from trainer_core.data.chat import TOKENIZER, resolve_template
-    from trainer_core.data.tokenizer import save_tokenizer
-
-    template = resolve_template(run.cfg.model.chat_template, run.tokenizer)
-    # The tokenizer's own template is in its files already: they stay exactly the base's.
-    save_tokenizer(run.tokenizer, dest, None if template.name == TOKENIZER else template.jinja)
 
 
 def final_summary(run: Run, final_state: str, started: float) -> dict[str, Any]:
