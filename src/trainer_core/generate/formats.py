@@ -45,9 +45,17 @@ __all__ = ["AnswerFormat", "FormatConstraint", "FormatError", "check_answer",
 
 #: Bump when the on-disk token table changes shape.
 CACHE_VERSION = "1"
-#: Characters always tried when searching a closing, besides those of the format's own text:
-#: JSON's punctuation and literals, digits, a letter, space and newline.
-CLOSING_CHARS = '\n {}[]":,-.0123456789aeflnrstu'
+#: Characters tried when searching a closing, besides those of the format's own text: a
+#: letter, a digit, space and newline for any format; JSON's punctuation and literals for JSON.
+CLOSING_CHARS = "a0 \n"
+JSON_CLOSING_CHARS = '{}[]":,-.0123456789aeflnrstu'
+#: In the last ``CLOSING_RESERVE`` steps a row's closing is searched again every
+#: ``RECHECK_STEPS`` steps, and at every step once it is within ``2 * LOOKAHEAD_SLACK`` tokens
+#: of the room left; greedy's next pick is checked (a second search) once the closing is within
+#: ``LOOKAHEAD_SLACK`` tokens. A single token that lengthens the closing by more than the slack
+#: between two searches can still leave too little room (the row is then cut at the limit).
+LOOKAHEAD_SLACK = 3
+RECHECK_STEPS = 4
 #: The closing search gives up after this many matcher states (a format whose closing it
 #: cannot find is then cut at the limit instead).
 MAX_CLOSING_STATES = 300
@@ -155,7 +163,8 @@ class _Compiled:
         self.matcher = llguidance.LLMatcher(ll, fmt.grammar(), log_level=0)
         if self.matcher.is_error():
             raise FormatError(f"{fmt.describe()}: {self.matcher.get_error()}")
-        self.alphabet = _alphabet(ll, set(CLOSING_CHARS) | set(fmt.source))
+        extra = CLOSING_CHARS + (JSON_CLOSING_CHARS if fmt.kind == "json_schema" else "")
+        self.alphabet = _alphabet(ll, set(extra) | set(fmt.source))
 
 
 def _alphabet(ll: Any, chars: set[str]) -> list[tuple[tuple[int, ...], bytes]]:
@@ -189,11 +198,11 @@ def closing_bytes(matcher: Any, alphabet: Alphabet, exact: bool = False,
 
     Breadth-first, so it finds a shortest closing among the states it keeps. A state's
     signature is which characters of the alphabet may come next and which tokens may.
-    A character that leaves the signature unchanged (a letter inside free text) is not
-    followed, and a state whose signature was already seen is dropped. That can merge states
-    that only look alike (the counts of ``x{3}``, the two ``>`` of ``>>``); ``exact`` then
-    tells states apart by their last 16 bytes too and follows one unchanged-signature character
-    per state. Pruning
+    A character that leaves the signature unchanged is not followed (more free text), unless
+    it was the only possible one (a literal such as ``>>``), and a state whose signature was
+    already seen is dropped. That can merge states that only look alike (the counts of
+    ``x{3}``); ``exact`` then tells states reached through such a single possible character
+    apart by their path too. Pruning
     can make the closing longer or miss it, never make it invalid: every step is consumed by
     the real matcher.
     """
@@ -205,7 +214,7 @@ def closing_bytes(matcher: Any, alphabet: Alphabet, exact: bool = False,
     for _ in range(MAX_CLOSING_BYTES):
         following = []
         for state, path, sig in frontier:
-            same = 0
+            forced = sum(sig[0]) == 1  # one character possible: a literal being written
             for ids, data in alphabet:
                 if state.validate_tokens(list(ids)) != len(ids):
                     continue
@@ -215,11 +224,10 @@ def closing_bytes(matcher: Any, alphabet: Alphabet, exact: bool = False,
                 if child.is_accepting():
                     return step
                 child_sig = _signature(child, alphabet)
-                if child_sig == sig:
-                    same += 1
-                    if not exact or same > 1:
-                        continue  # more of the same free text
-                key = (child_sig, step[-16:] if exact else b"")
+                if child_sig == sig and not forced:
+                    continue  # more of the same free text
+                # A literal's repeats (forced steps) look alike: their path tells them apart.
+                key = (child_sig, step if exact and forced else b"")
                 if key in seen:
                     continue
                 seen.add(key)
@@ -304,6 +312,7 @@ class FormatConstraint(transformers.LogitsProcessor):
         self._prompt_len = 0
         self.matchers: list[Any] = []
         self.forced: list[deque[int] | None] = []
+        self.check_at: list[int] = []
         self.done: list[bool] = []
 
     def _start(self, batch: int, length: int) -> None:
@@ -312,6 +321,7 @@ class FormatConstraint(transformers.LogitsProcessor):
         self._prompt_len = length
         self.matchers = [None if c is None else c.matcher.deep_copy() for c in self.compiled]
         self.forced = [None] * batch
+        self.check_at = [CLOSING_RESERVE] * batch
         self.done = [m is None for m in self.matchers]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -369,12 +379,17 @@ class FormatConstraint(transformers.LogitsProcessor):
     def _budget(self, row: int, remaining: int, scores: torch.Tensor) -> None:
         """Force the row's closing now if greedy's next token would leave no room for it."""
         compiled = self.compiled[row]
-        if self.forced[row] is not None or compiled is None or remaining > CLOSING_RESERVE:
+        if self.forced[row] is not None or compiled is None or remaining > self.check_at[row]:
             return
         matcher = self.matchers[row]
         closing = closing_tokens(self.ll, matcher, compiled.alphabet)
         if not closing:
             return  # complete already, or no closing found (then cut at the limit)
+        if len(closing) + LOOKAHEAD_SLACK < remaining:
+            # Room to spare: look again in a few steps, or once it gets close.
+            self.check_at[row] = max(min(remaining - RECHECK_STEPS,
+                                         len(closing) + 2 * LOOKAHEAD_SLACK), 1)
+            return
         pick = int(torch.argmax(scores[row]))
         if pick not in self.end_ids and len(closing) < remaining:
             probe = matcher.deep_copy()
