@@ -201,19 +201,20 @@ def closing_bytes(matcher: Any, alphabet: Alphabet, exact: bool = False,
     A character that leaves the signature unchanged is not followed (more free text), unless
     it was the only possible one (a literal such as ``>>``), and a state whose signature was
     already seen is dropped. That can merge states that only look alike (the counts of
-    ``x{3}``); ``exact`` then tells states reached through such a single possible character
-    apart by their path too. Pruning
+    ``x{3}``, the text before and after a marker); ``exact`` then tells states apart by the
+    characters written inside literals on the way (steps from or into a state where only one
+    character is possible). Pruning
     can make the closing longer or miss it, never make it invalid: every step is consumed by
     the real matcher.
     """
     if matcher.is_accepting():
         return b""
     start = matcher.deep_copy()
-    frontier = [(start, b"", _signature(start, alphabet))]
+    frontier = [(start, b"", _signature(start, alphabet), b"")]
     seen = {(frontier[0][2], b"")}
     for _ in range(MAX_CLOSING_BYTES):
         following = []
-        for state, path, sig in frontier:
+        for state, path, sig, literal in frontier:
             forced = sum(sig[0]) == 1  # one character possible: a literal being written
             for ids, data in alphabet:
                 if state.validate_tokens(list(ids)) != len(ids):
@@ -226,14 +227,19 @@ def closing_bytes(matcher: Any, alphabet: Alphabet, exact: bool = False,
                 child_sig = _signature(child, alphabet)
                 if child_sig == sig and not forced:
                     continue  # more of the same free text
-                # A literal's repeats (forced steps) look alike: their path tells them apart.
-                key = (child_sig, step if exact and forced else b"")
+                # The characters written inside literals (steps from or into a state with one
+                # possible character): with ``exact`` they tell look-alike states apart.
+                if forced or sum(child_sig[0]) == 1:
+                    child_literal = literal + data
+                else:
+                    child_literal = literal
+                key = (child_sig, child_literal if exact else b"")
                 if key in seen:
                     continue
                 seen.add(key)
                 if len(seen) > max_states:
                     return None
-                following.append((child, step, child_sig))
+                following.append((child, step, child_sig, child_literal))
         if not following:
             return None
         frontier = following
@@ -387,8 +393,8 @@ class FormatConstraint(transformers.LogitsProcessor):
             return  # complete already, or no closing found (then cut at the limit)
         if len(closing) + LOOKAHEAD_SLACK < remaining:
             # Room to spare: look again in a few steps, or once it gets close.
-            self.check_at[row] = max(min(remaining - RECHECK_STEPS,
-                                         len(closing) + 2 * LOOKAHEAD_SLACK), 1)
+            self.check_at[row] = min(remaining - 1, max(remaining - RECHECK_STEPS,
+                                                        len(closing) + 2 * LOOKAHEAD_SLACK))
             return
         pick = int(torch.argmax(scores[row]))
         if pick not in self.end_ids and len(closing) < remaining:
