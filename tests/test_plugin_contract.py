@@ -424,7 +424,7 @@ def test_new_profile_tests_pass(tmp_path):
                            str(root)], capture_output=True, text=True, env=env, cwd=root,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"^7 passed", proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"^8 passed", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def test_new_profile_template_imports_only_the_public_api():
