@@ -343,7 +343,8 @@ class FormatConstraint(transformers.LogitsProcessor):
         remaining = self.max_new_tokens - (length - self._prompt_len)
         vocab = scores.shape[1]
         allowed = self._allowed(active, vocab, batch)
-        out = scores.masked_fill(~torch.from_numpy(allowed).to(scores.device), float("-inf"))
+        # In place (as transformers' own processors do): no copy of the batch's logits.
+        out = scores.masked_fill_(torch.from_numpy(~allowed).to(scores.device), float("-inf"))
         for row in active:
             forced = self.forced[row]
             if forced is not None:  # a closing being written, then the end of turn
@@ -409,5 +410,5 @@ class FormatConstraint(transformers.LogitsProcessor):
 
 def _only(scores: torch.Tensor, row: int, token: int) -> None:
     """Make ``token`` the only choice of ``row`` (whatever its logit was)."""
-    scores[row] = float("-inf")
+    scores[row].fill_(float("-inf"))
     scores[row, token] = 0.0
