@@ -397,10 +397,14 @@ def test_profile_previews_scores_and_generate_follow_the_run(micro_model_dir, sm
     previews = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
     assert len(previews) == 2 and all(p["step"] == 2 for p in previews)
     assert all({"has_think_prefix", "stopped_after_stop"} <= set(p["scores"]) for p in previews)
+    # strict (the default): a random model still answers in the instructed format
+    assert all(p["scores"]["format_ok"] and p["format_failed"] is None for p in previews)
+    assert all(p["scores"]["stopped_after_stop"] for p in previews)
+    assert all(p["format"].startswith("regex: (?:") for p in previews)
     # the prompt is the training prompt: the user turn carries the profile's instructions
     assert all("/three/ times" in p["prompt"] for p in previews)
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert "preview/has_think_prefix" in last
+    assert "preview/has_think_prefix" in last and last["preview/format_ok"] == 1.0
     assert json.loads((out / "status.json").read_text())["previews"][0]["scores"]
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["profile"]["options"]["think_min"] == 3
@@ -413,6 +417,8 @@ def test_profile_previews_scores_and_generate_follow_the_run(micro_model_dir, sm
     assert len(records) == 2
     assert all("/three/ times" in r["prompt"] for r in records)
     assert all("think_matches_instruction" in r["scores"] for r in records)
+    # 4 tokens cannot hold three thinking emojis, the stop run and the newlines
+    assert all(r["scores"]["format_ok"] is False and r["format_failed"] for r in records)
 
 
 def test_invalid_rows_error_or_skip_with_counts(micro_model_dir, small_jsonl, tmp_path,

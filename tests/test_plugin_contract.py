@@ -26,7 +26,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from trainer_core import Profile, hookimpl, hookspecs
+from trainer_core import Profile, check_answer, hookimpl, hookspecs
 from trainer_core.cli import cli
 from trainer_core.config import TrainerConfig, resolve
 from trainer_core.data.chat import IGNORE_INDEX
@@ -394,10 +394,16 @@ def test_new_profile_writes_an_installable_plugin(tmp_path, monkeypatch):
     from trainer_my_shout import plugin  # type: ignore[import-not-found]
 
     check_profile(plugin.MyShout)
+    # It declares its answers' format (with a prefix set), which the core checks and enforces.
+    shout = plugin.MyShout.from_options({"answer_prefix": "A: "})
+    fmt = shout.answer_format({"messages": [{"role": "user", "content": "Q"}]})
+    assert fmt is not None and fmt.kind == "regex"
+    assert check_answer(fmt, "A: yes")[0] and not check_answer(fmt, "yes")[0]
     with registered_plugin(plugin):
         shown = run_trainer("preview", "--profile", "my_shout", "-n", "1", "--no-color")
     assert shown.exit_code == 0, shown.output
     assert "You are a helpful assistant." in shown.stdout
+    assert "format: none" in shown.stdout  # no prefix by default: no format
     # Existing folders are never overwritten; bad names are one-line errors.
     again = CliRunner().invoke(cli, ["new-profile", "my_shout", "--dir", str(tmp_path)])
     assert again.exit_code == 2 and "already exists" in again.stderr
@@ -418,7 +424,7 @@ def test_new_profile_tests_pass(tmp_path):
                            str(root)], capture_output=True, text=True, env=env, cwd=root,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"^7 passed", proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"^8 passed", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def test_new_profile_template_imports_only_the_public_api():

@@ -1,7 +1,8 @@
 """trainer: plugin-based supervised fine-tuning for chat causal language models.
 
 This module is the public API for plugin authors, and only it: ``hookimpl`` to mark hook
-implementations; ``Profile``, ``NoOptions`` and ``Example`` to write profiles; ``check``,
+implementations; ``Profile``, ``NoOptions`` and ``Example`` to write profiles; ``AnswerFormat`` (a profile's
+answer format) and ``check_answer`` (does a text match it); ``check``,
 ``one_of``, ``apply_system_prompt`` and ``SYSTEM_PROMPT_MODES`` to write their options and
 transforms; ``UserError`` for clear user-facing failures; ``load_config`` and ``TrainerConfig``
 for services that drive runs programmatically (``parse_set`` reads ``--set key=value`` as
@@ -28,6 +29,7 @@ hookimpl = pluggy.HookimplMarker("trainer")
 
 from trainer_core.config.structure import check, one_of  # noqa: E402
 from trainer_core.errors import UserError  # noqa: E402
+from trainer_core.plugins.answer_format import AnswerFormat, check_answer  # noqa: E402
 from trainer_core.plugins.profile import (  # noqa: E402
     SYSTEM_PROMPT_MODES,
     Example,
@@ -48,6 +50,8 @@ __all__ = [
     "hookimpl",
     "UserError",
     "Profile",
+    "AnswerFormat",
+    "check_answer",
     "NoOptions",
     "Example",
     "SYSTEM_PROMPT_MODES",

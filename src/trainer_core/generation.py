@@ -1,10 +1,14 @@
-"""Public building blocks for generation-time logits processors (for plugin authors).
+"""Public building blocks for generation (for plugin authors and services).
 
-The implementation lives in ``trainer_core.generate.processors``; this module is the stable
-import path: ``from trainer_core.generation import ForceEndAfterTrigger, TokenPenalty``.
+Answer formats: ``AnswerFormat`` (also importable from ``trainer_core`` without torch),
+``check_answer``, and ``FormatConstraint``, the logits processor that holds rows to their
+formats (``generate(..., formats=...)`` adds it). Soft processors: triggers, penalties and
+``ForceEndAfterTrigger``. The implementations live in ``trainer_core.generate``; this module is
+the stable import path: ``from trainer_core.generation import AnswerFormat, generate``.
 Importing it imports torch and transformers.
 """
 
+from trainer_core.generate.formats import AnswerFormat, FormatConstraint, check_answer
 from trainer_core.generate.processors import (
     ForceEndAfterTrigger,
     LiteralTrigger,
@@ -19,6 +23,7 @@ from trainer_core.generate.processors import (
 )
 
 __all__ = [
-    "ForceEndAfterTrigger", "LiteralTrigger", "RepeatTrigger", "RowTracker", "TokenBytes",
-    "TokenPenalty", "TriggerSpec", "end_of_turn_ids", "generate", "trailing_run",
+    "AnswerFormat", "FormatConstraint", "ForceEndAfterTrigger", "LiteralTrigger",
+    "RepeatTrigger", "RowTracker", "TokenBytes", "TokenPenalty", "TriggerSpec", "check_answer",
+    "end_of_turn_ids", "generate", "trailing_run",
 ]

@@ -28,15 +28,20 @@ from trainer_core.errors import UserError
 @click.option("--chat-template", default=None,
               help="chatml, tokenizer, or a Jinja file (default: the run's template, else "
                    "chatml).")
-@click.option("--no-processors", is_flag=True, help="Generate without the profile's processors.")
+@click.option("--constrain", type=click.Choice(["strict", "soft", "off"]), default=None,
+              help="Hold answers to the profile's format: strict (constrained decoding), soft "
+                   "(the profile's processors) or off (default: the run's "
+                   "monitoring.constrain, strict).")
+@click.option("--no-processors", is_flag=True, help="Same as --constrain off.")
 @click.option("--set", "sets", multiple=True, metavar="profile.options.KEY=VALUE",
               help="Override a profile option. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def generate(model_dir: str, profile_name: str | None, prompt: str | None, dataset: str | None,
              count: int, batch_size: int, max_new_tokens: int | None, chat_template: str | None,
-             no_processors: bool, sets: tuple[str, ...], as_json: bool, quiet: bool) -> None:
-    """Generate answers with a model and its profile's logits processors; print scores."""
+             constrain: str | None, no_processors: bool, sets: tuple[str, ...], as_json: bool,
+             quiet: bool) -> None:
+    """Generate answers held to the profile's answer format; print scores (format_ok too)."""
     if (prompt is None) == (dataset is None):
         raise UserError("give exactly one of --prompt or --dataset")
     from trainer_core.config import parse_set
@@ -46,7 +51,7 @@ def generate(model_dir: str, profile_name: str | None, prompt: str | None, datas
     bar = RowProgress(sys.stderr) if dataset is not None and not quiet else None
     records = run_generate(model_dir, profile_name, prompt, dataset, count, max_new_tokens,
                            not no_processors, option_overrides, chat_template=chat_template,
-                           batch_size=batch_size, progress=bar)
+                           batch_size=batch_size, progress=bar, constrain=constrain)
     try:
         for record in records:
             if bar is not None:
@@ -58,6 +63,8 @@ def generate(model_dir: str, profile_name: str | None, prompt: str | None, datas
             click.echo(record["output"])
             if record["scores"]:
                 click.echo("  " + " ".join(f"{k}={v}" for k, v in record["scores"].items()))
+            if record.get("format_failed"):
+                click.echo(f"  format failed: {record['format_failed']}")
             click.echo("")
             sys.stdout.flush()
     finally:

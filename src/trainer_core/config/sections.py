@@ -27,6 +27,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
+CONSTRAIN = ("strict", "soft", "off")
 DISTRIBUTED = ("ddp", "fsdp")
 #: Row formats of data files (``trainer_core.data.formats`` reads them).
 ROW_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
@@ -215,6 +216,17 @@ class Monitoring:
                      "for the longest reference answer of the prompts (plus a quarter, at least "
                      "16 tokens, at most hyperparams.max_length), so scores that need the end of "
                      "an answer see it; 128 when there is no reference."),
+    )
+    constrain: str = attrs.field(
+        default="strict",
+        validator=one_of(*CONSTRAIN),
+        metadata=doc("How previews, `trainer generate` and `trainer serve` keep answers in the "
+                     "profile's answer format. `strict`: rows whose prompt has a format "
+                     "(Profile.answer_format) can only produce text inside it and end the turn "
+                     "only where it is complete, the closing forced before max_new_tokens runs "
+                     "out (the profile's own logits processors are not used; a profile without "
+                     "a format falls back to `soft`). `soft`: the profile's logits processors "
+                     "(penalties). `off`: neither."),
     )
     alerts: bool = attrs.field(
         default=True,

@@ -3,7 +3,8 @@
 Per row ``i``: the profile prepares it (its system prompt applied, then ``transform`` with
 ``random.Random(derive_seed(seed, i))``), ``validate`` checks the result, and rows with problems
 follow ``data.on_invalid`` (``error``: stop, listing them; ``skip``: drop and count them as
-``profile_invalid``); rows whose message content holds the tokenizer's control tokens follow
+``profile_invalid``), and so do rows with an assistant turn that does not match the profile's
+``answer_format`` (counted as ``format_invalid``); rows whose message content holds the tokenizer's control tokens follow
 ``data.special_tokens_in_content``; then the conversation is rendered and labelled (the rule of
 ``trainer_core.data.chat.encode``). Rows longer than ``max_length`` are dropped (or, when the
 user opted in, truncated after their last complete assistant turn); rows with no trained token
@@ -71,7 +72,8 @@ from trainer_core.files import cache_root
 #: Bump whenever this module's output changes for the same inputs (invalidates all caches).
 # 2 (main): the core applies Profile.system_prompt; 2 (issue 12): flat .npy arrays instead of
 # a datasets cache. 3: both.
-PREPROCESS_VERSION = "3"
+# 4: assistant turns are checked against the profile's answer format.
+PREPROCESS_VERSION = "4"
 COLUMNS = ("input_ids", "labels", "length", "num_trained", "line")
 MAX_REPORTED = 20
 #: Rows rendered per tokenizer call: large enough to amortise the call, small enough to keep
@@ -99,7 +101,8 @@ class PreprocessStats:
     """What preprocessing did, for the run summary.
 
     ``dropped`` counts rows by reason: ``profile_invalid`` (problems the profile's ``validate``
-    found in the transformed row, or a malformed transform result), ``special_token`` (control
+    found in the transformed row, or a malformed transform result), ``format_invalid`` (an
+    assistant turn that does not match the profile's ``answer_format``), ``special_token`` (control
     tokens in message content), ``too_long``, ``no_trained_tokens``. ``truncated`` counts kept
     rows that were cut. ``problems`` holds the first profile problems as ``file:line: why``,
     then the first special-token hits.
@@ -347,7 +350,7 @@ def preprocess(
 
 def _check_rejected(stats: PreprocessStats, on_invalid: str, profile: Any, source: str) -> None:
     """``data.on_invalid = "error"``: rows the profile rejected stop the run, listed by line."""
-    rejected = stats.dropped.get("profile_invalid", 0)
+    rejected = stats.dropped.get("profile_invalid", 0) + stats.dropped.get("format_invalid", 0)
     if on_invalid != "error" or not rejected:
         return
     lines = list(stats.problems)
@@ -390,6 +393,28 @@ def prepare_row(profile: Any, row: dict[str, Any], index: int, seed: int, where:
     if isinstance(found, str):  # a single message instead of a list
         found = [found]
     return example, [str(p) for p in (found or [])]
+
+
+def format_problems(profile: Any, example: dict[str, Any], where: str) -> list[str]:
+    """``messages[i].content: ...`` for each assistant turn of the prepared ``example`` that does
+    not match the profile's ``answer_format`` for it (``[]`` when all match or none has one).
+
+    A profile whose ``answer_format`` raises, or returns a format that does not compile, stops
+    the run with a ``UserError`` naming ``where`` and the profile's plugin.
+    """
+    from trainer_core.plugins.answer_format import check_answer, turn_formats
+
+    try:
+        checks = [(i, fmt, check_answer(fmt, example["messages"][i]["content"]))
+                  for i, fmt in turn_formats(profile, example)]
+    except Exception as exc:  # a plugin bug: one line naming the row, the profile and its plugin
+        from trainer_core.plugins.registry import profile_plugin_name
+
+        raise UserError(f"{where}: profile {profile.name!r} (plugin "
+                        f"{profile_plugin_name(profile)!r}) has no usable answer format for "
+                        f"the row: {exc}") from exc
+    return [f"messages[{i}].content: does not match the answer format ({fmt.describe(60)}): "
+            f"{failed}" for i, fmt, (ok, failed) in checks if not ok]
 
 
 def _worker_count(workers: int | None, n_rows: int) -> int:
@@ -573,6 +598,12 @@ def _prepare_row(job: _Job, index: int, part: _Part) -> tuple[int, int, list, st
     example, problems = prepare_row(job.profile, row, index, job.seed, at)
     if problems:
         part.dropped["profile_invalid"] += 1
+        room = MAX_REPORTED - len(part.problems)
+        part.problems.extend(f"{at}: {p}" for p in problems[: max(room, 0)])
+        return None
+    problems = format_problems(job.profile, example, at)
+    if problems:
+        part.dropped["format_invalid"] += 1
         room = MAX_REPORTED - len(part.problems)
         part.problems.extend(f"{at}: {p}" for p in problems[: max(room, 0)])
         return None

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainer_core.data.chat import IGNORE_INDEX, ChatTemplate, Encoded, encode, resolve_template
-from trainer_core.data.preprocess import prepare_row
+from trainer_core.data.preprocess import format_problems, prepare_row
 from trainer_core.data.rows import LINE_KEY, ROW_KEY
+from trainer_core.plugins.answer_format import turn_formats
 
 TRAINED_ON = "\x1b[1;32m"  # bold green
 TRAINED_OFF = "\x1b[0m"
@@ -53,8 +54,9 @@ def preview_examples(
 ) -> str:
     """Transform, encode and render the first ``n`` rows exactly as training would see them.
 
-    Uses the same preparation (system prompt, transform with the row's RNG, validate) as
-    preprocessing, so what is shown is what gets trained.
+    Uses the same preparation (system prompt, transform with the row's RNG, validate, the
+    answer-format check) as preprocessing, so what is shown is what gets trained; each example
+    names the answer format of each assistant turn (``format: none`` without one).
     """
     tpl = resolve_template(template, tokenizer)
     blocks: list[str] = []
@@ -68,6 +70,12 @@ def preview_examples(
         if problems:  # training drops such rows; say so instead of rendering them
             blocks.append(title + "\n" + "dropped by the profile: " + "; ".join(problems))
             continue
+        formats = "".join(f"\nformat of messages[{i}]: {fmt.describe()}"
+                          for i, fmt in turn_formats(profile, example)) or "\nformat: none"
+        problems = format_problems(profile, example, where)
+        if problems:
+            blocks.append(title + formats + "\ndropped (answer format): " + "; ".join(problems))
+            continue
         encoded = encode(example["messages"], tokenizer, tpl)
-        blocks.append(title + "\n" + render_preview(encoded, tokenizer, color))
+        blocks.append(title + formats + "\n" + render_preview(encoded, tokenizer, color))
     return "\n\n".join(blocks)

@@ -148,12 +148,14 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
                  dataset: str | None, count: int, max_new_tokens: int | None,
                  use_processors: bool, option_overrides: dict[str, Any],
                  chat_template: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 progress: Callable[[int, int], None] | None = None
-                 ) -> Iterator[dict[str, Any]]:
+                 progress: Callable[[int, int], None] | None = None,
+                 constrain: str | None = None) -> Iterator[dict[str, Any]]:
     """Generate for ``--prompt`` or the first ``count`` rows of ``--dataset``.
 
-    Yields one record (prompt, output, reference, scores) per row, in order, batch by batch;
-    ``progress(done, total)`` is called after each batch.
+    ``constrain`` (strict / soft / off) overrides ``monitoring.constrain``; ``use_processors``
+    false means off. Yields one record (prompt, output, reference, scores; with a format also
+    ``format``, ``format_failed`` and ``format_ok`` among the scores) per row, in order, batch
+    by batch; ``progress(done, total)`` is called after each batch.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -181,17 +183,23 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
 
     from trainer_core.data.chat import render_generation_prompt, resolve_template
     from trainer_core.data.tokenizer import load_tokenizer
-    from trainer_core.generate.previews import generation_limit
+    from trainer_core.generate.previews import (
+        answer_formats,
+        format_scores,
+        generation_limit,
+        generation_tools,
+    )
     from trainer_core.generate.processors import generate
     from trainer_core.model.adapters import load_kwargs
     from trainer_core.model.loading import load_model, pick_device
-    from trainer_core.plugins.registry import collect_logits_processors
 
     tokenizer = load_tokenizer(str(setup.tokenizer_dir),
                                trust_remote_code=cfg.model.trust_remote_code)
     template = resolve_template(setup.chat_template, tokenizer)
     limit = generation_limit(cfg.monitoring.max_new_tokens, [p["reference"] for p in prompts],
                              tokenizer, cfg.hyperparams.max_length)
+    mode = "off" if not use_processors else (constrain or cfg.monitoring.constrain)
+    formats = answer_formats(profile, prompts)
     device = pick_device(cfg)
     model = load_model(setup.model_dir, cfg, device, extra=load_kwargs(cfg, device))
     if setup.adapter_dir is not None:
@@ -206,13 +214,19 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
         batch = prompts[start:start + batch_size]
         texts = [render_generation_prompt(p["messages"], template, tokenizer) for p in batch]
         # Fresh processors per batch: they keep per-row state.
-        processors = collect_logits_processors(profile, tokenizer, cfg) if use_processors else []
-        outputs = generate(model, tokenizer, texts, processors, limit)
-        for p, out in zip(batch, outputs, strict=True):
+        processors, constrained = generation_tools(
+            profile, tokenizer, cfg, formats[start:start + batch_size], mode)
+        outputs = generate(model, tokenizer, texts, processors, limit, formats=constrained)
+        for p, out, fmt in zip(batch, outputs, formats[start:start + batch_size], strict=True):
             scores = profile.score(out, p["example"])
             if p["reference"] is None:  # nothing to compare with
                 scores = {k: v for k, v in scores.items() if "reference" not in k}
-            yield {"prompt": p["messages"][-1]["content"], "output": out,
-                   "reference": p["reference"], "scores": scores}
+            own, failed = format_scores(fmt, out)
+            record = {"prompt": p["messages"][-1]["content"], "output": out,
+                      "reference": p["reference"], "scores": {**own, **scores}}
+            if fmt is not None:
+                record["format"] = fmt.describe()
+                record["format_failed"] = failed
+            yield record
         if progress is not None:
             progress(start + len(batch), total)

@@ -430,22 +430,34 @@ def left_padded(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch
 
 def generate(model: Any, tokenizer: Any, prompts: list[str],
              processors: Sequence[Any] = (), max_new_tokens: int = 64,
-             **generate_kwargs: Any) -> list[str]:
+             formats: Sequence[Any] | None = None, **generate_kwargs: Any) -> list[str]:
     """Greedily continue each of ``prompts`` (already rendered text) and return the new text.
 
-    The batch is left-padded with an attention mask; generation stops at ``<|im_end|>`` /
-    ``<|endoftext|>`` (``end_of_turn_ids``); only the new tokens are decoded, special tokens
-    skipped. ``processors`` go to ``model.generate`` as its ``logits_processor`` (pass fresh
-    ones per call); ``generate_kwargs`` are passed through.
+    ``prompts`` are full rendered prompts (chat template applied, ending with the assistant
+    turn's opening), not user messages. The batch is left-padded with an attention mask;
+    generation stops at ``<|im_end|>`` / ``<|endoftext|>`` (``end_of_turn_ids``); only the new
+    tokens are decoded, special tokens skipped. ``processors`` go to ``model.generate`` as its
+    ``logits_processor`` (pass fresh ones per call). ``formats``: one ``AnswerFormat`` or
+    ``None`` per prompt; rows with a format are held to it (``FormatConstraint``, applied after
+    ``processors``), the closing forced before ``max_new_tokens`` runs out; ``None`` rows are
+    free. ``generate_kwargs`` are passed through.
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token for batched generation")
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(tokenizer, prompts)
     input_ids = input_ids.to(device)
+    processors = list(processors)
+    if formats is not None:
+        if len(formats) != len(prompts):
+            raise ValueError(f"{len(formats)} formats for {len(prompts)} prompts")
+        if any(f is not None for f in formats):
+            from trainer_core.generate.formats import FormatConstraint
+
+            processors.append(FormatConstraint(tokenizer, formats, max_new_tokens))
     kwargs: dict[str, Any] = {
         "attention_mask": attention_mask.to(device),
-        "logits_processor": transformers.LogitsProcessorList(list(processors)),
+        "logits_processor": transformers.LogitsProcessorList(processors),
         "do_sample": False,
         "max_new_tokens": max_new_tokens,
         "eos_token_id": end_of_turn_ids(tokenizer),

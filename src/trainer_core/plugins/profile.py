@@ -1,8 +1,9 @@
 """The data-profile contract and the built-in ``plain_sft`` profile.
 
 A profile decides what the model should learn from each chat example: it may add a system
-prompt, append instructions to user turns and reshape assistant answers. It also supplies
-logits processors that keep generation inside its format (previews, ``trainer generate``).
+prompt, append instructions to user turns and reshape assistant answers. It declares the
+format of its answers (``answer_format``), which the core checks training rows against, holds
+generation to and scores outputs with; it may also supply logits processors (the soft way).
 
 Examples are plain JSON-like dicts: ``{"messages": [{"role": "user", "content": "..."}, ...]}``
 with roles ``system``, ``user`` and ``assistant``; other top-level keys (``metadata``...) are
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 import attrs
 
 from trainer_core.config.structure import one_of
+from trainer_core.plugins.answer_format import AnswerFormat
 
 Example = dict[str, Any]
 
@@ -65,7 +67,7 @@ class Profile:
     (``ProfileClass.from_options(dict)`` in tests).
 
     Methods the core calls: :meth:`system_prompt`, :meth:`transform`, :meth:`validate`,
-    :meth:`logits_processors`, :meth:`score`. :meth:`prepare` is the pipeline the core runs
+    :meth:`answer_format`, :meth:`logits_processors`, :meth:`score`. :meth:`prepare` is the pipeline the core runs
     on every row (system prompt, then transform); call it in tests, do not override it.
 
     The v1 declaration (class attributes ``name``/``version``/``description`` and an attrs
@@ -145,11 +147,28 @@ class Profile:
         """
         return []
 
+    def answer_format(self, example: Example) -> AnswerFormat | None:
+        """The format of the assistant answer that comes next in ``example``, or ``None``.
+
+        ``example`` is the conversation up to that answer (prepared: system prompt and
+        ``transform`` applied); its messages end with the turn being answered. Return an
+        :class:`~trainer_core.plugins.answer_format.AnswerFormat` (``AnswerFormat.regex``,
+        ``.lark`` or ``.json_schema``). The core uses it three times: every transformed
+        assistant turn must match it (else the row is invalid, per ``data.on_invalid``, counted
+        as ``format_invalid``), generation is held to it (``monitoring.constrain``), and each
+        preview / ``trainer generate`` output is scored ``format_ok`` against it. Pure and
+        cheap: it is called once per assistant turn of every training row.
+        """
+        return None
+
     def logits_processors(self, tokenizer: Any, config: Any) -> list[Any]:
         """Fresh ``transformers.LogitsProcessor`` objects for generating in this format.
 
         The only route for a profile's own processors (the ``logits_processors`` hook is for
-        processors that apply to any profile). Called once per ``generate`` call.
+        processors that apply to any profile). Called once per ``generate`` call. They are
+        the ``soft`` way to keep a format (``monitoring.constrain: soft``); with ``strict``
+        (the default when :meth:`answer_format` gives a format) rows are held to the format
+        instead and these are not used.
         """
         return []
 

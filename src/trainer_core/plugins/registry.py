@@ -298,10 +298,12 @@ def get_profile_class(name: str) -> type[Profile]:
     return entry.cls
 
 
-def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> list[Any]:
+def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any,
+                              own: bool = True) -> list[Any]:
     """The processors to generate with: the profile's own (``Profile.logits_processors``, the
-    one route for them), then those every ``logits_processors`` hook implementation adds for any
-    profile (cross-cutting ones), in registration order.
+    one route for them; left out with ``own=False``, as strict constrained generation does),
+    then those every ``logits_processors`` hook implementation adds for any profile
+    (cross-cutting ones), in registration order.
 
     A profile or plugin that raises becomes a :class:`~trainer_core.errors.PluginError` naming
     the plugin, so the caller can skip previews with a warning instead of failing the run.
@@ -310,7 +312,7 @@ def collect_logits_processors(profile: Profile, tokenizer: Any, config: Any) -> 
 
     registry = get_registry()
     try:
-        out = list(profile.logits_processors(tokenizer, config) or [])
+        out = list(profile.logits_processors(tokenizer, config) or []) if own else []
     except Exception as exc:
         raise PluginError(profile_plugin_name(profile), "logits_processors", exc) from exc
     for impl in _hookimpls(registry, "logits_processors"):

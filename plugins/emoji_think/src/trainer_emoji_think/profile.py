@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from trainer_core import SYSTEM_PROMPT_MODES, Example, Profile, check, one_of
+from trainer_core import SYSTEM_PROMPT_MODES, AnswerFormat, Example, Profile, check, one_of
 
 THINKING_EMOJIS = ("🤔", "💭", "🧠", "💡", "🎯", "🔍", "🤨", "🧐", "⚡", "✨")
 STOP_EMOJIS = ("🛑", "⛔", "🚫", "❌", "🔴", "⏹️", "🔚", "✋", "🚦", "🛡️")  # ⏹️ 🛡️: + U+FE0F
@@ -356,6 +356,20 @@ class EmojiThink(
                                 "stop_emojis or a count other than twice/three times/four times")
         return problems
 
+    def answer_format(self, example: Example) -> AnswerFormat | None:
+        """The instructed runs of the last user turn: the thinking run and a newline, the answer
+        (no stop emoji in it), a newline and the stop run, then the end of the turn. ``None``
+        when the user turn carries no complete instruction (the format was not applied)."""
+        o = self.options
+        users = [m["content"] for m in example["messages"]
+                 if m["role"] == "user" and isinstance(m.get("content"), str)]
+        last_user = users[-1] if users else ""
+        think = parse_think(last_user, o.thinking_emojis)
+        stop = parse_stop(last_user, o.stop_emojis)
+        if think is None or stop is None:
+            return None
+        return AnswerFormat.regex(answer_pattern(think, stop, o.stop_emojis))
+
     def logits_processors(self, tokenizer: Any, config: Any) -> list[Any]:
         from trainer_emoji_think.processors import build_processors  # torch: import lazily
 
@@ -383,6 +397,23 @@ class EmojiThink(
             "stop_matches_instruction": stop is not None and stop == want_stop,
             "stopped_after_stop": stop is not None and rest == "",
         }
+
+
+def answer_pattern(think: Run, stop: Run, stop_pool: Sequence[str]) -> str:
+    """The regex (llguidance's syntax) of an answer with these runs: ``think`` and ``\\n``, a
+    body without any stop emoji (its first code point excluded), ``\\n`` and ``stop``."""
+    banned = "".join(sorted({_class_char(e[0]) for e in stop_pool}))
+    return (f"(?:{_literal(think.emoji)}){{{think.count}}}\n[^{banned}]*\n"
+            f"(?:{_literal(stop.emoji)}){{{stop.count}}}")
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regex literal (emojis need no escaping; ASCII punctuation does)."""
+    return "".join("\\" + c if c.isascii() and not c.isalnum() else c for c in text)
+
+
+def _class_char(char: str) -> str:
+    return "\\" + char if char in "\\]^-[" else char
 
 
 def _next_answer(messages: list[dict[str, Any]], i: int) -> str | None:

@@ -7,7 +7,9 @@ This module is the whole plugin, written to be copied as a template for new prof
 2. a ``Profile`` subclass declared once in its class statement (``name``, ``version``,
    ``description`` keywords; ``Options``): ``system_prompt`` (applied by trainer),
    ``transform`` (pure, idempotent), ``validate`` (sees the transformed row),
-   ``logits_processors`` (imports torch lazily) and ``score``,
+   ``answer_format`` (the format every answer must have: training rows are checked against
+   it, generation is held to it, outputs are scored ``format_ok``), ``logits_processors``
+   (imports torch lazily; used when ``monitoring.constrain`` is ``soft``) and ``score``,
 3. a ``register_profiles`` hook implementation, declared in ``pyproject.toml`` under
    ``[project.entry-points.trainer]``.
 """
@@ -21,10 +23,24 @@ from typing import Any
 
 import attrs
 
-from trainer_core import SYSTEM_PROMPT_MODES, Example, Profile, check, hookimpl, one_of
+from trainer_core import (
+    SYSTEM_PROMPT_MODES,
+    AnswerFormat,
+    Example,
+    Profile,
+    check,
+    hookimpl,
+    one_of,
+)
 
 START = "<<ANS_START>>"
 END = "<<ANS_END>>"
+#: Text without ``<`` (so without a marker). Allowing a lone ``<`` (``(?:[^<]|<[^<])*``) makes
+#: the closing that strict generation forces at the length limit hard to find, so the answers'
+#: text may not use the markers' character at all.
+_FREE = "[^<]*"
+#: Every answer: free reasoning, the start marker, the answer, the end marker, end of turn.
+ANSWER_FORMAT = AnswerFormat.regex(f"{_FREE}{START}{_FREE}{END}")
 
 DEFAULT_SYSTEM_PROMPT = (
     "Today is {date}. You are a symbolic reasoner. Restate each problem in canonical "
@@ -119,6 +135,11 @@ class Regime3(
             elif START in text and END in text and text.index(END) < text.index(START):
                 problems.append(f"messages[{i}].content: {END} comes before {START}")
         return problems
+
+    def answer_format(self, example: Example) -> AnswerFormat | None:
+        """Reasoning without ``<``, then ``<<ANS_START>>``, the answer, ``<<ANS_END>>`` and
+        the end of the turn (the same for every example)."""
+        return ANSWER_FORMAT
 
     def logits_processors(self, tokenizer: Any, config: Any) -> list[Any]:
         # Imported here: trainer_core.generation pulls in torch, and plugins must load fast.
