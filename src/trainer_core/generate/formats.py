@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from trainer_core.files import cache_root
-from trainer_core.generate.processors import TokenBytes, end_of_turn_ids
+from trainer_core.generate.tokens import TokenBytes, end_of_turn_ids
 from trainer_core.plugins.answer_format import AnswerFormat, FormatError, check_answer
 
 __all__ = ["AnswerFormat", "FormatConstraint", "FormatError", "check_answer",
