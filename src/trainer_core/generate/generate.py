@@ -72,7 +72,8 @@ class GenerationSetup:
 def generation_setup(model_dir: str, profile_name: str | None = None,
                      chat_template: str | None = None,
                      option_overrides: dict[str, Any] | None = None,
-                     max_new_tokens: int | None = None) -> GenerationSetup:
+                     max_new_tokens: int | None = None,
+                     config_file: Path | None = None) -> GenerationSetup:
     """Resolve the config, tokenizer directory and chat template for ``model_dir``.
 
     A run (or checkpoint) starts from the run's ``trainer_config.json``. Its tokenizer is the
@@ -80,6 +81,8 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     template), else the one training loaded. Its chat template is the run's: ``chatml`` stays
     the built-in, anything else is the template saved with the tokenizer (so a Jinja file that
     moved since training still applies). Any other model directory uses the defaults.
+    ``config_file`` names the training config to use instead of a run's own (a daemon home's
+    ``config.json`` for its published models, which carry no run files).
     """
     from trainer_core.config import resolve
     from trainer_core.config.sources import read_config_file
@@ -88,7 +91,8 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     if not (path / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
     run_dir = run_directory(path)
-    tree: dict[str, Any] = read_config_file(run_dir / CONFIG_FILE) if run_dir else {}
+    source = config_file or (run_dir / CONFIG_FILE if run_dir else None)
+    tree: dict[str, Any] = read_config_file(source) if source else {}
     recorded = dict(tree.get("profile") or {})
     manifest_dir = run_dir or path  # older runs (and some copies) have run.json only
     if not recorded:
@@ -109,7 +113,7 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     model = dict(tree.get("model") or {})
     tokenizer_dir = next((d for d in (path, run_dir) if d is not None and has_tokenizer(d)), None)
     recorded_template = model.get("chat_template", "chatml")
-    if chat_template is None and run_dir is not None and recorded_template != "chatml" \
+    if chat_template is None and source is not None and recorded_template != "chatml" \
             and tokenizer_dir is not None:
         chat_template = "tokenizer"  # the saved tokenizer carries the training template
     if tokenizer_dir is None and run_dir is not None:
