@@ -220,19 +220,35 @@ def test_api_key_is_required(server, http_request):
 def test_oversized_body_is_refused(server, http_request):
     port = int(server.rsplit(":", 1)[1])
     status, body = http_request(port, "POST", "/v1/chat/completions",
-                                headers={"Authorization": f"Bearer {KEY}"},
+                                headers={"Authorization": f"Bearer {KEY}",
+                                         "Content-Type": "application/json"},
                                 body={"model": "run", "messages": [
                                     {"role": "user", "content": "x" * (5 << 20)}]})
     assert status == 413 and "over" in json.loads(body)["error"]["message"]
 
 
+def test_cross_site_requests_are_refused(server, http_request):
+    port = int(server.rsplit(":", 1)[1])
+    chat = {"model": "run", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+    # A form post (no CORS preflight) is not JSON to this server.
+    status, body = http_request(port, "POST", "/v1/chat/completions", body=chat, headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
+    assert status == 415, body
+    # DNS rebinding: a loopback server answers loopback host names only.
+    status, body = http_request(port, "POST", "/v1/chat/completions", body=chat,
+                                host="evil.example:80", headers={
+                                    "Authorization": f"Bearer {KEY}",
+                                    "Content-Type": "application/json"})
+    assert status == 403 and json.loads(body)["error"]["message"] == "forbidden host"
+
+
 def test_full_queue_answers_429(client, server):
-    # The server keeps 2 waiting requests; 12 long ones at once cannot all wait.
+    # The server keeps 2 waiting requests; 12 at once cannot all wait.
     outcomes: list[str] = []
 
     def one():
         try:
-            ask(client, max_tokens=400, extra_body={"profile": False})
+            ask(client, max_tokens=100, extra_body={"profile": False})
             outcomes.append("ok")
         except openai.RateLimitError as exc:
             assert exc.code == "queue_full"
@@ -421,3 +437,33 @@ def test_one_batch_mixes_rows_with_and_without_processors(trained_run, trainer_p
     assert batcher.batches == 1
     assert forced == "ZZZZZ"
     assert free and "Z" not in free
+
+
+def test_run_previews_use_the_preview_backend(server, client, qwen_tokenizer, monkeypatch):
+    from trainer_core.config import resolve
+    from trainer_core.errors import ConfigError
+    from trainer_core.generate.previews import run_previews
+    from trainer_core.plugins.registry import build_profile
+
+    class NoModel:  # the server generates: the run's own model is never called
+        training = True
+
+        def eval(self):
+            self.training = False
+
+        def train(self, mode=True):
+            self.training = mode
+
+    monkeypatch.setenv("TRAINER_SERVE_API_KEY", KEY)
+    cfg = resolve(cli={"monitoring.preview_backend": server,
+                       "monitoring.max_new_tokens": 6}).config
+    messages = [{"role": "user", "content": PROMPT}]
+    prompts = [{"messages": messages, "reference": "4",
+                "example": {"messages": [*messages, {"role": "assistant", "content": "4"}]}}]
+    model = NoModel()
+    records, _ = run_previews(model, qwen_tokenizer, build_profile(cfg), prompts, cfg, 5)
+    served = ask(client, max_tokens=6, extra_body={"profile": {"prompt": False}})
+    assert records[0]["step"] == 5 and records[0]["output"] == served.choices[0].message.content
+    assert model.training  # put back as it was
+    with pytest.raises(ConfigError, match="preview_backend"):
+        resolve(cli={"monitoring.preview_backend": "ftp://host"})

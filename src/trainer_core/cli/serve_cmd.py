@@ -16,14 +16,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
 @click.option("--api-key", envvar="TRAINER_SERVE_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on /v1/ (env TRAINER_SERVE_API_KEY).")
+@click.option("--name", default=None,
+              help="The model id clients ask for (default: the folder's name).")
 @click.option("--queue-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests waiting for a generation; more are answered 429.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Requests generated together at most.")
 @click.option("--max-tokens-cap", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Largest max_tokens a request may ask for.")
-def serve(target: str, host: str, port: int, api_key: str | None, queue_size: int,
-          max_batch: int, max_tokens_cap: int) -> None:
+def serve(target: str, host: str, port: int, api_key: str | None, name: str | None,
+          queue_size: int, max_batch: int, max_tokens_cap: int) -> None:
     """Serve TARGET over an OpenAI-compatible chat API: a run directory, one of its
     checkpoints, any local HF model directory, or a daemon home (its live model, followed)."""
     if host not in LOOPBACK and not host.startswith("127.") and not api_key:
@@ -37,4 +39,4 @@ def serve(target: str, host: str, port: int, api_key: str | None, queue_size: in
                         "'trainer-core[serve]'") from None
     from trainer_core.serve.app import serve as run_server
 
-    run_server(target, host, port, api_key, queue_size, max_batch, max_tokens_cap)
+    run_server(target, host, port, api_key, queue_size, max_batch, max_tokens_cap, name)

@@ -8,7 +8,9 @@ Routes::
     GET  /health                status, step, queue length (no API key needed)
 
 Safety: with an API key every ``/v1/`` route needs ``Authorization: Bearer KEY`` (401 without);
-bodies over ``max_body`` bytes are refused (413); errors are OpenAI error objects, never a
+bodies must be ``application/json`` (415: no cross-origin form posts) and at most ``max_body``
+bytes (413); bound to loopback, a Host header that is not a loopback name is refused (403, DNS
+rebinding, as the dashboard does); errors are OpenAI error objects, never a
 traceback (a failure is logged on the server's stderr and answered as a 500 naming only the
 exception's type). Nothing in a request names a file.
 """
@@ -22,6 +24,7 @@ import json
 import uuid
 from typing import Any
 
+from trainer_core.monitor.dashboard.server import is_loopback
 from trainer_core.serve.api import APIError, parse_chat_request
 from trainer_core.serve.engine import Batcher, Job, ModelSource, Served, log, now
 
@@ -39,7 +42,8 @@ def model_card(source: ModelSource) -> dict[str, Any]:
 
 
 def make_app(source: ModelSource, batcher: Batcher, api_key: str | None = None,
-             max_body: int = MAX_BODY) -> Any:
+             max_body: int = MAX_BODY, loopback_only: bool = True) -> Any:
+    """The application; ``loopback_only`` (bound to loopback) refuses other Host names."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -51,6 +55,10 @@ def make_app(source: ModelSource, batcher: Batcher, api_key: str | None = None,
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     def check_key(request: Request) -> None:
+        if loopback_only:  # DNS rebinding: a loopback server answers loopback names only
+            host = (request.headers.get("host") or "").rsplit(":", 1)[0]
+            if not is_loopback(host):
+                raise APIError(403, "forbidden host", kind="permission_error")
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -61,6 +69,11 @@ def make_app(source: ModelSource, batcher: Batcher, api_key: str | None = None,
                            kind="authentication_error", code="invalid_api_key")
 
     async def read_json(request: Request) -> Any:
+        # JSON only: a web page cannot send it cross-origin without a CORS preflight, which
+        # this server never answers.
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, "the body must be sent as Content-Type: application/json")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             raise APIError(413, f"the body is over {max_body} bytes")
@@ -213,16 +226,16 @@ async def _stream(job: Job, head: dict[str, Any], usage_chunk: bool) -> Any:
 
 
 def serve(target: str, host: str, port: int, api_key: str | None, queue_size: int,
-          max_batch: int, max_tokens_cap: int) -> None:
+          max_batch: int, max_tokens_cap: int, name: str | None = None) -> None:
     """Load the target and serve it until interrupted (``trainer serve``)."""
     import uvicorn
 
     from trainer_core.serve.engine import Target
 
-    where = Target.of(target)
+    where = Target.of(target, name)
     source = ModelSource(where)
     batcher = Batcher(source, queue_size, max_batch, max_tokens_cap)
-    app = make_app(source, batcher, api_key)
+    app = make_app(source, batcher, api_key, loopback_only=is_loopback(host))
     served = source.active
     follow = " (following the daemon's current model)" if where.home is not None else ""
     log(f"{where.name}: profile {served.profile.name}, {served.fingerprint}{follow}; "

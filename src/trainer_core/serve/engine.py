@@ -111,7 +111,7 @@ class Target:
     home: Any = None  # daemon.home.Home
 
     @classmethod
-    def of(cls, target: str) -> Target:
+    def of(cls, target: str, name: str | None = None) -> Target:
         from trainer_core.daemon.home import Home
 
         path = Path(target).expanduser().absolute()
@@ -122,11 +122,12 @@ class Target:
             if not home.config.is_file():
                 raise UserError(f"{target}: a daemon home without config.json; start the "
                                 f"daemon once (`trainer daemon start --home {target}`)")
-            return cls(path.name, path, home)
+            return cls(name or path.name, path, home)
         if not (path / "config.json").is_file():
             raise UserError(f"{target}: not a model directory (no config.json), nor a daemon "
                             f"home (no current, no ledger.sqlite)")
-        name = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+        if name is None:  # a checkpoint is named after its run
+            name = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
         return cls(name, path)
 
 
