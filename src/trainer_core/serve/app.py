@@ -233,6 +233,7 @@ def serve(target: str, host: str, port: int, api_key: str | None, queue_size: in
     from trainer_core.serve.engine import Target
 
     where = Target.of(target, name)
+    _check_port(host, port)  # before the model loads: a taken port is a one-line error
     source = ModelSource(where)
     batcher = Batcher(source, queue_size, max_batch, max_tokens_cap)
     app = make_app(source, batcher, api_key, loopback_only=is_loopback(host))
@@ -242,3 +243,22 @@ def serve(target: str, host: str, port: int, api_key: str | None, queue_size: in
         f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from trainer_core.errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UserError(f"--host {host}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"--port {port}: cannot listen on {host}:{port}: "
+                            f"{exc.strerror}") from None
