@@ -108,6 +108,8 @@ def one_at_a_time(model_dir: Path, texts: list[str], seconds: float, max_tokens:
         return scores
 
     latencies, tokens, i = [], 0, 0
+    warm = render_generation_prompt([{"role": "user", "content": "warm up"}], "chatml", tokenizer)
+    generate(model, tokenizer, [warm], (), 4)  # the first call pays one-time costs
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         text = render_generation_prompt([{"role": "user", "content": texts[i % len(texts)]}],
