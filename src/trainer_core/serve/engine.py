@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import queue
 import random
 import sys
@@ -504,10 +503,6 @@ def prompt_of(served: Served, request: ChatRequest) -> tuple[str, int]:
     text = render_generation_prompt(messages, served.template, served.tokenizer)
     n_prompt = len(served.tokenizer(text, add_special_tokens=False)["input_ids"])
     return text, n_prompt
-
-
-def env_api_key() -> str | None:
-    return os.environ.get("TRAINER_SERVE_API_KEY") or None
 
 
 def now() -> int:
