@@ -467,3 +467,22 @@ def test_run_previews_use_the_preview_backend(server, client, qwen_tokenizer, mo
     assert model.training  # put back as it was
     with pytest.raises(ConfigError, match="preview_backend"):
         resolve(cli={"monitoring.preview_backend": "ftp://host"})
+
+
+def test_incremental_decoding_gives_the_whole_text(qwen_tokenizer):
+    """Rows decode only their last tokens per step; the text must equal a full decode,
+    characters split across tokens included."""
+    import random
+
+    from trainer_core.serve.engine import Row
+
+    rng = random.Random(0)
+    samples = ["🤔🤔🤔\nThe answer is 4.\n🛑🛑🛑", "héllo wörld — ✓ 中文字符 😀😀", "a b  c\n\n\tx"]
+    cases = [qwen_tokenizer(t, add_special_tokens=False)["input_ids"] for t in samples]
+    cases += [[rng.randrange(151643) for _ in range(40)] for _ in range(10)]
+    for ids in cases:
+        row = Row(None, 0, 100, [], 0.0, 1.0, None)
+        partial = [row.add(qwen_tokenizer, i) for i in ids]
+        full = qwen_tokenizer.decode(ids, skip_special_tokens=True)
+        assert row.text(qwen_tokenizer) == full
+        assert all(full.startswith(p) and "\ufffd" not in p[-1:] for p in partial)

@@ -237,12 +237,31 @@ class Row:
     top_p: float
     generator: Any  # torch.Generator, for sampling rows
     tokens: list[int] = attrs.Factory(list)
+    decoded: str = ""  # the text of tokens[:read], complete characters only
+    prefix: int = 0  # incremental decoding: tokens[prefix:read] give context to the next ones
+    read: int = 0
+    searched: int = 0  # characters of ``decoded`` already searched for stop strings
     sent: int = 0  # characters of the text already streamed
     finish: str | None = None  # stop | length | cancelled
     saw_end: bool = False
 
+    def add(self, tokenizer: Any, token: int) -> str:
+        """Append ``token``; return the text so far. Only the last few tokens are decoded (a
+        token's text can depend on its neighbours, and a character can span tokens), so the
+        cost per step does not grow with the answer."""
+        self.tokens.append(token)
+        before = tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        now = tokenizer.decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.decoded += now[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
+        return self.decoded
+
     def text(self, tokenizer: Any) -> str:
-        return tokenizer.decode(self.tokens, skip_special_tokens=True)
+        """The whole text, an incomplete last character included (as U+FFFD)."""
+        before = tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        now = tokenizer.decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        return self.decoded + now[len(before):]
 
 
 def _rows_init() -> Any:
@@ -288,21 +307,19 @@ class RowControl(_rows_init()):  # type: ignore[misc]
             row.saw_end = True
             self._end(row, "stop")
             return
-        row.tokens.append(token)
-        text = row.text(self.tokenizer)
+        text = row.add(self.tokenizer, token)
         for stop in row.stops:
-            at = text.find(stop)
+            at = text.find(stop, max(0, row.searched - len(stop) + 1))
             if at >= 0:
                 self._end(row, "stop", text[:at])
                 return
+        row.searched = len(text)
         if len(row.tokens) >= row.max_tokens:
-            self._end(row, "length", text)
+            self._end(row, "length")
             return
-        # Hold back what could be the start of a stop string, and a character still
-        # incomplete (U+FFFD at the end).
+        # Hold back what could be the start of a stop string (an incomplete character is
+        # not in ``text`` yet).
         upto = len(text) - (self.hold if row.stops else 0)
-        while upto > row.sent and text[upto - 1] == "\ufffd":
-            upto -= 1
         if upto > row.sent:
             row.job.emit("delta", text[row.sent:upto])
             row.sent = upto
