@@ -37,8 +37,7 @@ DISCONNECT_POLL_S = 0.5
 def model_card(source: ModelSource) -> dict[str, Any]:
     served = source.active
     return {"id": source.target.name, "object": "model", "created": now(),
-            "owned_by": "trainer", "profile": served.profile.name, "step": served.step,
-            "path": str(served.path)}
+            "owned_by": "trainer", "profile": served.profile.name, "step": served.step}
 
 
 def make_app(source: ModelSource, batcher: Batcher, api_key: str | None = None,
