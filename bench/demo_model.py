@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from trainer_core import demo
-from trainer_core.model.speed import tune_cpu_allocator
+from trainer_core.model.tuning import tune_cpu_allocator
 
 SYSTEM = "Today is 2026-11-26. You are happy. You enjoy helping others."
 WORDS = {1: "once", 2: "twice", 3: "three", 4: "four", 5: "five"}

@@ -50,6 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer_core.data.batching import count_trained, micro_batches, plan_steps
     from trainer_core.train import step as engine
     from trainer_core.train.distributed import distributed_session
+    from trainer_core.train.inputs import token_budget
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = args.accum
@@ -73,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
         rank = dist.rank if dist else 0
         setup = engine.prepare_training(cfg, Path(args.model_dir), plan.total_steps,
                                         parallel=dist)
-        budget = engine.token_budget(cfg)
+        budget = token_budget(cfg)
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()

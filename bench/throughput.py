@@ -225,7 +225,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     from trainer_core.config import load_config
     from trainer_core.data.batching import count_trained, micro_batches, plan_steps
     from trainer_core.train import step as engine
-    from trainer_core.train.inputs import Prefetcher
+    from trainer_core.train.inputs import Prefetcher, token_budget
 
     base = {
         "model.path": str(model_dir),
@@ -245,7 +245,7 @@ def run_trainer(model_dir: Path, examples: list[dict[str, Any]], per_step: int, 
     model, speed = setup.model, setup.speed
     print(f"  [{name}] attn={speed.attn_implementation} notes={list(speed.notes)} "
           f"precision={setup.precision}", flush=True)
-    budget = engine.token_budget(cfg)
+    budget = token_budget(cfg)
     pad_id = 151_643
     n_params, shape = _n_params(model), _shape(model)
     meter = Meter(name, warmup)
@@ -603,7 +603,7 @@ def ce_kernel_microbench(rows: int = 8192, vocab: int = 151_936, repeats: int = 
 
     import torch
 
-    from trainer_core.model.speed import _ce_kernel
+    from trainer_core.model.fused_loss import _ce_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (3 * torch.randn(rows, vocab, device="cuda", generator=g)).to(torch.bfloat16)
@@ -639,12 +639,9 @@ def run_checks() -> dict[str, Any]:
     """The fast pieces against plain references on this GPU (fresh random inputs)."""
     import torch
 
+    from trainer_core.model.attention import _flash_varlen_op, varlen_reference
+    from trainer_core.model.fused_loss import fused_linear_cross_entropy_sum
     from trainer_core.model.loss import linear_cross_entropy_sum
-    from trainer_core.model.speed import (
-        _flash_varlen_op,
-        fused_linear_cross_entropy_sum,
-        varlen_reference,
-    )
 
     res: dict[str, Any] = {}
 
@@ -735,7 +732,7 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
     import torch
 
     from trainer_core.data.batching import pack_greedy
-    from trainer_core.model.speed import _flash_varlen_op, varlen_reference
+    from trainer_core.model.attention import _flash_varlen_op, varlen_reference
 
     mbs = []
     for step in range(4):
@@ -762,7 +759,7 @@ def attention_microbench(examples: list[dict[str, Any]], per_step: int) -> dict[
             q, k, v, None, cu, cu, m, m, True, 0.0, True, False, scale=scale)[0]
 
     def fa4(q, k, v, cu, m):
-        from trainer_core.model.speed import _flash4_varlen_op
+        from trainer_core.model.attention import _flash4_varlen_op
 
         return _flash4_varlen_op()(q, k, v, cu, m, scale, -1)[0]
 

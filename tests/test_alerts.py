@@ -270,9 +270,26 @@ def test_real_nan_run_raises_non_finite(micro_model_dir, small_jsonl, tmp_path, 
     assert status["state"] == "failed" and status["alerts"][0]["alert"] == "non_finite"
 
 
+class SteadyDeviceAlerts(AlertsListener):
+    """The run's alerts, with step times taken from a device that trains 1,000 tokens/s
+    exactly: the throughput rule runs on the real run's events, but a 2-core machine shared with
+    other work cannot make it fire (the rule itself is tested on a fed clock above)."""
+
+    def _throughput(self, event):
+        wall = self.clock
+        self.clock = lambda: event.tokens_trained / 1000.0
+        try:
+            super()._throughput(event)
+        finally:
+            self.clock = wall
+
+
 def test_real_run_is_quiet_with_default_thresholds(micro_model_dir, small_jsonl, tmp_path,
                                                    monkeypatch):
+    from trainer_core.monitor import alerts
+
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(alerts, "AlertsListener", SteadyDeviceAlerts)
     out = tmp_path / "run"
     summary = run_training(_resolved(micro_model_dir, small_jsonl, out, **{
         "hyperparams.max_steps": 40, "hyperparams.eval_steps": 10}), quiet=True)

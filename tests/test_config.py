@@ -174,7 +174,7 @@ def test_profile_options_merge_file_and_cli(tmp_path):
 
 ENUM_CHOICES = sorted(set(C.PRECISIONS + C.SCHEDULERS + C.ON_INVALID + C.DTYPES + C.ATTN_IMPLS
                           + C.DEVICES + C.SWITCHES + C.SPECIAL_TOKEN_POLICIES
-                          + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED
+                          + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED + C.ROW_FORMATS + C.ADAPTERS
                           + ("00:00", "04:30", "23:59")  # daemon.snapshot_time
                           + ("local", "http://127.0.0.1:8765")))  # monitoring.preview_backend
 
@@ -234,6 +234,10 @@ def strategy_for_type(tp: Any, a: attrs.Attribute) -> st.SearchStrategy:
         if a.validator is not None:  # a list of choices (output.allow_changes)
             return st.lists(st.sampled_from(C.CHANGE_KINDS), max_size=3)
         return st.lists(st.text(max_size=8), max_size=3)
+    if origin is dict and typing.get_args(tp) == (str, str):  # data.columns, data.roles
+        keys = st.sampled_from(C.DATA_COLUMNS) if a.name == "columns" else st.text(max_size=10)
+        values = st.sampled_from(C.DATA_ROLES) if a.name == "roles" else st.text(max_size=10)
+        return st.dictionaries(keys, values, max_size=3)
     if origin is dict:
         return st.dictionaries(st.text(max_size=10), json_value, max_size=4)
     raise AssertionError(f"no strategy for field {a.name}: {tp!r}; extend this test")
@@ -349,6 +353,23 @@ def test_error_type():
     assert config_error({"profile": {"options": 5}}) == (
         "profile.options: expected an object, got 5")
     assert config_error({"hyperparams": 5}) == "hyperparams: expected an object, got 5"
+
+
+def test_a_retired_field_in_an_old_file_is_ignored(tmp_path):
+    # An old daemon home's config (or a run's trainer_config.json) names a field since removed.
+    old = to_dict(TrainerConfig())
+    old["environment"]["dataloader_workers"] = 2
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    resolved = R.resolve(file=path)
+    assert resolved.config == TrainerConfig()
+    assert "environment.dataloader_workers" not in resolved.sources
+    assert from_dict(old) == TrainerConfig()
+    assert old["environment"]["dataloader_workers"] == 2  # the caller's dict is untouched
+    assert "dataloader_workers" not in to_dict(TrainerConfig())["environment"]
+    # Still an unknown setting where the user types it now.
+    with pytest.raises(ConfigError, match="environment.dataloader_workers: unknown setting"):
+        R.set_dotted({}, "environment.dataloader_workers", 2)
 
 
 def test_int_is_accepted_for_float():

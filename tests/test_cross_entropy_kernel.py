@@ -9,7 +9,7 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import json, torch
     from trainer_core.model.cross_entropy import BLOCK, ce_loss_and_grad_inplace
-    from trainer_core.model.speed import _ce_loss_and_grad
+    from trainer_core.model.fused_loss import _ce_loss_and_grad
 
     g = torch.Generator().manual_seed(0)
     vocab = BLOCK + 904  # the last block is partial

@@ -141,7 +141,7 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_tune_cpu_allocator_applies_on_glibc() -> None:
-    from trainer_core.model.speed import tune_cpu_allocator
+    from trainer_core.model.tuning import tune_cpu_allocator
 
     # CI and the demo machine are glibc Linux: the engine's CPU speed-up must really apply.
     assert tune_cpu_allocator() is True

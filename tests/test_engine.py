@@ -254,11 +254,11 @@ def test_device_update_trains_as_the_host_read_step(micro_model_dir, small_jsonl
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
     from safetensors.torch import load_file
 
-    from trainer_core.train import step
+    from trainer_core.train import engine
 
     calls = []
-    real = step.guarded_update
-    monkeypatch.setattr(step, "guarded_update", lambda *a: calls.append(1) or real(*a))
+    real = engine.guarded_update
+    monkeypatch.setattr(engine, "guarded_update", lambda *a: calls.append(1) or real(*a))
     runs = {}
     for switch in ("off", "on"):
         calls.clear()

@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "demo": 4,
     "model": 5,
     "generate": 6, "generation": 6,
-    "monitor": 7,
+    "monitor": 7, "export": 7,
     "train": 8,
     "daemon": 9, "scaffold": 9,
     "serve": 10,
@@ -64,9 +64,10 @@ def module_file(name: str) -> Path:
     return pkg if pkg.exists() else (ROOT / rel).with_suffix(".py")
 
 
-def imports_of(name: str, source: str | None = None, is_pkg: bool | None = None
-               ) -> list[tuple[int, str]]:
-    """(line, imported trainer_core module) for every import in the module's source."""
+def imports_of(name: str, source: str | None = None, is_pkg: bool | None = None,
+               submodules: bool = False) -> list[tuple[int, str]]:
+    """(line, imported trainer_core module) for every import in the module's source;
+    ``submodules``: ``from pkg import mod`` counts as importing ``pkg.mod``, not ``pkg``."""
     if source is None:
         path = module_file(name)
         source, is_pkg = path.read_text(encoding="utf-8"), path.name == "__init__.py"
@@ -90,9 +91,22 @@ def imports_of(name: str, source: str | None = None, is_pkg: bool | None = None
                 for a in node.names:
                     sub = f"trainer_core.{a.name}"
                     out.append((node.lineno, sub if top_name(sub) in LAYERS else mod))
+            elif submodules:  # ``from trainer_core.pkg import x``: x may be a module too
+                out += [(node.lineno, f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULE_NAMES
+                         else mod) for a in node.names]
             else:
                 out.append((node.lineno, mod))
     return out
+
+
+def string_imports(name: str, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, module) for every string in the module's source that is exactly the name of one
+    of our modules: what ``importlib.import_module`` would load by name, or a child process
+    runs with ``-m``."""
+    source = module_file(name).read_text(encoding="utf-8") if source is None else source
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value in MODULE_NAMES]
 
 
 def layer_of(module: str) -> int:
@@ -101,6 +115,14 @@ def layer_of(module: str) -> int:
 
 
 MODULES = all_modules()
+MODULE_NAMES = frozenset(MODULES)
+#: Modules loaded by name from a lower layer, on purpose (each with why). Nothing else may name
+#: a higher layer's module in a string.
+LOADED_BY_NAME = {
+    # The built-in trackers are a plugin: the registry loads them exactly as an entry point
+    # would be loaded, so the plugins layer never imports monitor.
+    ("trainer_core.plugins.registry", "trainer_core.monitor.trackers"),
+}
 
 
 def test_every_module_has_a_layer():
@@ -134,6 +156,118 @@ def test_no_module_imports_a_higher_layer(module):
     assert not bad, f"{module} (layer {layer_of(module)}) imports upward:\n" + "\n".join(bad)
 
 
+def upward_loads(module: str, source: str | None = None) -> list[str]:
+    """Module names in ``module``'s strings that name a higher layer (importlib loads), less
+    the :data:`LOADED_BY_NAME` exceptions; the facade's lazy re-exports are checked apart."""
+    if module == "trainer_core":
+        return []
+    return [f"line {line}: {target} (loaded by name, layer {layer_of(target)} > "
+            f"{layer_of(module)})" for line, target in string_imports(module, source)
+            if layer_of(target) > layer_of(module) and (module, target) not in LOADED_BY_NAME]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_module_loads_a_higher_layer_by_name(module):
+    bad = upward_loads(module)
+    assert not bad, f"{module} names a higher layer's module:\n" + "\n".join(bad)
+
+
+def test_the_exceptions_still_exist():
+    # An exception nobody needs any more is a hole in the check: remove it.
+    for module, target in LOADED_BY_NAME:
+        assert target in {t for _, t in string_imports(module)}, (module, target)
+
+
+def facade_lazy_exports() -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """The facade's ``_LAZY`` table, its ``if TYPE_CHECKING`` imports (name -> module) and
+    ``__all__``, read from its source."""
+    tree = ast.parse(module_file("trainer_core").read_text(encoding="utf-8"))
+    lazy: dict[str, str] = {}
+    typed: dict[str, str] = {}
+    public: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == "_LAZY":
+                lazy = ast.literal_eval(node.value)
+            elif node.targets[0].id == "__all__":
+                public = ast.literal_eval(node.value)
+        elif isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for sub in node.body:
+                if isinstance(sub, ast.ImportFrom):
+                    typed.update({a.name: sub.module for a in sub.names})
+    return lazy, typed, public
+
+
+def test_facade_lazy_exports_are_public_and_resolve():
+    import trainer_core as facade
+
+    lazy, typed, public = facade_lazy_exports()
+    assert lazy, "the facade's _LAZY table was not found"
+    # What type checkers see is what the facade serves, and every lazy name is public.
+    assert typed == lazy
+    assert set(lazy) <= set(public)
+    for name, module in lazy.items():
+        assert module in MODULE_NAMES, (name, module)
+        assert top_name(module) not in NEVER_IMPORTED, (name, module)
+        assert getattr(facade, name) is getattr(importlib.import_module(module), name), name
+    # At import time the facade loads nothing above its own layer (the lazy names are why).
+    assert all(layer_of(m) <= FACADE_LAYER for _, m in imports_of("trainer_core"))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (lazy imports included)."""
+    return {m: {t for _, t in imports_of(m, submodules=True) if t in MODULE_NAMES and t != m}
+            for m in MODULES}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycles():
+    # Across layers a cycle is already an upward import; inside a layer two modules that need
+    # each other are one module in two files (or need a third they both import).
+    assert cycles(import_graph()) == []
+
+
 @pytest.mark.parametrize("module", [m for m in MODULES if not m.endswith("__main__")])
 def test_every_module_imports(module):
     importlib.import_module(module)
@@ -148,6 +282,11 @@ def test_the_checker_catches_upward_and_relative_imports():
     assert upward_imports("trainer_core.monitor.events", relative) == [
         "line 1: trainer_core.cli (never imported from inside the package)"]
     assert upward_imports("trainer_core.train.recipe", "from trainer_core.data import rows\n") == []
+    loads = 'MODULES = ("trainer_core.train.recipe", "trainer_core.config")\n'
+    assert upward_loads("trainer_core.data.rows", loads) == [
+        "line 1: trainer_core.train.recipe (loaded by name, layer 8 > 3)"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_plugins_import_only_the_public_api():

@@ -247,3 +247,129 @@ def test_cli_migrate_bad_old_file(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {old}:1:")
     assert not (tmp_path / "n.json").exists()
+
+
+# --------------------------------------------------------------------------- other frameworks
+
+AXOLOTL = Path(__file__).parent / "data" / "axolotl-sft.yaml"
+
+#: Axolotl key -> (dotted path, value) in the migrated config.
+AXOLOTL_MAPPED: dict[str, tuple[str, Any]] = {
+    "base_model": ("model.path", "Qwen/Qwen3-0.6B"),
+    "trust_remote_code": ("model.trust_remote_code", False),
+    "chat_template": ("model.chat_template", "chatml"),
+    "val_set_size": ("data.validation_split", 0.05),
+    "output_dir": ("output.output_dir", "./outputs/qwen3-sft"),
+    "sequence_len": ("hyperparams.max_length", 2048),
+    "sample_packing": ("data.packing", True),
+    "gradient_accumulation_steps": ("hyperparams.gradient_accumulation", 4),
+    "micro_batch_size": ("hyperparams.batch_size", 2),
+    "num_epochs": ("hyperparams.num_epochs", 3.0),
+    "lr_scheduler": ("hyperparams.lr_scheduler", "cosine"),
+    "learning_rate": ("hyperparams.learning_rate", 0.0002),
+    "warmup_steps": ("hyperparams.warmup_steps", 10),
+    "weight_decay": ("hyperparams.weight_decay", 0.01),
+    "max_grad_norm": ("hyperparams.max_grad_norm", 1.0),
+    "bf16": ("hyperparams.precision", "bf16"),
+    "gradient_checkpointing": ("hyperparams.gradient_checkpointing", True),
+    "logging_steps": ("environment.logging_steps", 5),
+    "eval_steps": ("hyperparams.eval_steps", 100),
+    "save_steps": ("hyperparams.save_steps", 200),
+    "save_total_limit": ("hyperparams.save_total_limit", 2),
+    "seed": ("hyperparams.seed", 7),
+    # The first dataset: its file, format, columns and roles.
+    "datasets[0].path": ("data.dataset", "data/chats.jsonl"),
+    "datasets[0].type": ("data.format", "sharegpt"),
+    "datasets[0].roles": ("data.roles", {"human": "user", "gpt": "assistant",
+                                         "bot": "assistant"}),
+}
+AXOLOTL_UNMAPPED = {"dataset_prepared_path": "last_run_prepared", "pad_to_sequence_len": True,
+                    "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
+                    "wandb_project": "qwen3-sft", "optimizer": "adamw_torch_fused",
+                    "tf32": True}
+
+
+def test_axolotl_yaml_migrates(tmp_path):
+    from trainer_core.config import read_config_file
+    from trainer_core.config.migrate import migrate_axolotl
+
+    old = read_config_file(AXOLOTL)
+    result = migrate_axolotl(old, AXOLOTL)
+    flat = flatten(result.config)
+    mapped = {k: v for k, v in AXOLOTL_MAPPED.items() if not k.startswith("datasets")}
+    assert len(mapped) >= 15
+    for key, (dotted, value) in AXOLOTL_MAPPED.items():
+        assert flat[dotted] == value, (key, dotted, flat[dotted])
+    assert result.unmapped == AXOLOTL_UNMAPPED
+    # Every key of the file is mapped, listed, or says what trainer does anyway.
+    assert set(old) == ({k.split("[")[0] for k in AXOLOTL_MAPPED} | set(AXOLOTL_UNMAPPED)
+                        | {"train_on_inputs"})
+    # The hub name stays (the user edits it) with a note on pointing at a local copy.
+    assert any("Qwen/Qwen3-0.6B" in n and "local-dir models/Qwen3-0.6B" in n
+               for n in result.notes), result.notes
+
+
+def test_cli_migrate_from_axolotl_writes_yaml(tmp_path):
+    new = tmp_path / "run.yaml"
+    result = CliRunner().invoke(cli, ["config", "migrate", "--from", "axolotl", str(AXOLOTL),
+                                      str(new)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(AXOLOTL_UNMAPPED)} key(s) have no place" in result.stderr
+    assert "  lora_r = 16" in result.stderr
+    assert json.loads((tmp_path / "run.unmapped.json").read_text()) == AXOLOTL_UNMAPPED
+    resolved = resolve(file=new)  # the YAML written loads with the same values
+    assert resolved.config.hyperparams.learning_rate == 0.0002
+    assert resolved.config.data.format == "sharegpt"
+    assert resolved.sources["hyperparams.batch_size"] == "file"
+
+
+def test_axolotl_values_trainer_has_not_are_listed_with_a_note():
+    from trainer_core.config.migrate import migrate_axolotl
+
+    result = migrate_axolotl({"lr_scheduler": "cosine_with_restarts", "val_set_size": 200,
+                              "chat_template": "llama3", "datasets": [
+                                  {"path": "a.jsonl", "type": "alpaca"},
+                                  {"path": "b.jsonl", "type": "alpaca"}]})
+    assert result.unmapped == {"lr_scheduler": "cosine_with_restarts", "val_set_size": 200,
+                               "chat_template": "llama3",
+                               "datasets[1:]": [{"path": "b.jsonl", "type": "alpaca"}]}
+    assert result.config["data"]["dataset"] == "a.jsonl"
+    assert result.config["data"]["format"] == "alpaca"
+    assert any("hyperparams.lr_scheduler: must be one of" in n for n in result.notes)
+
+
+def test_llamafactory_yaml_with_dataset_info(tmp_path):
+    from trainer_core.config.migrate import migrate_llamafactory
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"my_chats": {
+        "file_name": "chats.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                 "assistant_tag": "assistant"}}}))
+    yaml_file = tmp_path / "qwen3_full_sft.yaml"
+    yaml_file.write_text(
+        "model_name_or_path: /srv/models/Qwen3-0.6B\nstage: sft\ndo_train: true\n"
+        "finetuning_type: full\ndataset: my_chats\ntemplate: qwen3\ncutoff_len: 1024\n"
+        "output_dir: saves/qwen3\nlogging_steps: 10\nsave_steps: 500\n"
+        "per_device_train_batch_size: 1\ngradient_accumulation_steps: 8\nlearning_rate: 1.0e-5\n"
+        "num_train_epochs: 3.0\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\nbf16: true\n"
+        "val_size: 0.1\neval_steps: 500\nreport_to: none\n", encoding="utf-8")
+    from trainer_core.config import read_config_file
+
+    result = migrate_llamafactory(read_config_file(yaml_file), yaml_file)
+    flat = flatten(result.config)
+    assert flat["model.path"] == "/srv/models/Qwen3-0.6B"
+    assert flat["data.dataset"] == str(tmp_path / "data" / "chats.json")
+    assert flat["data.format"] == "sharegpt"
+    assert flat["data.columns"] == {"messages": "messages", "role": "role",
+                                    "content": "content"}
+    assert flat["data.roles"] == {"user": "user", "assistant": "assistant"}
+    assert flat["hyperparams.max_length"] == 1024
+    assert flat["hyperparams.batch_size"] == 1
+    assert flat["hyperparams.gradient_accumulation"] == 8
+    assert flat["hyperparams.learning_rate"] == 1e-5
+    assert flat["hyperparams.warmup_ratio"] == 0.1
+    assert flat["hyperparams.precision"] == "bf16"
+    assert flat["data.validation_split"] == 0.1
+    assert result.unmapped == {"template": "qwen3", "report_to": "none"}

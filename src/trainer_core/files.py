@@ -19,6 +19,8 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 PREVIEWS_FILE = "previews.jsonl"
 CONFIG_FILE = "trainer_config.json"
+#: A run directory's lock (``flock``), held by the training process for its whole life.
+RUN_LOCK_FILE = ".trainer-run.lock"
 #: A daemon home keeps its logs and its per-step metrics.jsonl here (``trainer watch`` reads it).
 DAEMON_LOG_DIR = "logs"
 
@@ -52,3 +54,39 @@ def cache_root() -> Path:
     """The trainer's cache folder: ``$TRAINER_CACHE`` if set, else ``~/.cache/trainer``."""
     env = os.environ.get("TRAINER_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "trainer"
+
+
+def missing_model_hint(given: str) -> str:
+    """What to say when a model or tokenizer path does not exist: trainer never downloads, so a
+    hub name (``Qwen/Qwen3-0.6B``) gets the command that makes a local copy."""
+    name = given.strip().rstrip("/")
+    looks_like_hub = (name.count("/") == 1 and not name.startswith((".", "~", "/"))
+                      and all(part for part in name.split("/")))
+    if not looks_like_hub:
+        return "models are loaded from local directories only; nothing is downloaded"
+    folder = "models/" + name.rsplit("/", 1)[-1]
+    return (f"{name!r} looks like a Hugging Face hub name, and nothing is downloaded: make a "
+            f"local copy once (`huggingface-cli download {name} --local-dir {folder}`) and "
+            f"pass --model {folder}")
+
+
+def run_lock_holder(output_dir: Path) -> int | None:
+    """The pid of the live process holding ``output_dir``'s run lock (0 when unknown), or
+    ``None`` when no process holds it. Never creates anything."""
+    import fcntl
+
+    path = Path(output_dir) / RUN_LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int(path.read_text(encoding="utf-8").strip() or 0)
+        except (OSError, ValueError):
+            return 0
+    finally:
+        os.close(fd)  # closing also drops the probe's shared lock
+    return None

@@ -49,6 +49,21 @@ def test_file_being_written_is_not_taken(tmp_path):
     assert watcher.ready(now=t0 + 9.5) == [growing]  # unchanged for settle_s: complete
 
 
+def test_inbox_takes_every_data_kind_training_reads(tmp_path):
+    from trainer_core.data.kinds import DATA_SUFFIXES
+
+    home = Home(tmp_path / "home")
+    home.create()
+    watcher = InboxWatcher(home, settle_s=0.0)
+    names = [f"d{suffix}" for suffix in DATA_SUFFIXES] + ["D.PARQUET", "notes.txt",
+                                                          "x.parquet.part"]
+    for name in names:
+        (home.inbox / name).write_text("{}\n", encoding="utf-8")
+    assert watcher.ready() == []  # first sight: not settled yet
+    taken = {p.name for p in watcher.ready(now=time.time() + 1)}
+    assert taken == {"d.jsonl", "d.json", "d.parquet", "d.csv", "d.tsv", "D.PARQUET"}
+
+
 def test_priorities_duplicates_and_order_in_the_ledger(tmp_path, sample_rows, du):
     home = Home(tmp_path / "home")
     files = [du.write_jsonl(tmp_path / f"{n}.jsonl", sample_rows[i * 2:i * 2 + 2])
@@ -214,11 +229,12 @@ def test_lifecycle_priorities_failures_rollback_schedule(tmp_path, micro_model_d
     done = du.rows(root, "SELECT f.name FROM attempts a JOIN files f ON f.id=a.file_id "
                          "WHERE outcome='completed' ORDER BY a.id")
     assert [r["name"] for r in done] == ["b.jsonl", "a.jsonl", "donecrash.jsonl", "low/d.jsonl"]
-    # invalid rows: retried, then failed with the line in its report
-    assert files["bad.jsonl"]["state"] == "failed" and files["bad.jsonl"]["attempts"] == 2
+    # invalid rows: a data error, failed at once (another attempt would fail the same way),
+    # with the line in its report
+    assert files["bad.jsonl"]["state"] == "failed" and files["bad.jsonl"]["attempts"] == 1
     rep = json.loads((home.failed / (files["bad.jsonl"]["fname"] + ".report.json")).read_text())
     assert rep["problems"][0]["line"] == 3 and rep["problems"][0]["field"].startswith("messages")
-    assert ":3:" in rep["error"] and len(rep["attempt_log"]) == 2
+    assert ":3:" in rep["error"] and len(rep["attempt_log"]) == 1
     assert (home.failed / files["bad.jsonl"]["fname"]).exists()
     # NaN: rolled back each time, never advanced the model, failed after max_attempts
     n = files["nanfile.jsonl"]

@@ -13,6 +13,7 @@ import click
 from trainer_core import __version__
 from trainer_core.cli.config_cmds import config_group
 from trainer_core.cli.daemon_cmds import daemon_group
+from trainer_core.cli.export_cmd import export
 from trainer_core.cli.generate_cmd import generate
 from trainer_core.cli.monitor_cmds import dashboard, plot, watch
 from trainer_core.cli.options import TrainerGroup
@@ -33,7 +34,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for _command in (run, preview, generate, profiles, plugins, new_profile, config_group,
+for _command in (run, preview, generate, export, profiles, plugins, new_profile, config_group,
                  daemon_group, plot, watch, dashboard, serve):
     cli.add_command(_command)
 

@@ -38,15 +38,24 @@ def daemon_group() -> None:
               help="Local Hugging Face model directory (default: the embedded tiny model).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Set any config field. Repeatable.")
+@click.option("--allow-changes", "allow_changes", metavar="KINDS",
+              help="Accept these changed settings on a restart, e.g. lr,batch (the kinds of "
+                   "`trainer run --resume`; the new values are then used).")
 @click.option("--detach", is_flag=True, help="Run in the background (output in logs/).")
+@click.option("--detached-child", is_flag=True, hidden=True)
 @click.option("--nproc", "--gpus", "nproc", type=click.IntRange(min=1), default=None,
               help="Train in N processes on this node (one per GPU): the worker runs under "
                    "torchrun, as with `trainer run --nproc N` (sets daemon.nproc). See "
                    "docs/distributed.md.")
 def start(home: str, config_file: str | None, model: str | None, sets: tuple[str, ...],
-          detach: bool, nproc: int | None) -> None:
-    """Run the daemon on HOME (in the foreground unless --detach; Ctrl-C stops it cleanly)."""
-    from trainer_core.config import parse_set, resolve
+          allow_changes: str | None, detach: bool, detached_child: bool, nproc: int | None
+          ) -> None:
+    """Run the daemon on HOME (in the foreground unless --detach; Ctrl-C stops it cleanly).
+
+    Without --config, a home's own config.json is the base and --model/--set change it; a
+    change to what shapes training is refused unless accepted with --allow-changes, another
+    model always (checked before anything is saved)."""
+    from trainer_core.config import parse_set, read_recorded_config, resolve
     from trainer_core.daemon.home import daemon_running
 
     h = _home(home)
@@ -58,8 +67,13 @@ def start(home: str, config_file: str | None, model: str | None, sets: tuple[str
     overrides = dict(parse_set(s) for s in sets)
     if model:
         overrides["model.path"] = model
-    if config_file is None and not overrides and h.config.exists():
-        cfg = resolve(file=h.config).config
+    if allow_changes:
+        overrides["output.allow_changes"] = [c.strip() for c in allow_changes.split(",")
+                                             if c.strip()]
+    if config_file is None and h.config.exists():
+        # The home's record of the last start, never its permissions (trust_remote_code
+        # only from this command line).
+        cfg = resolve(file_data=read_recorded_config(h.config), cli=overrides).config
     else:
         from trainer_core.cli.options import resolve_run_config
 
@@ -71,22 +85,29 @@ def start(home: str, config_file: str | None, model: str | None, sets: tuple[str
     from trainer_core.plugins.registry import get_profile_class
 
     get_profile_class(cfg.profile.name)  # unknown profile: exit 2 before anything starts
-    if detach:
-        from trainer_core.config import to_dict
-        from trainer_core.daemon.control import start_detached
-        from trainer_core.files import write_json_atomic
+    from trainer_core.daemon.control import precheck_start
 
-        h.create()
-        write_json_atomic(h.config, to_dict(cfg))
-        pid = start_detached(h, ["--home", str(h.root)])
+    precheck_start(h, cfg)  # refusals before anything is saved (again under the lock)
+    if detach:
+        from trainer_core.daemon.control import start_detached
+
+        pid = start_detached(h, cfg)
         click.echo(f"daemon started in {h.root} (pid {pid}); "
                    f"`trainer daemon status --home {home}` shows it")
         return
     from trainer_core.daemon.service import Daemon
 
-    click.echo(f"trainer daemon on {h.root}: drop .jsonl files into {h.inbox}/ or run "
-               f"`trainer daemon submit --home {home} FILE`; Ctrl-C stops", err=True)
-    sys.exit(Daemon(h, cfg, stream=sys.stderr).run())
+    output = None
+    if detached_child:  # started by --detach: the config file was this start's own
+        from trainer_core.daemon.control import detached_output
+
+        if config_file:
+            Path(config_file).unlink(missing_ok=True)
+        output = detached_output(h)
+    click.echo(f"trainer daemon on {h.root}: drop data files (.jsonl .json .parquet .csv "
+               f".tsv) into {h.inbox}/ or run `trainer daemon submit --home {home} FILE`; "
+               "Ctrl-C stops", err=True)
+    sys.exit(Daemon(h, cfg, stream=sys.stderr, output=output).run())
 
 
 @daemon_group.command("submit")

@@ -73,7 +73,8 @@ def config_options(func: Callable) -> Callable:
         click.option("--resume-from", "flag_resume_from", type=click.Path(),
                      help="Resume from this checkpoint directory."),
         click.option("--overwrite", "flag_overwrite", is_flag=True, default=None,
-                     help="Replace what the output directory holds (output.overwrite)."),
+                     help="Replace the run the output directory holds (output.overwrite; a run "
+                          "directory only)."),
         click.option("--allow-changes", "flag_allow_changes", metavar="KINDS",
                      help="On resume, accept these changed settings, e.g. lr,data "
                           "(output.allow_changes)."),

@@ -4,9 +4,11 @@ May import: ``trainer_core.errors`` and third-party libraries (attrs, cattrs). N
 imports torch or transformers.
 """
 
+from trainer_core.config.recorded import read_recorded_config
 from trainer_core.config.sections import (
     CONFIG_VERSION,
     SECTIONS,
+    Adapter,
     Daemon,
     Data,
     Environment,
@@ -35,8 +37,8 @@ from trainer_core.config.sources import (
 )
 
 __all__ = [
-    "CONFIG_VERSION", "SECTIONS", "Daemon", "Data", "Environment", "HyperParams", "Locked", "Model",
+    "CONFIG_VERSION", "SECTIONS", "Adapter", "Daemon", "Data", "Environment", "HyperParams", "Locked", "Model",
     "Monitoring", "Output", "ProfileSection", "Resolved", "TrainerConfig", "config_hash",
     "field_paths", "flatten", "from_dict", "load_config", "parse_set", "read_config_file",
-    "read_json", "resolve", "schema", "set_dotted", "to_dict",
+    "read_json", "read_recorded_config", "resolve", "schema", "set_dotted", "to_dict",
 ]

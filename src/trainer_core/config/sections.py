@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from trainer_core.config.structure import check, one_of, structure, unstructure
+from trainer_core.config.structure import check, one_of, shown, structure, unstructure
 from trainer_core.errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -28,6 +28,12 @@ ATTN_IMPLS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
 DISTRIBUTED = ("ddp", "fsdp")
+#: Row formats of data files (``trainer_core.data.formats`` reads them).
+ROW_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+#: What ``data.columns`` may rename (which ones a format reads: ``data.formats.DEFAULT_COLUMNS``).
+DATA_COLUMNS = ("messages", "role", "content", "system", "prompt", "input", "completion")
+DATA_ROLES = ("system", "user", "assistant")
+ADAPTERS = ("none", "lora", "qlora")
 
 
 def doc(text: str | None, **kw: Any) -> dict[str, Any]:
@@ -45,10 +51,6 @@ def _non_negative(v: Any) -> bool:
 
 def _fraction(v: Any) -> bool:
     return 0 <= v <= 1
-
-
-def _open_fraction(v: Any) -> bool:
-    return 0 < v < 1
 
 
 def _half_open_fraction(v: Any) -> bool:
@@ -72,7 +74,7 @@ def _change_kinds(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
 
     bad = [v for v in value if v not in CHANGE_KINDS]
     if bad:
-        raise FieldError(attribute, f"unknown change kind {bad[0]!r}; known: "
+        raise FieldError(attribute, f"unknown change kind {shown(bad[0])}; known: "
                                     + ", ".join(CHANGE_KINDS))
 
 
@@ -344,11 +346,35 @@ class Data:
 
     dataset: str | None = attrs.field(
         default=None,
-        metadata=doc("Training JSONL (chat `messages` or `prompt`/`completion` rows); "
-                     "unset: the bundled sample data."),
+        metadata=doc("Training data: a .jsonl, .json (an array), .parquet, .csv or .tsv file, "
+                     "or a folder written by datasets' save_to_disk; unset: the bundled sample "
+                     "data."),
     )
     validation: str | None = attrs.field(
-        default=None, metadata=doc("Validation JSONL; unset: a seeded split of the training data.")
+        default=None, metadata=doc("Validation data (the same kinds as data.dataset); unset: a "
+                                   "seeded split of the training data.")
+    )
+    format: str = attrs.field(
+        default="auto",
+        validator=one_of(*ROW_FORMATS),
+        metadata=doc("Row format: messages (OpenAI chat), prompt_completion, sharegpt "
+                     "(conversations of from/value), alpaca (instruction/input/output); auto: "
+                     "detected per file from its first valid row."),
+    )
+    columns: dict[str, str] = attrs.field(
+        factory=dict,
+        validator=attrs.validators.deep_mapping(
+            attrs.validators.in_(DATA_COLUMNS), attrs.validators.instance_of(str)),
+        metadata=doc("Column names of the file for the format's columns, e.g. {\"messages\": "
+                     "\"dialog\", \"role\": \"speaker\", \"content\": \"text\"}; keys: "
+                     + ", ".join(DATA_COLUMNS) + ". Needs data.format."),
+    )
+    roles: dict[str, str] = attrs.field(
+        factory=dict,
+        validator=attrs.validators.deep_mapping(
+            attrs.validators.instance_of(str), attrs.validators.in_(DATA_ROLES)),
+        metadata=doc("Role values of the file -> system, user or assistant, e.g. {\"bot\": "
+                     "\"assistant\"} (ShareGPT's human/gpt are known already)."),
     )
     validation_split: float = attrs.field(
         default=0.05,
@@ -436,6 +462,16 @@ class Model:
     trust_remote_code: bool = attrs.field(
         default=False, metadata=doc("Allow model code from the model directory. Off by default.")
     )
+    adapter: str = attrs.field(
+        default="none",
+        validator=one_of(*ADAPTERS),
+        metadata=doc("none: full fine-tune. lora: train low-rank adapters (the `adapter` "
+                     "section) on a frozen base, through peft (pip install "
+                     "'trainer-core[lora]'). qlora: the same on a base quantized to 4-bit NF4 "
+                     "by bitsandbytes (CUDA only; pip install 'trainer-core[qlora]'). With an "
+                     "adapter, checkpoints hold only the adapter and the training state, and "
+                     "the final model is the merged model plus adapter/ (see output.save_merged)."),
+    )
 
 
 @attrs.define(frozen=True)
@@ -456,8 +492,9 @@ class Output:
     )
     overwrite: bool = attrs.field(
         default=False,
-        metadata=doc("Replace whatever output_dir holds (a finished run, other files). "
-                     "Without it a non-empty output_dir is refused."),
+        metadata=doc("Replace the run output_dir holds (a run directory only: a folder of "
+                     "other files, or one holding the data, is refused). Without it a "
+                     "non-empty output_dir is refused."),
     )
     allow_changes: list[str] = attrs.field(
         factory=list,
@@ -465,17 +502,19 @@ class Output:
         metadata=doc("On resume, accept these differences from what the checkpoint was trained "
                      "with (the new values are used): " + ", ".join(CHANGE_KINDS) + "."),
     )
+    save_merged: bool = attrs.field(
+        default=True,
+        metadata=doc("With model.adapter: write the final model with the adapter merged into "
+                     "the base weights (an ordinary model directory), besides adapter/ (what "
+                     "peft.PeftModel.from_pretrained loads). false: adapter/ and the tokenizer "
+                     "only (no merge, a small output)."),
+    )
 
 
 @attrs.define(frozen=True)
 class Environment:
     """Process-level settings."""
 
-    dataloader_workers: int = attrs.field(
-        default=0,
-        validator=check(_non_negative, "must be >= 0"),
-        metadata=doc("Background workers preparing batches (0: in the training process)."),
-    )
     report_to: list[str] = attrs.field(
         factory=list,
         metadata=doc("Experiment trackers to log to, besides metrics.jsonl (always written): "
@@ -607,6 +646,59 @@ class Environment:
     )
 
 
+def _names(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from trainer_core.config.structure import FieldError
+
+    if value is None:
+        return
+    bad = [v for v in value if not v or not v.replace("_", "").replace(".", "").isalnum()]
+    if bad:
+        raise FieldError(attribute, f"{bad[0]!r} is not a module name (letters, digits, _ "
+                                    "and . only)")
+
+
+@attrs.define(frozen=True)
+class Adapter:
+    """Low-rank adapters (model.adapter: lora or qlora): the shape of what is trained."""
+
+    rank: int = attrs.field(
+        default=16,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("LoRA rank r: each adapted weight W (out x in) gets B (out x r) @ A "
+                     "(r x in), trained while W stays frozen."),
+    )
+    alpha: float = attrs.field(
+        default=32.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("LoRA scaling numerator: the update is (alpha / rank) * B @ A."),
+    )
+    dropout: float = attrs.field(
+        default=0.0,
+        validator=check(_half_open_fraction, "must be >= 0 and < 1"),
+        metadata=doc("Dropout on the adapter's input during training (0: none, and no extra "
+                     "work)."),
+    )
+    target_modules: list[str] | None = attrs.field(
+        default=None,
+        validator=_names,
+        metadata=doc("Names of the linear layers that get an adapter (e.g. [q_proj, v_proj]; "
+                     "a name matches every module ending in it). Unset: every linear layer of "
+                     "the decoder blocks (attention and MLP projections; not the lm_head)."),
+    )
+    use_dora: bool = attrs.field(
+        default=False,
+        metadata=doc("DoRA: also train a per-output-row magnitude, the direction coming from "
+                     "W + B @ A (a little more work per step than plain LoRA)."),
+    )
+    modules_to_save: list[str] = attrs.field(
+        factory=list,
+        validator=_names,
+        metadata=doc("Modules trained in full besides the adapters, e.g. [embed_tokens, "
+                     "lm_head] when the tokenizer gained tokens whose embeddings must be "
+                     "learned."),
+    )
+
+
 PRIORITIES = ("high", "normal", "low")
 DAEMON_LR_SCHEDULES = ("constant", "per_file")
 
@@ -645,6 +737,13 @@ class Daemon:
         validator=check(_positive, "must be > 0"),
         metadata=doc("Attempts per file; a failed attempt requeues the file one priority "
                      "level lower, the last one moves it to failed/."),
+    )
+    max_row_mb: float = attrs.field(
+        default=16.0,
+        validator=check(_positive, "must be > 0"),
+        metadata=doc("Largest row (line) a file may hold, in MiB: a file with a longer one "
+                     "fails at intake, its report naming the line (one huge row would "
+                     "otherwise take many GB of worker memory)."),
     )
     epochs_per_file: float = attrs.field(
         default=1.0,
@@ -714,7 +813,7 @@ class Daemon:
 
 
 SECTIONS = ("hyperparams", "profile", "monitoring", "locked", "data", "model", "output",
-            "environment", "daemon")
+            "environment", "daemon", "adapter")
 
 
 @attrs.define(frozen=True)
@@ -737,6 +836,7 @@ class TrainerConfig:
     output: Output = attrs.field(factory=Output, metadata=doc(Output.__doc__))
     environment: Environment = attrs.field(factory=Environment, metadata=doc(Environment.__doc__))
     daemon: Daemon = attrs.field(factory=Daemon, metadata=doc(Daemon.__doc__))
+    adapter: Adapter = attrs.field(factory=Adapter, metadata=doc(Adapter.__doc__))
 
     def __attrs_post_init__(self) -> None:
         problems = cross_field_problems(self)
@@ -764,10 +864,30 @@ def cross_field_problems(cfg: TrainerConfig) -> list[str]:
 # --------------------------------------------------------------------------- dicts and files
 
 
+#: Fields that no longer exist, with why. A file that still names one (an old config file, a
+#: daemon home's config, a run's trainer_config.json) loads with the key ignored, since its value
+#: never changed what training did; ``--set`` of one is still an unknown setting.
+RETIRED: dict[str, str] = {
+    "environment.dataloader_workers": "never used: the next step's batches are collated on a "
+                                      "prefetch thread",
+}
+
+
+def without_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested config dict) less the :data:`RETIRED` keys; the input is not changed."""
+    out = dict(data)
+    for dotted in RETIRED:
+        section, _, name = dotted.partition(".")
+        if isinstance(out.get(section), dict) and name in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
+
+
 def from_dict(data: dict[str, Any], source: str = "config") -> TrainerConfig:
     """Build a validated config from a (possibly partial) nested dict."""
     try:
-        return structure(data, TrainerConfig, "")
+        return structure(without_retired(data) if isinstance(data, dict) else data,
+                         TrainerConfig, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") if source != "config" else exc from None
 
@@ -792,10 +912,24 @@ def field_paths(cls: type = TrainerConfig, prefix: str = "") -> dict[str, attrs.
     return out
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
+            if path == "profile.options" and not value:
+                out[path] = value
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
 def _resolve_types() -> None:
     # ``from __future__ import annotations`` leaves string types; attrs resolves them here.
     for cls in (HyperParams, ProfileSection, Monitoring, Locked, Data, Model, Output, Environment,
-                Daemon, TrainerConfig):
+                Daemon, Adapter, TrainerConfig):
         attrs.resolve_types(cls)
 
 
@@ -812,8 +946,6 @@ def config_hash(cfg: TrainerConfig) -> str:
 
 def schema() -> list[dict[str, Any]]:
     """Every field: dotted path, type, default and doc (for ``trainer config schema``)."""
-    from trainer_core.config.sources import flatten
-
     out = []
     defaults = flatten(to_dict(TrainerConfig()))
     for path, a in field_paths().items():

@@ -1,7 +1,10 @@
-"""Where a config comes from: layering defaults < preset < JSON file < CLI, with provenance.
+"""Where a config comes from: layering defaults < preset < config file < CLI, with provenance.
 
-Only values the user actually gave override a lower layer; :func:`resolve` records where each
-value came from so ``trainer config show --explain`` can say so.
+Config files are JSON, or YAML when named ``*.yaml``/``*.yml`` (same schema; errors in a YAML
+file name its line: ``run.yaml:12: hyperparams.lr: unknown key (did you mean
+'learning_rate'?)``). Only values the user actually gave override a lower layer;
+:func:`resolve` records where each value came from so ``trainer config show --explain`` can
+say so.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ from typing import Any
 
 import attrs
 
-from trainer_core.config.sections import SECTIONS, TrainerConfig, field_paths, to_dict
+from trainer_core.config.sections import (
+    RETIRED,
+    TrainerConfig,
+    field_paths,
+    flatten,
+    to_dict,
+    without_retired,
+)
 from trainer_core.config.structure import structure
 from trainer_core.errors import ConfigError
 
@@ -60,11 +70,111 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    data = read_json(path)
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def is_yaml(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in YAML_SUFFIXES
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """Read a YAML file (safe loader: plain data only) and the line of every key, as
+    ``{"a.b": line, "a.list[0]": line}``; errors name the file and line.
+
+    Keys YAML would read as something else than text (``on:``, ``yes:``, ``1:``), repeated
+    keys and aliases (``*name``, which can expand exponentially) are refused.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        positions: dict[str, int] = {}
+        if node is None:
+            return None, positions
+        _key_lines(p, node, "", 1, positions)
+        return loader.construct_document(node), positions
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _key_lines(p: Path, node: Any, path: str, depth: int, out: dict[str, int],
+               seen: set[int] | None = None) -> None:
+    import yaml
+
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # the composer hands an alias its anchor's very node
+        raise ConfigError(f"{p}:{node.start_mark.line + 1}: this value is used again through "
+                          "an alias (*name); aliases are not supported in config files")
+    seen.add(id(node))
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{p}:{node.start_mark.line + 1}: nested more than {MAX_DEPTH} "
+                          "levels deep")
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if not isinstance(key, yaml.ScalarNode) or key.tag != "tag:yaml.org,2002:str":
+                shown = key.value if isinstance(key, yaml.ScalarNode) else "a collection"
+                raise ConfigError(f"{p}:{line}: key {shown!r} is not read as text by YAML; "
+                                  "quote it")
+            dotted = f"{path}.{key.value}" if path else key.value
+            if dotted in out:
+                raise ConfigError(f"{p}:{line}: {dotted}: given twice (first on line "
+                                  f"{out[dotted]})")
+            out[dotted] = line
+            _key_lines(p, value, dotted, depth + 1, out, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[f"{path}[{i}]"] = item.start_mark.line + 1
+            _key_lines(p, item, f"{path}[{i}]", depth + 1, out, seen)
+
+
+def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """A config file (JSON, or YAML by its suffix) and, for YAML, the line of every key."""
+    if is_yaml(path):
+        data, positions = read_yaml(path)
+        kind: str = "YAML mapping"
+    else:
+        data, positions, kind = read_json(path), None, "JSON object"
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return data
+        raise ConfigError(f"{path}: expected a {kind} at the top level")
+    return data, positions
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's contents (JSON, or YAML when named ``*.yaml``/``*.yml``)."""
+    return read_config(path)[0]
+
+
+def locate(exc: ConfigError, positions: dict[str, int], label: str) -> ConfigError:
+    """``exc`` with each ``dotted.path: why`` problem prefixed by ``file:line`` of that key."""
+    from trainer_core.config.structure import explain_errors
+
+    cause = exc.__cause__
+    problems = explain_errors(cause) if cause is not None else str(exc).split("; ")
+    out = []
+    for problem in problems:
+        path = problem.split(": ", 1)[0]
+        while path and path not in positions:  # a.b[0].c -> a.b[0] -> a.b -> a
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        out.append(f"{label}:{positions[path]}: {problem}" if path else f"{label}: {problem}")
+    return ConfigError("; ".join(out))
 
 
 # --------------------------------------------------------------------------- dotted overrides
@@ -108,20 +218,6 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{dotted: leaf}``; sections recurse, profile.options entries are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and (path in SECTIONS or path == "profile.options"):
-            if path == "profile.options" and not value:
-                out[path] = value
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 # --------------------------------------------------------------------------- resolution
 
 
@@ -149,7 +245,7 @@ def resolve(
     preset: dict[str, Any] | None = None,
     file_data: dict[str, Any] | None = None,
 ) -> Resolved:
-    """Layer defaults < preset < JSON file < CLI and validate the result.
+    """Layer defaults < preset < config file (JSON or YAML) < CLI and validate the result.
 
     ``cli`` and ``preset`` map dotted paths to values; only keys present override (callers pass
     only what the user actually gave). ``file_data`` is an already-read file (for services).
@@ -160,8 +256,9 @@ def resolve(
         for k, v in flat.items():
             set_dotted(tree, k, v)
         layers.append((name, tree))
+    positions = None
     if file is not None:
-        file_data = read_config_file(file)
+        file_data, positions = read_config(file)
     if file_data is not None:
         layers.append(("file", file_data))
     cli_tree: dict[str, Any] = {}
@@ -174,21 +271,24 @@ def resolve(
         merged = _merge(merged, tree)
     source_label = str(file) if file is not None else "config"
     try:
-        cfg = structure(merged, TrainerConfig, "")
+        cfg = structure(without_retired(merged), TrainerConfig, "")
     except ConfigError as exc:
+        if positions is not None:
+            raise locate(exc, positions, source_label) from None
         prefix = f"{source_label}: " if file is not None else ""
         raise ConfigError(f"{prefix}{exc}") from None
 
     sources = {k: "default" for k in flatten(to_dict(cfg))}
     for name, tree in layers:
         for k in flatten(tree):
-            sources[k] = name
+            if k not in RETIRED:
+                sources[k] = name
     return Resolved(cfg, sources)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
                 ) -> TrainerConfig:
-    """Programmatic API: defaults < JSON file at ``path`` < ``overrides`` (dotted keys).
+    """Programmatic API: defaults < config file at ``path`` < ``overrides`` (dotted keys).
 
     >>> load_config(overrides={"hyperparams.learning_rate": 1e-4}).hyperparams.learning_rate
     0.0001

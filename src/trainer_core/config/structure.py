@@ -25,6 +25,24 @@ from trainer_core.errors import ConfigError
 T = TypeVar("T")
 
 
+#: Longest echo of a user's value in an error message: a 10^6-element list must not come back
+#: as a 5 MB line.
+SHOWN_CHARS = 80
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to :data:`SHOWN_CHARS` (saying how long)."""
+    if isinstance(value, (list, tuple, dict, set, str, bytes)) and len(value) > SHOWN_CHARS:
+        # repr of a huge container is itself huge: only its start is ever built
+        head = value[:SHOWN_CHARS] if not isinstance(value, (dict, set)) else list(value)[:20]
+        text = repr(head)
+        unit = "characters" if isinstance(value, str) else "bytes" if isinstance(
+            value, bytes) else "items"
+        return f"{text[:SHOWN_CHARS]}... ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} chars)"
+
+
 class FieldError(ValueError):
     """A field value out of range; ``str()`` is ``field: message``."""
 
@@ -42,7 +60,7 @@ def check(predicate, requirement: str):
 
     def validator(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is not None and not predicate(value):
-            raise FieldError(attribute, f"{requirement}, got {value!r}")
+            raise FieldError(attribute, f"{requirement}, got {shown(value)}")
 
     return validator
 
@@ -56,16 +74,16 @@ def _strict(kind: type, name: str):
     def hook(value: Any, _type: Any) -> Any:
         # bool is an int subclass in Python; never accept it where a number is meant.
         if isinstance(value, bool) and kind is not bool:
-            raise TypeError(f"expected {name}, got {value!r}")
+            raise TypeError(f"expected {name}, got {shown(value)}")
         if kind is float and isinstance(value, int):
             try:
                 return float(value)
             except OverflowError:
                 raise TypeError(f"expected {name}, got an integer too large for a number") from None
         if kind is float and isinstance(value, float) and not math.isfinite(value):
-            raise TypeError(f"expected a finite number, got {value!r}")
+            raise TypeError(f"expected a finite number, got {shown(value)}")
         if not isinstance(value, kind):
-            raise TypeError(f"expected {name}, got {value!r}")
+            raise TypeError(f"expected {name}, got {shown(value)}")
         return value
 
     return hook
@@ -97,7 +115,7 @@ def _object_only(conv: cattrs.Converter, cl: type):
 
     def hook(value: Any, t: Any) -> Any:
         if not isinstance(value, dict):
-            raise TypeError(f"expected an object, got {value!r}")
+            raise TypeError(f"expected an object, got {shown(value)}")
         return inner(value, t)
 
     return hook
@@ -105,14 +123,14 @@ def _object_only(conv: cattrs.Converter, cl: type):
 
 def _list_of(conv: cattrs.Converter, value: Any, t: Any) -> list:
     if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {value!r}")
+        raise TypeError(f"expected a list, got {shown(value)}")
     (item,) = get_args(t)
     return [conv.structure(v, item) for v in value]
 
 
 def _plain_dict(value: Any) -> dict:
     if not isinstance(value, dict):
-        raise TypeError(f"expected an object, got {value!r}")
+        raise TypeError(f"expected an object, got {shown(value)}")
     return dict(value)
 
 
@@ -131,7 +149,9 @@ def explain_errors(exc: BaseException, path: str = "") -> list[str]:
         known = [a.name for a in attrs.fields(exc.cl)]
         out = []
         for key in sorted(exc.extra_fields):
-            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or [
+                # initials: lr -> learning_rate, bs -> batch_size
+                k for k in known if "".join(w[:1] for w in k.split("_")) == key][:1]
             tip = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
             out.append(f"{_join(path, key)}: unknown key{tip}")
         return out
@@ -167,7 +187,7 @@ def explain_errors(exc: BaseException, path: str = "") -> list[str]:
 def structure(data: Any, cls: type[T], path: str) -> T:
     """Structure ``data`` into ``cls`` strictly; raise ``ConfigError`` naming every bad path."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected an object, got {data!r}")
+        raise ConfigError(f"{path or 'config'}: expected an object, got {shown(data)}")
     try:
         return converter.structure(data, cls)
     except ConfigError:

@@ -1,9 +1,9 @@
 """``trainer daemon``: one model, fine-tuned continuously on the files that arrive in an inbox.
 
-Layer 10, above ``train``: it may import train, monitor, model, data, config and the base
-modules; only ``cli`` imports it. The daemon process itself never imports torch: training runs
-in a child process (:mod:`trainer_core.daemon.worker`) so a crash, an OOM or a NaN there never
-takes the daemon down.
+Layer 9, above ``train``: it may import train, monitor, generate, model, data, config and the
+base modules; only ``cli`` imports it. The daemon process itself never imports torch: training
+runs in a child process (:mod:`trainer_core.daemon.worker`) so a crash, an OOM or a NaN there
+never takes the daemon down.
 
 Modules:
 

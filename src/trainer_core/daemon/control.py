@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,10 @@ def send(home: Home, cmd: str, arg: str | None = None, wait_s: float = 30.0) -> 
                                     "the daemon stopped; start the daemon to skip it, or name it")
                 row = service.find_file(ledger, arg)
                 if row["state"] == "training":
-                    # Not running: nothing to interrupt; the attempt just ends here.
-                    raise UserError(f"#{row['id']} is in training; start the daemon to skip it")
+                    # Not running: nothing to interrupt; the attempt ends here, and the next
+                    # start drops its checkpoints (the model stays at the committed step).
+                    row = service.skip_interrupted(home, ledger, row)
+                    return f"#{row['id']} {row['name']} skipped"
                 row = service.skip_queued(home, ledger, row)
                 return f"#{row['id']} {row['name']} skipped"
             raise UserError(f"unknown command {cmd!r}")
@@ -88,10 +91,19 @@ def submit_files(home: Home, paths: list[Path], priority: str, force: bool) -> l
 
     home.create()
     ledger = Ledger(home.ledger)
+    limit = int(_daemon_setting(home, "max_row_mb", 16.0) * (1 << 20))
     try:
-        return [submit(home, ledger, p, priority, force) for p in paths]
+        return [submit(home, ledger, p, priority, force, limit) for p in paths]
     finally:
         ledger.close()
+
+
+def _daemon_setting(home: Home, name: str, default: Any) -> Any:
+    """A ``daemon`` setting from the home's config.json (the default when there is none)."""
+    try:
+        return json.loads(home.config.read_text(encoding="utf-8"))["daemon"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def status(home: Home) -> dict[str, Any]:
@@ -132,22 +144,65 @@ def history(home: Home, limit: int | None) -> list[dict[str, Any]]:
         ledger.close()
 
 
-def start_detached(home: Home, args: list[str], wait_s: float = 60.0) -> int:
-    """Start ``trainer daemon start ARGS`` in the background; returns its pid once it holds
-    the home lock (its output goes to logs/daemon.out)."""
+def precheck_start(home: Home, cfg: Any) -> None:
+    """The start's refusals (a ledger older than the home, another model, changed settings)
+    before anything is saved; the daemon checks again once it holds the home lock."""
+    from trainer_core.daemon import service
+
+    # No ledger yet: an empty one in memory (nothing is created on disk by a refusal).
+    ledger = Ledger(home.ledger if home.ledger.is_file() else Path(":memory:"))
+    try:
+        service.check_ledger_matches_home(home, ledger)
+        service.check_start(home, cfg, ledger)
+    finally:
+        ledger.close()
+
+
+def start_detached(home: Home, cfg: Any, wait_s: float = 60.0) -> int:
+    """Start the daemon on ``cfg`` in the background; returns its pid once it holds the home
+    lock. Each start has its own config file and output until then, so two starts at once
+    never swap configs or errors: the one that wins the lock moves its output to
+    logs/daemon.out; the other exits with its own error."""
+    from trainer_core.config import to_dict
+    from trainer_core.files import write_json_atomic
+
     home.create()
-    out = open(home.logs / "daemon.out", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_core", "daemon", "start", *args],
+    nonce = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    config = home.logs / f".start-{nonce}.json"
+    early = home.logs / f".start-{nonce}.out"
+    write_json_atomic(config, to_dict(cfg))
+    out = open(early, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_core", "daemon", "start", "--home",
+                             str(home.root), "--config", str(config), "--detached-child"],
                             stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                             start_new_session=True, env=dict(os.environ))
     out.close()
-    deadline = time.time() + wait_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = (home.logs / "daemon.out").read_text(encoding="utf-8", errors="replace")
-            last = tail.strip().splitlines()[-1:] or ["(no output)"]
-            raise UserError(f"the daemon exited at once: {last[0]}")
-        if daemon_running(home) == proc.pid:
-            return proc.pid
-        time.sleep(0.1)
-    return proc.pid
+    try:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                tail = early.read_text(encoding="utf-8", errors="replace")
+                errors = [ln for ln in tail.splitlines() if ln.startswith("error: ")]
+                last = errors[-1:] or tail.strip().splitlines()[-1:] or ["(no output)"]
+                raise UserError(f"the daemon exited at once: {last[0].removeprefix('error: ')}")
+            if daemon_running(home) == proc.pid:
+                return proc.pid
+            time.sleep(0.1)
+        return proc.pid
+    finally:
+        config.unlink(missing_ok=True)
+        early.unlink(missing_ok=True)
+
+
+def detached_output(home: Home) -> Any:
+    """For a detached daemon: a function that sends its output to logs/daemon.out, called
+    once its start is accepted (before that, errors go to the starting command)."""
+    def redirect() -> None:
+        fd = os.open(home.logs / "daemon.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    return redirect

@@ -32,7 +32,7 @@ from trainer_core.daemon import control
 from trainer_core.daemon.home import Home, priority_name
 from trainer_core.daemon.ledger import Ledger
 from trainer_core.errors import UserError
-from trainer_core.monitor.dashboard.server import HTTPError
+from trainer_core.monitor.dashboard.base import HTTPError
 from trainer_core.monitor.dashboard.views import JsonlTail, poll_stream
 
 POLL_S = 0.5

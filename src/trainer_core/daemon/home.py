@@ -3,7 +3,8 @@
 ::
 
     HOME/
-      inbox/            drop *.jsonl here (subfolders allowed; inbox/high/, inbox/low/)
+      inbox/            drop data files here (.jsonl .json .parquet .csv .tsv; subfolders
+                        allowed: inbox/high/, inbox/low/)
       queue/            files taken in, waiting or in training (named <id>-<name>)
       completed/        trained files, each with <file>.report.json
       failed/           files that failed max_attempts times, with their report

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from trainer_core.errors import UserError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,17 +74,64 @@ FILE_COLUMNS = ("id", "name", "fname", "source", "origin", "sha256", "size", "pr
 LIVE_STATES = ("incoming", "queued", "training", "completed")
 
 
+#: Longest stored name, in bytes: with what the daemon writes around it (``.<name>.report.json
+#: .tmp`` is 17 more) a file name stays within the 255 bytes Linux file systems allow.
+MAX_STORED_NAME = 230
+
+
+def stored_name(fid: int, name: str) -> str:
+    """``<id>-<basename>``, the basename shortened (its suffix kept) so that every file the
+    daemon writes next to it has a legal name: a 240-byte inbox name must not stop it."""
+    base = Path(name).name
+    prefix = f"{fid:06d}-"
+    limit = MAX_STORED_NAME - len(prefix)
+    raw = base.encode("utf-8", "surrogateescape")
+    if len(raw) <= limit:
+        return prefix + base
+    suffix = Path(base).suffix if len(Path(base).suffix) <= 16 else ""
+    keep = raw[:limit - len(suffix.encode("utf-8", "surrogateescape"))]
+    return prefix + keep.decode("utf-8", "ignore") + suffix
+
+
+class DiskFull(UserError):
+    """The disk is full (a ledger write, a checkpoint, a copy): the daemon waits for space;
+    a command says so in one line."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC however it surfaces: an OSError, SQLite's "database or disk is full", torch's
+    "file write failed" (its stream writer hides the errno)."""
+    if isinstance(exc, DiskFull) or getattr(exc, "errno", None) == 28:  # ENOSPC
+        return True
+    text = str(exc).lower()
+    return "disk is full" in text or "no space left" in text or "file write failed" in text
+
+
+def ledger_error(path: Path, exc: BaseException) -> str:
+    """One line for a ledger that cannot be read or written."""
+    if is_disk_full(exc):
+        return f"{path}: the disk is full; free space, then start the daemon again"
+    return (f"{path}: not a readable ledger ({exc}); restore ledger.sqlite from a backup, "
+            "or move the home aside and start a new one")
+
+
 class Ledger:
     """A connection to ``ledger.sqlite``; every method is one transaction."""
 
     def __init__(self, path: Path):
         self.path = path
         self.db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=30000")
+            self.db.executescript(SCHEMA)
+            self.db.execute("SELECT COUNT(*) FROM files").fetchone()  # a damaged file fails here
+        except sqlite3.DatabaseError as exc:  # truncated or not SQLite; a full disk
+            self.db.close()
+            raise (DiskFull if is_disk_full(exc) else UserError)(ledger_error(path, exc)
+                                                                 ) from None
 
     def close(self) -> None:
         self.db.close()
@@ -90,13 +139,19 @@ class Ledger:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``: writers queue up instead of deadlocking)."""
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(ledger_error(self.path, exc)) from None
             raise
-        self.db.execute("COMMIT")
 
     # ------------------------------------------------------------------ meta
 
@@ -132,7 +187,7 @@ class Ledger:
                 (name, source, origin, sha256, size, priority, self.next_seq(db), state,
                  int(forced), duplicate_of, error, time.time()))
             fid = int(cur.lastrowid or 0)
-            fname = f"{fid:06d}-{Path(name).name}"
+            fname = stored_name(fid, name)
             db.execute("UPDATE files SET fname=? WHERE id=?", (fname, fid))
         return self.file(fid)
 

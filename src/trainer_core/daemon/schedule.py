@@ -54,3 +54,15 @@ def apply_lr(scheduler, optimizer) -> None:
         group["lr"] = base * fn(step)
         lrs.append(group["lr"])
     scheduler._last_lr = lrs
+
+
+def apply_config_optimizer(cfg, scheduler, optimizer) -> None:
+    """Put the config's learning rate and weight decay over a restored optimizer's: a
+    checkpoint carries the values it was trained with, and a restart whose changes were
+    accepted (``--allow-changes lr``) must really use the new ones. Unchanged values are
+    left exactly as they were (same numbers)."""
+    hp = cfg.hyperparams
+    scheduler.base_lrs = [hp.learning_rate for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = hp.learning_rate
+    optimizer.param_groups[0]["weight_decay"] = hp.weight_decay  # [1] is the no-decay group

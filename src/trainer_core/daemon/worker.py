@@ -3,14 +3,15 @@
 It loads torch, the tokenizer and the model once and keeps them (and the optimizer) in memory
 across files, so consecutive files pay neither a model load nor a compilation: a file that
 starts from the checkpoint this worker just wrote starts at once; only a rollback or a restart
-reloads a checkpoint from disk. Training is the engine's: ``prepare_training`` + ``train_step``
-over ``micro_batches`` of a ``plan_steps`` plan, with checkpoints by ``save_checkpoint`` and
-``load_checkpoint``, so resuming a killed file continues it exactly.
+reloads a checkpoint from disk. Training is the step engine's (:mod:`trainer_core.train.engine`):
+``prepare_training`` + ``train_step`` over ``micro_batches`` of a ``plan_steps`` plan, with
+checkpoints by ``engine.save`` and ``engine.load``, so resuming a killed file continues it
+exactly.
 
-Protocol: JSON lines. The daemon writes commands on stdin (``init``, ``train``, ``pause``,
-``stop``, ``skip``); the worker answers on its own copy of stdout (``hello``, ``ready``,
-``progress``, ``checkpoint``, ``done``, ``failed``, ``paused``, ``stopped``, ``skipped``,
-``fatal``). Everything else the process prints goes to stderr (the daemon's logs/worker.log).
+Protocol: JSON lines, typed in :mod:`trainer_core.daemon.protocol`. The daemon writes commands
+on stdin (``init``, ``train``, ``pause``, ``stop``, ``skip``); the worker answers on its own copy
+of stdout (``hello``, ``loaded``, ``ready``, ``started``, ``progress``, ``checkpoint``, ``done``,
+``failed``, ``paused``, ``stopped``, ``skipped``, ``fatal``, ``log``). Everything else the process prints goes to stderr (the daemon's logs/worker.log).
 Closed stdin means the daemon is gone: the worker exits.
 
 Under torchrun (``daemon.nproc`` > 1) every rank runs this worker; rank 0 alone reads the
@@ -43,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer_core.daemon import protocol
 from trainer_core.daemon.home import Home
 from trainer_core.errors import UserError
 from trainer_core.train.distributed import launched_by_torchrun
@@ -93,20 +95,21 @@ class Worker:
 
     def _read_stdin(self) -> None:
         for line in sys.stdin:
-            line = line.strip()
-            if line:
-                self.inbox.put(json.loads(line))
+            msg = protocol.decode_command(line)
+            if msg is not None:
+                self.inbox.put(msg)
         self.inbox.put(None)
 
-    def send(self, event: str, **fields: Any) -> None:
+    def send(self, msg: Any) -> None:
+        """An event (:mod:`trainer_core.daemon.protocol`) to the daemon (rank 0 only)."""
         if not self.is_main:
             return
-        line = json.dumps({"event": event, **fields}, default=str) + "\n"
+        line = protocol.encode(msg)
         with self.send_lock:
             self.out.write(line)
             self.out.flush()
 
-    def next_command(self, block: bool) -> dict[str, Any] | None:
+    def next_command(self, block: bool) -> Any:
         try:
             msg = self.inbox.get(block=block)
         except queue.Empty:
@@ -115,7 +118,7 @@ class Worker:
             raise Stop
         return msg
 
-    def wait_command(self) -> dict[str, Any]:
+    def wait_command(self) -> Any:
         """The daemon's next command, blocking (every rank gets rank 0's)."""
         if self.dist is None:
             while True:
@@ -123,18 +126,18 @@ class Worker:
                 if msg is not None:
                     return msg
 
-        def take() -> dict[str, Any] | None:
+        def take() -> Any:
             try:
                 return self.inbox.get(timeout=IDLE_SYNC_S)
             except queue.Empty:
-                return {}
+                return {}  # nothing yet (None: stdin closed)
 
         while True:
             msg = self.dist.share(take)
             if msg is None:
                 raise Stop
             if self.dist.all_sum([1.0 if self.signal else 0.0])[0]:
-                return {"cmd": "stop"}
+                return protocol.StopCommand()
             if msg:
                 return msg
 
@@ -149,7 +152,7 @@ class Worker:
             except Stop:
                 eof = True
             else:
-                code = STEP_COMMANDS.get(str((msg or {}).get("cmd")), 0)
+                code = STEP_COMMANDS.get(msg.NAME if msg is not None else "", 0)
         if self.dist is None:
             if eof:
                 raise Stop
@@ -172,9 +175,9 @@ class Worker:
         with self.send_lock:
             fid, self.file_id = self.file_id, None
         if fid is not None:
-            self.send("failed", file_id=fid, exiting=True, error=error)
+            self.send(protocol.Failed(file_id=fid, exiting=True, error=error))
         else:
-            self.send("log", message=error)
+            self.send(protocol.Log(error))
 
     # ------------------------------------------------------------------ several processes
 
@@ -196,10 +199,7 @@ class Worker:
         return value
 
     def finite(self) -> bool:
-        from trainer_core.model.loading import weights_finite
-
-        return self.dist.weights_finite() if self.dist is not None else weights_finite(
-            self.setup.model)
+        return self.setup.engine.finite()  # (several processes: all ranks agree)
 
     # ------------------------------------------------------------------ setup
 
@@ -223,6 +223,7 @@ class Worker:
         quiet_hf()
         self.profile = build_profile(cfg)
         model_dir = main_first(dist, lambda: model_directory(cfg))
+        self.model_dir = model_dir
         check_model_against_config(cfg, model_facts(model_dir))
         base = cfg.locked.base_model or (cfg.model.path or "trainer/tiny-qwen3-demo")
         facts = expected_facts(cfg, model_dir, base)
@@ -255,28 +256,26 @@ class Worker:
         """Bring the in-memory state to ``checkpoint`` unless it is already there."""
         if self.at == checkpoint:
             return
-        from trainer_core.train.checkpoint import load_checkpoint, read_checkpoint
+        from trainer_core.train.checkpoint import read_checkpoint
+
+        # (several processes: every rank reads it; FSDP takes its shards)
+        self.at = None  # until fully restored
+        self.state = self.setup.engine.load(read_checkpoint(Path(checkpoint)))
+        from trainer_core.daemon.schedule import apply_config_optimizer
 
         s = self.setup
-        if self.dist is not None:  # every rank reads it; FSDP takes its shards
-            self.state = self.dist.apply_checkpoint(read_checkpoint(Path(checkpoint)), s)
-        else:
-            self.state = load_checkpoint(Path(checkpoint), s.model, s.optimizer, s.scheduler,
-                                         s.scaler)
-        self.at = checkpoint
+        apply_config_optimizer(self.cfg, s.scheduler, s.optimizer)  # the config's, not the
+        self.at = checkpoint  # checkpoint's (a restart may have changed them, accepted)
 
     def save(self, daemon_fields: dict[str, Any]) -> str:
-        from trainer_core.train.checkpoint import save_checkpoint
-
-        s = self.setup
         # In memory as on disk: a resume that needs no reload still knows the data position.
         self.state["daemon"] = daemon_fields
-        if self.dist is not None:  # rank 0 writes (FSDP gathers first); all return together
-            path = self.dist.save_checkpoint(self.home.root, self.state["step"], s, self.state,
-                                             keep=None)
-        else:
-            path = save_checkpoint(self.home.root, self.state["step"], s.model, s.optimizer,
-                                   s.scheduler, s.scaler, self.state, keep=None)
+        # An adapter's checkpoint holds only the adapter; the ones the daemon publishes (the
+        # base at step 0, each finished file) also hold the merged model.
+        merged = self.model_dir if daemon_fields.get("complete") else None
+        # (several processes: rank 0 writes, FSDP gathers first; all return together)
+        path = self.setup.engine.save(self.home.root, self.state["step"], self.state, keep=None,
+                                      merged_from=merged)
         self.at = str(path)
         return str(path)
 
@@ -284,11 +283,11 @@ class Worker:
 
     def init(self) -> None:
         """The daemon's first checkpoint (step 0): the base model and a fresh optimizer."""
-        self.save({"file_id": None, "attempt": 0, "file_step": 0, "file_steps": 0,
-                   "complete": True})
-        self.send("ready", checkpoint=self.at, step=0)
+        checkpoint = self.save({"file_id": None, "attempt": 0, "file_step": 0, "file_steps": 0,
+                                "complete": True})
+        self.send(protocol.Ready(checkpoint=checkpoint, step=0))
 
-    def train(self, job: dict[str, Any]) -> bool:
+    def train(self, job: protocol.TrainCommand) -> bool:
         """Train one file; returns False when the worker must exit (stop)."""
         from trainer_core.data.batching import (
             count_tokens,
@@ -296,42 +295,44 @@ class Worker:
             micro_batches,
             plan_steps,
         )
-        from trainer_core.data.rows import check_rows, read_rows
+        from trainer_core.data.rows import RowFormat, check_rows, read_rows
         from trainer_core.errors import DataError
-        from trainer_core.train.inputs import preprocess_rows
-        from trainer_core.train.step import token_budget, train_step
+        from trainer_core.train.inputs import preprocess_rows, token_budget
+        from trainer_core.train.step import train_step
 
         cfg, s = self.cfg, self.setup
-        fid, attempt, path = job["file_id"], job["attempt"], job["path"]
-        self.restore(job["start_from"])
+        fid, attempt, path = job.file_id, job.attempt, job.path
+        self.restore(job.start_from)
         resumed = self.state.get("daemon") or {}
         mine = resumed.get("file_id") == fid and resumed.get("attempt") == attempt
         if not mine:
             resumed = {}
         # Validation: all rows, the same rules as `trainer run`.
-        rows, problems = read_rows(path)
+        rows, problems = read_rows(path, RowFormat.from_config(cfg.data))
         if problems and self.is_main:
-            Path(job["problems_path"]).write_text(json.dumps(
+            Path(job.problems_path).write_text(json.dumps(
                 [{"line": p.line, "field": p.field, "reason": p.reason, "detail": p.detail}
                  for p in problems], indent=1), encoding="utf-8")
         try:
-            check_rows(problems, cfg.data.on_invalid, job["name"])
+            check_rows(problems, cfg.data.on_invalid, job.name)
             if not rows:
-                raise DataError(f"{job['name']}: no valid rows")
+                raise DataError(f"{job.name}: no valid rows")
             ds, _ = self.first(lambda: preprocess_rows(rows, cfg, self.profile, self.tokenizer,
-                                                       job["name"]))
+                                                       job.name))
         except UserError as exc:
-            self.send("failed", file_id=fid, error=str(exc), rows=len(rows),
-                      invalid_rows=len({p.line for p in problems}))
+            self.send(protocol.Failed(file_id=fid, error=str(exc), rows=len(rows),
+                                      invalid_rows=len({p.line for p in problems}),
+                                      data_error=True))
             return True
         examples = ds.examples()  # built per step from the (memory-mapped) arrays
         if not examples:
-            self.send("failed", file_id=fid, error="no examples left after preprocessing",
-                      rows=len(rows), invalid_rows=len({p.line for p in problems}))
+            self.send(protocol.Failed(file_id=fid, error="no examples left after preprocessing",
+                                      rows=len(rows), invalid_rows=len({p.line for p in problems}),
+                                      data_error=True))
             return True
         hp, d = cfg.hyperparams, cfg.daemon
         plan = plan_steps(len(examples), hp.batch_size * hp.gradient_accumulation,
-                          d.epochs_per_file, None, job["seed"], cfg.data.shuffle)
+                          d.epochs_per_file, None, job.seed, cfg.data.shuffle)
         file_step = int(resumed.get("file_step", 0))
         step_before = int(resumed.get("step_before", self.state["step"]))
         tokens = int(resumed.get("tokens", 0))
@@ -349,28 +350,29 @@ class Worker:
                     "tokens": tokens, "loss_start": loss_start, "loss_end": loss_end,
                     "rows": len(rows), "invalid_rows": invalid, "complete": complete}
 
-        self.send("started", file_id=fid, file_step=file_step, file_steps=plan.total_steps,
-                  step=self.state["step"], resumed=mine, time=time.time())
+        self.send(protocol.Started(file_id=fid, file_step=file_step, file_steps=plan.total_steps,
+                                   step=self.state["step"], resumed=mine, time=time.time()))
         while file_step < plan.total_steps:
             cmd = self.step_command()
             if cmd is not None:
                 if cmd == "skip":
                     self.at = None  # rolled back on the next file: reload
-                    self.send("skipped", file_id=fid)
+                    self.send(protocol.Skipped(file_id=fid))
                     return True
                 if cmd in ("pause", "stop"):
                     if not self.finite():
                         self.at = None
-                        self.send("failed", file_id=fid, error="non-finite weights")
+                        self.send(protocol.Failed(file_id=fid, error="non-finite weights"))
                         return cmd != "stop"
                     # Nothing trained since the last checkpoint: point at it rather than
                     # rewrite it (rewriting the committed model's checkpoint opens a window
                     # where a kill would lose it).
                     ckpt = self.at if self.at is not None else self.save(fields(False))
-                    self.send("paused" if cmd == "pause" else "stopped", file_id=fid,
-                              checkpoint=ckpt, step=self.state["step"], file_step=file_step)
+                    answer = protocol.Paused if cmd == "pause" else protocol.Stopped
+                    self.send(answer(file_id=fid, checkpoint=ckpt, step=self.state["step"],
+                                     file_step=file_step))
                     return cmd != "stop"
-            self.fault_hooks(job["name"], file_step)
+            self.fault_hooks(job.name, file_step)
             batch_examples = [examples[i] for i in plan.step_indices(file_step)]
             if self.dist is not None:  # this rank's token-balanced share of the step
                 batches, n_trained = self.dist.step_share(
@@ -384,9 +386,9 @@ class Worker:
             self.at = None
             loss, grad_norm, lr = train_step(s, batches, n_trained, hp.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                self.send("failed", file_id=fid, error=(
+                self.send(protocol.Failed(file_id=fid, error=(
                     f"loss {loss}, gradient norm {grad_norm} at file step {file_step + 1} "
-                    f"(global step {self.state['step'] + 1}); model rolled back"))
+                    f"(global step {self.state['step'] + 1}); model rolled back")))
                 return True
             file_step += 1
             seen = (self.dist.step_consensus(batches, None)[0] if self.dist is not None
@@ -399,28 +401,29 @@ class Worker:
             tokens += n_trained
             loss_start = loss if loss_start is None else loss_start
             loss_end = loss
-            self.send("progress", file_id=fid, file_step=file_step,
-                      file_steps=plan.total_steps, step=self.state["step"], loss=loss, lr=lr,
-                      grad_norm=grad_norm, tokens=tokens, time=time.time())
+            self.send(protocol.Progress(
+                file_id=fid, file_step=file_step, file_steps=plan.total_steps,
+                step=self.state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                time=time.time()))
             if (d.save_steps and file_step % d.save_steps == 0
                     and file_step < plan.total_steps):
                 if not self.finite():
                     self.at = None
-                    self.send("failed", file_id=fid, error=f"non-finite weights at file step "
-                              f"{file_step}; model rolled back")
+                    self.send(protocol.Failed(file_id=fid, error=f"non-finite weights at file "
+                                              f"step {file_step}; model rolled back"))
                     return True
-                self.send("checkpoint", file_id=fid, checkpoint=self.save(fields(False)),
-                          step=self.state["step"], file_step=file_step)
+                self.send(protocol.Checkpoint(file_id=fid, checkpoint=self.save(fields(False)),
+                                              step=self.state["step"], file_step=file_step))
         if not self.finite():
             self.at = None
-            self.send("failed", file_id=fid, error="non-finite weights at the end of the file; "
-                      "model rolled back")
+            self.send(protocol.Failed(file_id=fid, error="non-finite weights at the end of the "
+                                      "file; model rolled back"))
             return True
         ckpt = self.save(fields(True))
-        if self.faults.get("crashdone") and self.faults["crashdone"] in job["name"]:
+        if self.faults.get("crashdone") and self.faults["crashdone"] in job.name:
             os._exit(18)
-        self.send("done", checkpoint=ckpt, **fields(True), step=self.state["step"],
-                  time=time.time())
+        self.send(protocol.Done(checkpoint=ckpt, **fields(True), step=self.state["step"],
+                                time=time.time()))
         return True
 
     def fault_hooks(self, name: str, file_step: int) -> None:
@@ -443,7 +446,7 @@ class Worker:
         from trainer_core.config import resolve
         from trainer_core.train.distributed import distributed_session
 
-        self.send("hello", pid=os.getpid())
+        self.send(protocol.Hello(pid=os.getpid()))
         try:
             cfg = resolve(file=self.home.config).config
             with distributed_session(cfg) as dist:
@@ -451,27 +454,36 @@ class Worker:
                 if dist is not None:
                     dist.on_abort = self.on_abort
                 self.load(cfg)
-                self.send("loaded", step=self.state["step"])
+                self.send(protocol.Loaded(step=self.state["step"]))
                 with contextlib.suppress(Stop):  # the daemon is gone: leave together
                     self.commands()
         except UserError as exc:
-            self.send("fatal", error=str(exc))
+            self.send(protocol.Fatal(error=str(exc)))
             sys.exit(2)
 
     def commands(self) -> None:
         while True:
             msg = self.wait_command()
-            cmd = msg["cmd"]
-            if cmd == "init":
+            if isinstance(msg, protocol.InitCommand):
                 self.init()
-            elif cmd == "train":
-                self.file_id = msg["file_id"]
+            elif isinstance(msg, protocol.TrainCommand):
+                self.file_id = msg.file_id
                 try:
                     if not self.train(msg):
                         return
-                except (UserError, Stop):
+                except Stop:
                     raise
+                except UserError as exc:  # about this file (unreadable, gone): it fails alone
+                    self.at = None
+                    self.send(protocol.Failed(file_id=msg.file_id, error=str(exc)))
                 except Exception as exc:
+                    from trainer_core.daemon.ledger import is_disk_full
+
+                    if is_disk_full(exc):  # a checkpoint on a full disk: the daemon waits
+                        self.at = None
+                        self.send(protocol.Failed(file_id=msg.file_id, disk_full=True,
+                                                  error=str(exc).splitlines()[0][:300]))
+                        continue
                     # Under torchrun a peer's death often surfaces here first (gloo: connection
                     # reset); name the peer when the evidence is there.
                     why = self.dist.peer_failure() if self.dist is not None else None
@@ -480,8 +492,8 @@ class Worker:
                     raise
                 finally:
                     self.file_id = None
-            elif cmd == "stop":
-                self.send("stopped", file_id=None)
+            elif isinstance(msg, protocol.StopCommand):
+                self.send(protocol.Stopped(file_id=None))
                 return
             # pause/skip with nothing in training: nothing to do
 

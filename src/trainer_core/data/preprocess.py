@@ -56,7 +56,14 @@ from trainer_core.data.chat import (
     resolve_template,
     truncate,
 )
-from trainer_core.data.rows import LINE_KEY, ON_INVALID, Rows, example_of, example_problems
+from trainer_core.data.rows import (
+    LINE_KEY,
+    ON_INVALID,
+    Rows,
+    example_of,
+    example_problems,
+    row_where,
+)
 from trainer_core.data.words import WordEncoder
 from trainer_core.errors import DataError, UserError
 from trainer_core.files import cache_root
@@ -459,6 +466,8 @@ def _compute(job: _Job, workers: int) -> tuple[Tokenized, PreprocessStats]:
     n = len(job.rows)
     parts: list[_Part] | None = None
     if workers > 1 and n > 1:
+        if isinstance(job.rows, Rows):
+            job.rows.preload()  # read once here, shared by the forked workers
         size = -(-n // (workers * 4))  # a few chunks per worker evens out slow ones
         bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
         _current = job
@@ -555,21 +564,17 @@ def _encode_chunk(job: _Job, start: int, stop: int) -> _Part:
     return part.compact()
 
 
-def _where(job: _Job, index: int, line: int) -> str:
-    return f"{job.source}:{line}" if line else f"{job.source}: row {index + 1}"
-
-
 def _prepare_row(job: _Job, index: int, part: _Part) -> tuple[int, int, list, str, list] | None:
     """Prepare (system prompt, transform), validate, check for control tokens and render row
     ``index``; ``None`` when the row is dropped (counted by reason)."""
     row = job.rows[index]
     line = int(row.get(LINE_KEY, 0) or 0)
-    where = _where(job, index, line)
-    example, problems = prepare_row(job.profile, row, index, job.seed, where)
+    at = row_where(row, job.source, index)
+    example, problems = prepare_row(job.profile, row, index, job.seed, at)
     if problems:
         part.dropped["profile_invalid"] += 1
         room = MAX_REPORTED - len(part.problems)
-        part.problems.extend(f"{where}: {p}" for p in problems[: max(room, 0)])
+        part.problems.extend(f"{at}: {p}" for p in problems[: max(room, 0)])
         return None
     messages = example["messages"]
     found = _control_tokens(messages, job.controls) if job.controls else []
@@ -577,12 +582,12 @@ def _prepare_row(job: _Job, index: int, part: _Part) -> tuple[int, int, list, st
         part.dropped["special_token"] += 1
         part.smuggled_count += len(found)
         room = MAX_REPORTED - len(part.smuggled)
-        part.smuggled.extend(f"{where}: {f}" for f in found[: max(room, 0)])
+        part.smuggled.extend(f"{at}: {f}" for f in found[: max(room, 0)])
         return None
     try:
         text, spans = render_with_spans(messages, job.tokenizer, job.tpl)
     except UserError as exc:
-        raise UserError(f"{where}: {exc}") from exc
+        raise UserError(f"{at}: {exc}") from exc
     return index, line, messages, text, spans
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from trainer_core.data.chat import IGNORE_INDEX, ChatTemplate, Encoded, encode, resolve_template
 from trainer_core.data.preprocess import prepare_row
-from trainer_core.data.rows import LINE_KEY
+from trainer_core.data.rows import LINE_KEY, ROW_KEY
 
 TRAINED_ON = "\x1b[1;32m"  # bold green
 TRAINED_OFF = "\x1b[0m"
@@ -59,10 +59,12 @@ def preview_examples(
     tpl = resolve_template(template, tokenizer)
     blocks: list[str] = []
     for index, row in enumerate(rows[:n]):
-        line = row.get(LINE_KEY)
-        where = f"line {line}" if line else f"row {index + 1}"
+        line, row_index = row.get(LINE_KEY), row.get(ROW_KEY)
+        where = (f"line {line}" if line else f"row index {row_index}" if row_index is not None
+                 else f"row {index + 1}")
         example, problems = prepare_row(profile, row, index, seed, where)
-        title = f"=== example {index + 1}" + (f" (line {line})" if line else "") + " ==="
+        title = f"=== example {index + 1}" + (f" ({where})" if line or row_index is not None
+                                              else "") + " ==="
         if problems:  # training drops such rows; say so instead of rendering them
             blocks.append(title + "\n" + "dropped by the profile: " + "; ".join(problems))
             continue

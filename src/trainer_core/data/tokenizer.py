@@ -82,7 +82,10 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
         if cached is not None:
             return cached
         if not folder.is_dir():
-            raise UserError(f"tokenizer directory not found: {path}")
+            from trainer_core.files import missing_model_hint
+
+            raise UserError(f"tokenizer directory not found: {path} "
+                            f"({missing_model_hint(str(path))})")
         if not any((folder / name).is_file() for name in VOCAB_FILES):
             # transformers would build an empty tokenizer here, and every row would later be
             # dropped as "no trained tokens" with no hint why.
@@ -477,6 +480,22 @@ def save_tokenizer(tokenizer: Any, dest: str | Path, chat_template: str | None =
             shutil.copytree(src / CHAT_TEMPLATES_DIR, dest / CHAT_TEMPLATES_DIR, dirs_exist_ok=True)
     if chat_template is not None:
         _set_chat_template(dest, chat_template)
+
+
+def saved_chat_template(folder: str | Path) -> str | None:
+    """The chat template a tokenizer directory carries, as transformers reads it: the
+    ``chat_template.jinja`` file, else ``tokenizer_config.json``'s ``chat_template`` (its
+    ``default`` entry when it holds several). None when there is none."""
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _set_chat_template(folder: Path, template: str) -> None:

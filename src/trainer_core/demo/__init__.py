@@ -45,7 +45,7 @@ TINY_MODEL_SIZES: dict[str, Any] = {
 
 #: Dotted config overrides the demo applies unless the user sets these keys themselves.
 #: Measured on the 2-core CPU (bench/demo_model.py): ~240 optimizer steps of ~800 tokens
-#: (~180 trained) take ~60 s with :func:`trainer_core.speed.tune_cpu_allocator` applied (the engine calls it on CPU) (~2x that without); the
+#: (~180 trained) take ~60 s with :func:`trainer_core.model.tuning.tune_cpu_allocator` applied (the engine calls it on CPU) (~2x that without); the
 #: loss falls from ~11.6 to ~0.6 and greedy answers follow the emoji_think format.
 #: Rows are 83-169 tokens in the emoji_think format, so max_length 256 drops none.
 DEMO_HYPERPARAMS: dict[str, Any] = {

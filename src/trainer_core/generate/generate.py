@@ -67,6 +67,8 @@ class GenerationSetup:
     tokenizer_dir: Path
     chat_template: str
     run_dir: Path | None
+    #: an adapter run's checkpoint: its ``adapter/``, put on the base model (``model_dir``)
+    adapter_dir: Path | None = None
 
 
 def generation_setup(model_dir: str, profile_name: str | None = None,
@@ -84,15 +86,19 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     ``config_file`` names the training config to use instead of a run's own (a daemon home's
     ``config.json`` for its published models, which carry no run files).
     """
-    from trainer_core.config import resolve
-    from trainer_core.config.sources import read_config_file
+    from trainer_core.config import read_recorded_config, resolve
+    from trainer_core.model.adapters import ADAPTER_DIR, adapter_weights_file
 
     path = Path(model_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
     run_dir = run_directory(path)
+    adapter_dir = None
+    if not (path / "config.json").is_file():
+        if adapter_weights_file(path) is None or run_dir is None:
+            raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
+        adapter_dir = path / ADAPTER_DIR  # an adapter run's checkpoint: base + adapter
     source = config_file or (run_dir / CONFIG_FILE if run_dir else None)
-    tree: dict[str, Any] = read_config_file(source) if source else {}
+    # The run's settings, never its permissions: trust_remote_code only from the user.
+    tree: dict[str, Any] = read_recorded_config(source) if source else {}
     recorded = dict(tree.get("profile") or {})
     manifest_dir = run_dir or path  # older runs (and some copies) have run.json only
     if not recorded:
@@ -111,6 +117,13 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
             raise UserError(f"--set {key}: only profile.options.* can be set here")
         options[key.removeprefix("profile.options.")] = value
     model = dict(tree.get("model") or {})
+    weights = path
+    if adapter_dir is not None:
+        from trainer_core.model.loading import model_directory
+
+        weights = model_directory(resolve(file_data=tree).config)
+    # The weights loaded here are complete (merged, or the base the adapter is put on).
+    model["adapter"] = "none"
     tokenizer_dir = next((d for d in (path, run_dir) if d is not None and has_tokenizer(d)), None)
     recorded_template = model.get("chat_template", "chatml")
     if chat_template is None and source is not None and recorded_template != "chatml" \
@@ -123,7 +136,7 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
 
         base = resolve(file_data=tree).config if tree else TrainerConfig()
         tokenizer_dir = Path(base.model.tokenizer or model_directory(base))
-    model.update(path=str(path), tokenizer=str(tokenizer_dir or path))
+    model.update(path=str(weights), tokenizer=str(tokenizer_dir or path))
     if chat_template is not None:
         model["chat_template"] = chat_template
     tree = {**tree, "model": model, "profile": {**recorded, "name": name, "options": options}}
@@ -131,8 +144,8 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     tree.pop("output", None)
     cli = {} if max_new_tokens is None else {"monitoring.max_new_tokens": max_new_tokens}
     cfg = resolve(file_data=tree, cli=cli).config
-    return GenerationSetup(cfg, path, Path(cfg.model.tokenizer or path), cfg.model.chat_template,
-                           run_dir)
+    return GenerationSetup(cfg, weights, Path(cfg.model.tokenizer or path),
+                           cfg.model.chat_template, run_dir, adapter_dir)
 
 
 def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
@@ -160,10 +173,10 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
         rows = [{"messages": [{"role": "user", "content": prompt},
                               {"role": "assistant", "content": "(none)"}]}]
     else:
-        from trainer_core.data.rows import check_rows, read_rows
+        from trainer_core.data.rows import RowFormat, check_rows, read_rows
 
         assert dataset is not None  # the CLI requires exactly one of prompt / dataset
-        rows, problems = read_rows(dataset)
+        rows, problems = read_rows(dataset, RowFormat.from_config(cfg.data))
         check_rows(problems, "error", dataset)
         rows = rows[:count]
     prompts = preview_prompts(rows, profile, len(rows), cfg.data.seed)
@@ -174,6 +187,7 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
     from trainer_core.data.tokenizer import load_tokenizer
     from trainer_core.generate.previews import generation_limit
     from trainer_core.generate.processors import generate
+    from trainer_core.model.adapters import load_kwargs
     from trainer_core.model.loading import load_model, pick_device
     from trainer_core.plugins.registry import collect_logits_processors
 
@@ -182,7 +196,12 @@ def run_generate(model_dir: str, profile_name: str | None, prompt: str | None,
     template = resolve_template(setup.chat_template, tokenizer)
     limit = generation_limit(cfg.monitoring.max_new_tokens, [p["reference"] for p in prompts],
                              tokenizer, cfg.hyperparams.max_length)
-    model = load_model(setup.model_dir, cfg, pick_device(cfg))
+    device = pick_device(cfg)
+    model = load_model(setup.model_dir, cfg, device, extra=load_kwargs(cfg, device))
+    if setup.adapter_dir is not None:
+        from trainer_core.model.adapters import attach
+
+        model = attach(model, setup.adapter_dir)
     model.eval()
     total = len(prompts)
     if progress is not None:

@@ -2,7 +2,7 @@
 
 The switch is ``environment.triton_cross_entropy``.
 
-The fused loss (:func:`trainer_core.model.speed.fused_linear_cross_entropy_sum`) needs, for each
+The fused loss (:func:`trainer_core.model.fused_loss.fused_linear_cross_entropy_sum`) needs, for each
 chunk of bf16 logits (up to 8,192 positions x 151,936), the summed loss and ``softmax - onehot``.
 Compiled by inductor that is one kernel that reads every row three times (maximum, sum of
 exponentials, gradient) and writes the gradient to a new buffer: 12.5 ms of a 64-example step on
@@ -10,7 +10,7 @@ an H100, memory-bound. Here a program reads its row twice (a running maximum and
 pass, then the gradient) and writes the gradient over the logits: a third less traffic and no
 second 2.5 GB buffer.
 
-Same formula as :func:`trainer_core.model.speed._ce_loss_and_grad`, float32 inside, negative
+Same formula as :func:`trainer_core.model.fused_loss._ce_loss_and_grad`, float32 inside, negative
 targets (the padding of fixed-shape CUDA-graph batches) adding no loss and no gradient.
 """
 

@@ -29,18 +29,14 @@ need no zeroing pass, and no read of the old values before the add. Measured on 
 examples per step, the zeroing and the adds were 4.3 ms of a 57 ms step. The two kinds are
 captured separately (the mode is part of the key).
 
-A step of one micro-batch (the default batch on a GPU) can instead be captured whole
-(:meth:`StepGraphs.update_step`, ``environment.graph_update``): forward, backward, gradient
-norm, clipping and the AdamW step in one graph, the update reading the gradients where the
-backward pass left them (no copy into ``.grad``) and the learning rate from a device tensor
-loaded before each replay. Such graphs record the addresses of AdamW's state, so they are
-dropped when that state is replaced (``load_state_dict``) or the optimizer changes.
+A step of one micro-batch can instead be captured whole, the AdamW update included: that is
+training work, in :mod:`trainer_core.train.graph_update`, built on this class.
 
-The rules that keep replays correct, and that :func:`trainer_core.train.step.train_step`
-follows: ``.grad`` tensors are created before the first capture and never replaced or
-dropped (between steps they keep the last step's values); outside whole-step graphs the
-optimizer step, clipping and the LR schedule stay outside the graph (so the learning rate may
-change every step); nothing in the captured region reads a device value on the host. Off
+The rules that keep replays correct, for whoever drives these graphs (the CUDA engine,
+:class:`trainer_core.train.engine.CudaEngine`): ``.grad`` tensors are created before the first
+capture and never replaced or dropped (between steps they keep the last step's values); the
+optimizer step, clipping and the LR schedule stay outside these graphs (so the learning rate
+may change every step); nothing in the captured region reads a device value on the host. Off
 (eager, as before) on CPU, under several processes, with fp16's loss scaler and with
 gradient checkpointing.
 """
@@ -89,12 +85,7 @@ class StepGraphs:
         self.graphs: dict[tuple[int, int, int, int, Any], _Captured] = {}
         self.eager_runs = 0
         self.replays = 0
-        #: replays of whole steps (forward to AdamW, :meth:`update_step`), among ``replays``
-        self.update_replays = 0
         self._seen: set[tuple[int, int, int, int, Any]] = set()
-        #: what the update graphs recorded of the optimizer (see :meth:`update_step`)
-        self._optimizer: Any = None
-        self._hyper: Any = None
         self._pool: Any = None
         self._stream: Any = None
 
@@ -135,63 +126,6 @@ class StepGraphs:
         self.replays += 1
         return graph.out
 
-    def update_step(self, model: Any, optimizer: Any, batch: dict[str, Any], scale: float,
-                    queue: Callable[[Any], Any], eager: Callable[[Any], tuple[float, float]],
-                    launched: Callable[[], None] | None = None
-                    ) -> tuple[Callable[[], tuple[float, float]], bool]:
-        """A whole optimizer step of one micro-batch: forward, backward and the update.
-
-        ``queue(scaled_loss) -> values`` queues the update on the device and returns the
-        device tensor ``[loss, gradient norm]`` (no host read: a graph records it);
-        ``eager(scaled_loss) -> (loss, norm)`` is the same update run eagerly, for a shape's
-        first steps. Once captured, the update reads the gradients where the backward pass
-        left them (no copy into ``.grad``) and the learning rate from a device tensor loaded
-        before each replay. Returns ``(wait, running)``: ``wait() -> (loss, norm)`` blocks until
-        the step is done, ``running`` says whether it was left running (a replay; the eager
-        steps are finished). ``launched()`` is called once the work is queued. Replays may be
-        queued before the last one is waited for: each has its own host buffer and event.
-        """
-        import torch
-
-        host = static_inputs(batch, scale)
-        groups = optimizer.param_groups
-        host["lr"] = torch.tensor([g["lr"] for g in groups], dtype=torch.float32).pin_memory()
-        key = (*shape_key(batch), "update")
-        self._check_optimizer(optimizer)
-        self._start()
-        graph = self.graphs.get(key)
-        if graph is None:
-            ready = all(p in optimizer.state for g in groups for p in g["params"])
-            if self.eager_runs < WARMUP or key not in self._seen or not ready:
-                self._seen.add(key)
-                # .grad exists once any graph does; before that the first backward creates it
-                result = eager(self._eager(model, host, overwrite=self.active).double())
-                return (lambda: result), False
-            graph = self._capture_update(model, optimizer, host, queue)
-            self.graphs[key] = graph
-        graph.load(host)
-        graph.graph.replay()
-        self.replays += 1
-        self.update_replays += 1
-        values = torch.empty(2, dtype=torch.float64, pin_memory=True)
-        values.copy_(graph.out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        if launched is not None:
-            launched()
-
-        def wait() -> tuple[float, float]:
-            done.synchronize()
-            loss, norm = values.tolist()
-            return loss, norm
-
-        return wait, True
-
-    def will_replay(self, batch: dict[str, Any]) -> bool:
-        """Whether :meth:`update_step` would replay a captured graph for ``batch`` (and so
-        return with the step still running)."""
-        return (*shape_key(batch), "update") in self.graphs
-
     def _start(self) -> None:
         """The capture stream and the memory pool all graphs share, made on first use."""
         import torch
@@ -199,66 +133,6 @@ class StepGraphs:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
             self._pool = torch.cuda.graph_pool_handle()
-
-    def _check_optimizer(self, optimizer: Any) -> None:
-        """Drop the update graphs if what they recorded of ``optimizer`` may have changed: its
-        state tensors (``load_state_dict`` replaces them) or its fixed hyperparameters."""
-        hyper = [(g["betas"], g["eps"], g["weight_decay"], g.get("amsgrad"), g.get("maximize"),
-                  len(g["params"])) for g in optimizer.param_groups]
-        if optimizer is self._optimizer and hyper == self._hyper:
-            return
-        self.drop_update_graphs()
-        if optimizer is not self._optimizer:  # one hook per optimizer, not per change
-            optimizer.register_load_state_dict_post_hook(
-                lambda opt: self.drop_update_graphs() if opt is self._optimizer else None)
-        self._optimizer, self._hyper = optimizer, hyper
-
-    def drop_update_graphs(self) -> None:
-        for key in [k for k in self.graphs if k[-1] == "update"]:
-            del self.graphs[key]
-
-    def _capture_update(self, model: Any, optimizer: Any, host: dict[str, Any],
-                        queue: Callable[[Any], Any]) -> _Captured:
-        import torch
-
-        for g in optimizer.param_groups:  # .grad stays where it is (see the module doc)
-            for p in g["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        static = {k: (torch.empty_like(v, device="cuda") if torch.is_tensor(v) else v)
-                  for k, v in host.items()}
-        out = torch.zeros(2, dtype=torch.float64, device="cuda")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-            out.copy_(self.record_update(model, optimizer, static, queue))
-        return _Captured(graph, static, out)
-
-    def record_update(self, model: Any, optimizer: Any, static: dict[str, Any],
-                      queue: Callable[[Any], Any]) -> Any:
-        """What an update graph records: loss, gradients, then ``queue``, the optimizer's own
-        step, reading the new gradients through ``.grad`` and each group's learning rate from
-        ``static["lr"]`` (fused AdamW takes a device tensor when capturable, so the schedule
-        changes it between replays). ``.grad``, the learning rates and ``capturable`` are put
-        back afterwards. Runs eagerly too (the CPU test compares it with a plain step)."""
-        groups = optimizer.param_groups
-        params = [p for g in groups for p in g["params"]]
-        kept = [p.grad for p in params]
-        settings = [(g["lr"], g.get("capturable", False)) for g in groups]
-        try:
-            for i, g in enumerate(groups):
-                g["lr"], g["capturable"] = static["lr"][i], True
-            scaled, grads = self._loss_and_gradients(model, static, params)
-            for p, grad in zip(params, grads, strict=True):
-                p.grad = grad
-            del grads
-            return queue(scaled)
-        finally:
-            for p, grad in zip(params, kept, strict=True):
-                p.grad = grad
-            for g, (lr, capturable) in zip(groups, settings, strict=True):
-                g["lr"], g["capturable"] = lr, capturable
-            # in a capture these live in the graph's pool: no host-side reference may outlive it
-            optimizer.grad_scale = optimizer.found_inf = None
 
     def _eager(self, model: Any, host: dict[str, Any], overwrite: bool) -> Any:
         """A warm-up micro-batch: the same code as the graph, run on the capture stream."""
@@ -319,8 +193,7 @@ class StepGraphs:
         return _Captured(graph, static, out)
 
     def stats(self) -> dict[str, int]:
-        return {"graphs": len(self.graphs), "replays": self.replays, "eager": self.eager_runs,
-                "whole_step_replays": self.update_replays}
+        return {"graphs": len(self.graphs), "replays": self.replays, "eager": self.eager_runs}
 
 
 def loss_and_gradients(scaled_loss: Callable[[dict[str, Any]], Any], model: Any,

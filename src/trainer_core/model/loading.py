@@ -21,8 +21,10 @@ def model_directory(cfg: TrainerConfig) -> Path:
     if cfg.model.path is not None:
         path = Path(cfg.model.path).expanduser()
         if not path.is_dir():
-            raise UserError(f"model.path: {path} is not a directory (models are loaded from "
-                            "local directories only; nothing is downloaded)")
+            from trainer_core.files import missing_model_hint
+
+            raise UserError(f"model.path: {path} is not a directory "
+                            f"({missing_model_hint(cfg.model.path)})")
         return path
     from trainer_core.demo import ensure_tiny_model
 
@@ -83,21 +85,54 @@ def quiet_hf() -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None) -> Any:
+def check_weight_files(model_dir: str | Path) -> None:
+    """Refuse empty or truncated ``*.safetensors`` files with one line, before anything is
+    written (no torch needed): the 8-byte header length, the JSON header and the tensors' byte
+    ranges must all fit in the file."""
+    import json
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n < 0 or n > size - 8:
+                    raise ValueError(f"{size} bytes, no complete header")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"{size} bytes, its tensors need {8 + n + end}")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise UserError(f"{f}: not a complete safetensors file ({exc}); the model "
+                            "directory is truncated or damaged") from None
+
+
+def load_model(model_dir: Path, cfg: TrainerConfig, device: Any, attn: str | None = None,
+               extra: dict[str, Any] | None = None) -> Any:
+    """The model of ``model_dir`` on ``device``, from local files only.
+
+    ``extra``: more ``from_pretrained`` arguments, e.g. an adapter run's frozen base dtype and
+    qlora's 4-bit quantization (``model.adapters.load_kwargs``; with ``device_map`` the model
+    is placed on the device as it loads).
+    """
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(model_dir)
     quiet_hf()
+    kwargs = {"dtype": weight_dtype(cfg), **(extra or {})}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
             local_files_only=True,
             trust_remote_code=cfg.model.trust_remote_code,
-            dtype=weight_dtype(cfg),
             attn_implementation=attn or plan_speed(cfg, device).attn_implementation,
+            **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {model_dir}: {exc}") from exc
-    return model.to(device)
+    return model if "device_map" in kwargs else model.to(device)
 
 
 def check_model_locked(model: Any, facts: dict[str, Any]) -> None:

@@ -27,12 +27,20 @@ def print_plan(cfg: TrainerConfig, s: dict[str, Any], stream: Any) -> None:
         "trained per epoch",
         f"  steps        {s['steps']} x {s['examples_per_step']} examples "
         f"(warmup {s['warmup_steps']})",
+        *([_adapter_line(s["adapter"])] if s.get("adapter") else []),
         f"  memory       ~{s['estimated_memory_gb']} GB peak (runtime, weights, grads, AdamW, "
         "activations, loss logits)",
         "config",
         json.dumps(to_dict(cfg), indent=2),
     ]
     stream.write("\n".join(lines) + "\n")
+
+
+def _adapter_line(a: dict[str, Any]) -> str:
+    share = 100 * a["trainable_parameters"] / max(a["total_parameters"], 1)
+    kind = f"{a['kind']}{' (DoRA)' if a.get('use_dora') else ''} r={a['rank']}"
+    return (f"  adapter      {kind}: {a['trainable_parameters']:,} trainable of "
+            f"{a['total_parameters']:,} parameters ({share:.2f}%)")
 
 
 def print_summary(s: dict[str, Any], stream: Any) -> None:

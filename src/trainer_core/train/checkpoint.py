@@ -2,7 +2,9 @@
 
 A checkpoint is a directory ``checkpoints/step-000123/`` holding:
 
-* ``model.safetensors`` — the weights;
+* ``model.safetensors`` — the weights; for an adapter run (``model.adapter``) ``adapter/``
+  instead, the adapter's weights and config only (:mod:`trainer_core.model.adapters`), so the
+  checkpoint is small;
 * ``training_state.pt`` — optimizer, scheduler and grad-scaler states and the RNG states, as
   plain tensors, numbers, strings, lists and dicts only, loaded with
   ``torch.load(weights_only=True)``: a crafted file cannot run code, it fails to load;
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from trainer_core.errors import UserError
+from trainer_core.model import adapters
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -69,6 +72,7 @@ FACT_KINDS: dict[str, str] = {
     "profile": "profile",
     "tokenizer": "tokenizer",
     "chat_template": "template",
+    "adapter": "adapter",  # never accepted: an adapter of another shape is another run
 }
 
 #: Recorded for information only, never a difference that blocks a resume: checkpoints hold the
@@ -171,13 +175,16 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, sch
                     facts: dict[str, Any] | None = None,
                     model_state: dict[str, Any] | None = None,
                     optimizer_state: dict[str, Any] | None = None,
-                    rng: dict[str, Any] | None = None) -> Path:
+                    rng: dict[str, Any] | None = None,
+                    merged_from: Path | None = None) -> Path:
     """Write checkpoint ``step`` atomically (temp directory + rename) and prune old ones.
 
     On any failure (a full disk: ``OSError``) the temporary directory is removed and the
     exception propagates; earlier checkpoints are untouched. ``model_state`` /
     ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()`` when given
     (a sharded model's gathered full state, in the same format, so any world size resumes it).
+    ``merged_from`` (the base model directory): an adapter run's checkpoint also holds the
+    merged model, an ordinary model directory (the daemon publishes it).
     """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -186,7 +193,7 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, sch
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+        save_weights(model, tmp, model_state, merged_from)
         torch.save(
             {
                 "optimizer": (optimizer_state if optimizer_state is not None
@@ -209,6 +216,26 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, sch
         raise
     prune_checkpoints(output_dir, keep)
     return final
+
+
+def save_weights(model: Any, dest: Path, model_state: dict[str, Any] | None = None,
+                 merged_from: Path | None = None) -> None:
+    """A checkpoint's weights: the model's (``model_state`` if given), or an adapter run's
+    ``adapter/`` (and with ``merged_from`` the merged model beside it)."""
+    if not adapters.is_adapter_model(model):
+        model.save_pretrained(dest, safe_serialization=True, state_dict=model_state)
+        return
+    adapters.save_adapter(model, dest / adapters.ADAPTER_DIR, model_state)
+    if merged_from is not None:
+        adapters.write_merged(model, merged_from, dest)
+
+
+def checkpoint_weights(model: Any) -> dict[str, Any]:
+    """What a checkpoint saves of the model (live tensors): its state dict, or an adapter
+    run's adapter tensors."""
+    if adapters.is_adapter_model(model):
+        return adapters.checkpoint_weights(model)
+    return model.state_dict()
 
 
 def to_host(tree: Any, _seen: dict[tuple[Any, ...], Any] | None = None) -> Any:
@@ -295,7 +322,7 @@ class BackgroundCheckpoint:
         if self._thread is not None:
             raise RuntimeError("wait() for the previous checkpoint first")
         snap = self._snapshot
-        model_state = snap.copy(model.state_dict(), _path=("model",))
+        model_state = snap.copy(checkpoint_weights(model), _path=("model",))
         optimizer_state = snap.copy(optimizer.state_dict(), _path=("optimizer",))
         # Everything else the save reads is copied now too: the loop changes it next step.
         scheduler_copy = _StateOnly(to_host(scheduler.state_dict()))
@@ -372,6 +399,8 @@ class CheckpointData:
     training: dict[str, Any]
     state: dict[str, Any]
     facts: dict[str, Any] | None  #: None for checkpoints older than run_facts.json
+    #: ``weights`` are an adapter's (``adapter/``), not the whole model's
+    adapter: bool = False
 
 
 def read_checkpoint(path: Path) -> CheckpointData:
@@ -384,9 +413,11 @@ def read_checkpoint(path: Path) -> CheckpointData:
     from safetensors.torch import load_file
 
     path = Path(path)
-    for name in (WEIGHTS_FILE, TRAINING_STATE, STATE_FILE):
-        if not (path / name).is_file():
-            raise UnreadableCheckpoint(f"{path}: checkpoint has no {name}")
+    adapter_file = adapters.adapter_weights_file(path)
+    weights_file = adapter_file or path / WEIGHTS_FILE
+    for file in (weights_file, path / TRAINING_STATE, path / STATE_FILE):
+        if not file.is_file():
+            raise UnreadableCheckpoint(f"{path}: checkpoint has no {file.relative_to(path)}")
     try:
         training = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -405,9 +436,9 @@ def read_checkpoint(path: Path) -> CheckpointData:
     if not isinstance(training, dict) or not {"optimizer", "scheduler", "rng"} <= set(training):
         raise UnreadableCheckpoint(f"{path / TRAINING_STATE}: not a trainer training state")
     try:
-        weights = load_file(path / WEIGHTS_FILE)
+        weights = load_file(weights_file)
     except Exception as exc:
-        raise UnreadableCheckpoint(f"{path / WEIGHTS_FILE}: unreadable: {exc}") from None
+        raise UnreadableCheckpoint(f"{weights_file}: unreadable: {exc}") from None
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         facts_file = path / FACTS_FILE
@@ -417,7 +448,8 @@ def read_checkpoint(path: Path) -> CheckpointData:
         raise UnreadableCheckpoint(f"{path}: unreadable state: {exc}") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise UnreadableCheckpoint(f"{path / STATE_FILE}: no step recorded")
-    return CheckpointData(path, state["step"], weights, training, state, facts)
+    return CheckpointData(path, state["step"], weights, training, state, facts,
+                          adapter=adapter_file is not None)
 
 
 def choose_checkpoint(output_dir: Path, explicit: Path | None = None,
@@ -449,8 +481,14 @@ def apply_checkpoint(data: CheckpointData, model: Any, optimizer: Any, scheduler
                      scaler: Any) -> dict[str, Any]:
     """Load weights strictly (missing or extra tensors are an error listing them), optimizer,
     scheduler, scaler and RNG states; returns ``trainer_state.json``."""
-    check_weight_keys(data.path, data.weights, model)
-    model.load_state_dict(data.weights, strict=False)  # tied duplicates are not in the file
+    if data.adapter or adapters.is_adapter_model(model):
+        if not data.adapter:
+            raise UserError(f"{data.path} holds the full model's weights, but this run trains "
+                            "an adapter; resume with the run's model.adapter")
+        adapters.load_adapter_weights(model, data.weights, data.path / adapters.ADAPTER_DIR)
+    else:
+        check_weight_keys(data.path, data.weights, model)
+        model.load_state_dict(data.weights, strict=False)  # tied duplicates are not in the file
     try:
         optimizer.load_state_dict(data.training["optimizer"])
         scheduler.load_state_dict(data.training["scheduler"])
@@ -483,12 +521,6 @@ def check_weight_keys(path: Path, weights: dict[str, Any], model: Any) -> None:
         if tuple(t.shape) != tuple(own[k].shape):
             raise UserError(f"{path / WEIGHTS_FILE}: tensor {k} has shape {tuple(t.shape)}, the "
                             f"model expects {tuple(own[k].shape)}")
-
-
-def read_training_state(path: Path) -> dict[str, Any]:
-    """The optimizer, scheduler, scaler and RNG states of checkpoint ``path``
-    (``training_state.pt``), loaded with ``weights_only=True`` like :func:`read_checkpoint`."""
-    return read_checkpoint(path).training
 
 
 def _storage_ptr(t: Any) -> int:
@@ -549,11 +581,15 @@ def check_resume(old: dict[str, Any] | None, new: dict[str, Any],
     allowed = set(allowed)
     refused = [d for d in diffs if d[1] not in allowed]
     if refused:
+        from trainer_core.config.sections import CHANGE_KINDS
+
         kinds = ",".join(sorted({d[1] for d in refused}))
         listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, _, a, b in refused)
+        accept = (f"accept the changes with --allow-changes {kinds}, "
+                  if set(kinds.split(",")) <= set(CHANGE_KINDS) else "")
         raise UserError(
             f"cannot resume: the run changed since the checkpoint ({listed}). Resume with the "
-            f"original settings, accept the changes with --allow-changes {kinds}, or start a "
+            f"original settings, {accept}or start a "
             "fresh run in another --output-dir from the checkpoint's weights (--model CHECKPOINT "
             "--tokenizer THE_MODEL)")
     return diffs

@@ -301,14 +301,6 @@ class Distributed:
         self.share(first)
         return result[0] if self.is_main else fn()
 
-    def agree_stop(self, signal_number: int | None) -> int | None:
-        """A stop signal if any rank received one (so that all stop after the same step)."""
-        import signal
-
-        if self.all_sum([1.0 if signal_number else 0.0])[0] == 0:
-            return None
-        return signal_number or int(signal.SIGTERM)
-
     def step_consensus(self, batches: list[dict[str, Any]], signal_number: int | None
                        ) -> tuple[int, int | None]:
         """After a step: its processed tokens over all ranks, and whether any rank got a stop
@@ -432,7 +424,7 @@ class Distributed:
         import torch
 
         from trainer_core.model.loading import autocast
-        from trainer_core.train.step import to_device
+        from trainer_core.train.inputs import to_device
 
         if not examples:
             return None
@@ -473,9 +465,11 @@ class Distributed:
         return {k: v for k, v in sd.items() if k not in tied}
 
     def save_checkpoint(self, output_dir: Path, step: int, setup: Any, state: dict[str, Any],
-                        keep: int | None, facts: dict[str, Any] | None = None) -> Path:
+                        keep: int | None, facts: dict[str, Any] | None = None,
+                        merged_from: Path | None = None) -> Path:
         """Rank 0 writes the single-process checkpoint format; all ranks return together, and
-        all raise ``OSError`` when rank 0 could not write it (a full disk)."""
+        all raise ``OSError`` when rank 0 could not write it (a full disk). ``merged_from``:
+        as :func:`~trainer_core.train.checkpoint.save_checkpoint`'s."""
         from trainer_core.train.checkpoint import save_checkpoint
 
         model_state = optim_state = None
@@ -503,7 +497,8 @@ class Distributed:
                 path = save_checkpoint(output_dir, step, setup.model, setup.optimizer,
                                        setup.scheduler, setup.scaler,
                                        {**state, "world_size": self.world}, keep, facts,
-                                       model_state=model_state, optimizer_state=optim_state)
+                                       model_state=model_state, optimizer_state=optim_state,
+                                       merged_from=merged_from)
             except OSError as exc:
                 error = exc
         # Nobody moves on (or exits, on a signal) before the checkpoint is complete, and a

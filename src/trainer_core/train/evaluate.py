@@ -8,7 +8,7 @@ from typing import Any
 from trainer_core.config import TrainerConfig
 from trainer_core.model.loading import autocast
 from trainer_core.model.speed import SpeedPlan
-from trainer_core.train.step import to_device, token_budget
+from trainer_core.train.inputs import to_device, token_budget
 
 
 def evaluate(model: Any, examples: Sequence[dict[str, Any]], cfg: TrainerConfig, device: Any,

@@ -1,4 +1,5 @@
-"""What a run trains on: the dataset file, validated rows, preprocessed examples."""
+"""What a run trains on: the dataset file, validated rows, preprocessed examples, a step's
+token budget, batches moved to the device, and the thread that collates the next step."""
 
 from __future__ import annotations
 
@@ -21,6 +22,31 @@ def dataset_path(cfg: TrainerConfig) -> Path:
     return sample_dataset_path()
 
 
+#: (size, mtime_ns) of each data file when this process read its rows, by resolved path.
+_READ_AS: dict[str, tuple[int, int]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def data_sha256(path: Path) -> str:
+    """sha256 of a data file the run read, refusing one that changed since it was read (a
+    file still being written): run.json and the checkpoints must name the rows trained."""
+    from trainer_core.files import sha256_file
+
+    key = str(Path(path).resolve())
+    before = _READ_AS.get(key)
+    digest = sha256_file(path)
+    now = _stamp(path)
+    if before is not None and now != before:
+        raise UserError(f"{path}: the file changed while the run read it ({before[0]} -> "
+                        f"{now[0]} bytes); write data under another name and rename it when "
+                        "complete, then run again")
+    return digest
+
+
 def load_rows(cfg: TrainerConfig) -> tuple[Any, Any, dict[str, int]]:
     """Validated training and validation rows, plus counts of skipped rows by reason.
 
@@ -28,19 +54,32 @@ def load_rows(cfg: TrainerConfig) -> tuple[Any, Any, dict[str, int]]:
     validation rows): a file read before (same bytes) is not parsed again, and
     preprocessing keys its cache on the rows' digest."""
     from trainer_core.data.preprocess import default_cache_dir
-    from trainer_core.data.rows import check_data_file, check_rows, read_rows_cached, split_rows
+    from trainer_core.data.rows import (
+        RowFormat,
+        check_data_file,
+        check_rows,
+        read_rows_cached,
+        split_rows,
+    )
 
     cache = cfg.data.cache_dir if cfg.data.cache_dir is not None else default_cache_dir()
     path = dataset_path(cfg)
+    fmt = RowFormat.from_config(cfg.data)
     check_data_file(path, "data.dataset")
-    rows, problems = read_rows_cached(str(path), cache)
+    stamp = _stamp(path)
+    rows, problems = read_rows_cached(str(path), cache, fmt)
+    if _stamp(path) != stamp:
+        raise UserError(f"{path}: the file changed while it was read; write data under another "
+                        "name and rename it when complete, then run again")
+    _READ_AS[str(path.resolve())] = stamp
     train_rows: Sequence[dict[str, Any]]
     val_rows: Sequence[dict[str, Any]]
     skipped = dict(check_rows(problems, cfg.data.on_invalid, str(path)))
     if cfg.data.validation is not None:
         vpath = Path(cfg.data.validation)
         check_data_file(vpath, "data.validation")
-        val_rows, vproblems = read_rows_cached(str(vpath), cache)
+        _READ_AS[str(vpath.resolve())] = _stamp(vpath)
+        val_rows, vproblems = read_rows_cached(str(vpath), cache, fmt)
         for reason, n in check_rows(vproblems, cfg.data.on_invalid, str(vpath)).items():
             skipped[f"validation:{reason}"] = n
         train_rows = rows
@@ -174,3 +213,15 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def token_budget(cfg: TrainerConfig) -> int:
+    """Tokens per micro-batch: ``data.max_tokens_per_batch``, else batch size x max length."""
+    hp = cfg.hyperparams
+    return cfg.data.max_tokens_per_batch or hp.batch_size * hp.max_length
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A collated batch's tensors on ``device`` (copied without waiting, from pinned memory)."""
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v)
+            for k, v in batch.items()}

@@ -15,11 +15,12 @@ from typing import Any
 
 from trainer_core import __version__
 from trainer_core.config import TrainerConfig, config_hash
-from trainer_core.files import RUN_MANIFEST, sha256_file, write_json_atomic
+from trainer_core.files import RUN_MANIFEST, write_json_atomic
+from trainer_core.model.adapters import adapter_facts, adapter_plan
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
-from trainer_core.train.inputs import dataset_path
-from trainer_core.train.step import token_budget, warmup_steps
+from trainer_core.train.inputs import data_sha256, dataset_path, token_budget
+from trainer_core.train.step import warmup_steps
 
 
 def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: Path, plan: Any,
@@ -28,6 +29,7 @@ def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: 
     """The run plan (``--dry-run`` prints it; the final summary extends it)."""
     hp = cfg.hyperparams
     n_params = _param_count(model_dir)
+    adapter = adapter_plan(cfg, model_dir)
     return {
         "state": "planned",
         "output_dir": str(output_dir),
@@ -40,8 +42,10 @@ def plan_summary(cfg: TrainerConfig, profile: Any, model_dir: Path, output_dir: 
         "steps": plan.total_steps,
         "examples_per_step": hp.batch_size * hp.gradient_accumulation,
         "warmup_steps": warmup_steps(cfg, plan.total_steps),
-        "estimated_memory_gb": _memory_estimate_gb(n_params, hp, cfg, model_dir, stats["train"]),
+        "estimated_memory_gb": _memory_estimate_gb(n_params, hp, cfg, model_dir, stats["train"],
+                                                   adapter),
         "parameters": n_params,
+        "adapter": adapter,
     }
 
 
@@ -88,10 +92,12 @@ LOSS_CHUNK = 4096
 
 
 def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model_dir: Path,
-                        train_stats: dict[str, Any] | None = None) -> float | None:
+                        train_stats: dict[str, Any] | None = None,
+                        adapter: dict[str, Any] | None = None) -> float | None:
     """Peak resident memory of a training step, fitted to bench/memory.py on a CPU.
 
-    The runtime, plus four copies of the weights (weights, gradients, AdamW's two moments),
+    The runtime, plus four copies of the weights (weights, gradients, AdamW's two moments;
+    with an adapter, the frozen base's bytes and four float32 copies of the adapter),
     plus the activations kept for the backward pass (per token and layer about 10 hidden-size
     and 4 intermediate-size vectors; one hidden-size vector with gradient checkpointing), plus
     the loss (about 6 vocabulary-wide fp32 vectors per trained token of a micro-batch, at most
@@ -123,7 +129,10 @@ def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model
     if hp.gradient_checkpointing:  # one layer's full activations during its recomputation
         activations += tokens * (10 * hidden + 4 * inter) * act_bytes
     loss = trained_tokens * vocab * 4 * 6
-    return round(RUNTIME_GB + (4 * weight_bytes * n_params + activations + loss) / 2**30, 2)
+    weights = 4 * weight_bytes * n_params
+    if adapter is not None:
+        weights = adapter["base_weight_bytes"] + 16 * adapter["trainable_parameters"]
+    return round(RUNTIME_GB + (weights + activations + loss) / 2**30, 2)
 
 
 def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +150,7 @@ def run_manifest(cfg: TrainerConfig, profile: Any, summary: dict[str, Any]) -> d
         "plugins": [{"distribution": d, "version": v} for d, v in plugins],
         "config_hash": config_hash(cfg),
         "dataset": str(data_file),
-        "dataset_sha256": sha256_file(data_file),
+        "dataset_sha256": data_sha256(data_file),
         "data": summary["data"],
         "model": summary["model"],
         "torch_version": md.version("torch"),
@@ -170,8 +179,8 @@ def resume_facts(cfg: TrainerConfig, profile: Any, tokenizer: Any, total_steps: 
     return {
         "profile": {"name": profile.name, "version": profile.version,
                     "options": profile.options_dict()},
-        "dataset_sha256": sha256_file(dataset_path(cfg)),
-        "validation_sha256": sha256_file(Path(data.validation)) if data.validation else None,
+        "dataset_sha256": data_sha256(dataset_path(cfg)),
+        "validation_sha256": data_sha256(Path(data.validation)) if data.validation else None,
         "validation_split": data.validation_split,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": _short_identity(resolve_template(cfg.model.chat_template,
@@ -193,6 +202,7 @@ def resume_facts(cfg: TrainerConfig, profile: Any, tokenizer: Any, total_steps: 
         "shuffle": data.shuffle,
         "seed": hp.seed,
         "world_size": world_size,
+        **adapter_facts(cfg),
     }
 
 

@@ -25,13 +25,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from trainer_core.config import Resolved, TrainerConfig, to_dict
 from trainer_core.files import write_json_atomic
-from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf, weights_finite
+from trainer_core.model import adapters
+from trainer_core.model.loading import fit_to_model, model_directory, quiet_hf
 from trainer_core.monitor.alerts import non_finite_alert
 from trainer_core.monitor.console import print_plan
 from trainer_core.monitor.events import (
@@ -52,7 +53,8 @@ from trainer_core.train.distributed import (
     resume_checkpoint,
     share_from_main,
 )
-from trainer_core.train.inputs import Prefetcher, load_rows, prepare_examples
+from trainer_core.train.engine import LaunchedStep, TrainingSetup
+from trainer_core.train.inputs import Prefetcher, load_rows, prepare_examples, token_budget
 from trainer_core.train.manifest import plan_summary, resume_facts, run_manifest
 from trainer_core.train.rundir import (
     CONFIG_FILE,
@@ -64,14 +66,10 @@ from trainer_core.train.rundir import (
     truncate_logs,
 )
 from trainer_core.train.signals import StopRequested
-from trainer_core.train.step import (
-    LaunchedStep,
-    TrainingSetup,
-    launch_step,
-    prepare_training,
-    runs_ahead,
-    token_budget,
-)
+from trainer_core.train.step import launch_step, prepare_training, runs_ahead
+
+if TYPE_CHECKING:
+    from trainer_core.data.batching import StepPlan
 
 
 @attrs.define
@@ -81,7 +79,7 @@ class Run:
     cfg: TrainerConfig
     profile: Any
     tokenizer: Any
-    plan: Any  # trainer_core.data.batching.StepPlan
+    plan: StepPlan
     setup: TrainingSetup
     #: Sequences of ``{"input_ids", "labels"}`` (a lazy view over the preprocessed arrays).
     train_examples: Sequence[dict[str, Any]]
@@ -386,13 +384,9 @@ def resume_state(checkpoint: Any, setup: TrainingSetup, accepted: list | None = 
     if checkpoint is None:
         return {"step": 0, "tokens_trained": 0, "tokens_seen": 0, "first_loss": None,
                 "history": [], "segments": [], "train_time_s": 0.0}
-    from trainer_core.train.checkpoint import apply_allowed_changes, apply_checkpoint
+    from trainer_core.train.checkpoint import apply_allowed_changes
 
-    if setup.parallel is not None:  # FSDP: every rank takes its shard of the full state
-        state = setup.parallel.apply_checkpoint(checkpoint, setup)
-    else:
-        state = apply_checkpoint(checkpoint, setup.model, setup.optimizer, setup.scheduler,
-                                 setup.scaler)
+    state = setup.engine.load(checkpoint)  # several processes: each rank takes its part
     if accepted:
         apply_allowed_changes(accepted, setup.optimizer, setup.scheduler, facts or {})
     state.setdefault("segments", [])
@@ -447,17 +441,11 @@ def account_step(run: Run, done: int, batches: list[dict[str, Any]], n_trained: 
 
 def maybe_evaluate(run: Run, done: int, record: dict[str, Any] | None) -> dict[str, Any] | None:
     """Validation loss every ``eval_steps`` and at the end."""
-    from trainer_core.train.evaluate import evaluate
-
     if not evaluation_due(run, done):
         return record
-    s = run.setup
-    if run.dist is not None:  # every rank scores a share
-        run.eval_loss = run.dist.evaluate(run.val_examples, run.cfg, s,
-                                          run.tokenizer.pad_token_id, token_budget(run.cfg))
-    else:
-        run.eval_loss = evaluate(s.model, run.val_examples, run.cfg, s.device, s.precision,
-                                 run.tokenizer.pad_token_id, s.speed)
+    # (several processes: every rank scores a share)
+    run.eval_loss = run.setup.engine.evaluate(run.val_examples, run.cfg,
+                                              run.tokenizer.pad_token_id, token_budget(run.cfg))
     run.events.evaluation(Evaluation(done, run.eval_loss))
     return {**(record or {"step": done}), "eval_loss": run.eval_loss}
 
@@ -553,8 +541,6 @@ def finish_checkpoint(run: Run, block: bool) -> str | None:
 
 
 def save_checkpoint(run: Run, done: int) -> None:
-    from trainer_core.train.checkpoint import save_checkpoint as save
-
     s = run.setup
     state = {**run.state, "segments": [*run.state["segments"], current_segment(run, done)],
              "train_time_s": run.state["train_time_s"] + (time.time() - run.loop_start)}
@@ -566,12 +552,9 @@ def save_checkpoint(run: Run, done: int) -> None:
         run.saver.start(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler,
                         state, run.cfg.hyperparams.save_total_limit, run.facts)
         return
-    if run.dist is not None:  # rank 0 writes; FSDP gathers the full state first
-        path = run.dist.save_checkpoint(run.output_dir, done, s, state,
-                                        run.cfg.hyperparams.save_total_limit, run.facts)
-    else:
-        path = save(run.output_dir, done, s.model, s.optimizer, s.scheduler, s.scaler, state,
-                    run.cfg.hyperparams.save_total_limit, run.facts)
+    # (several processes: rank 0 writes; FSDP gathers the full state first)
+    path = s.engine.save(run.output_dir, done, state, run.cfg.hyperparams.save_total_limit,
+                         run.facts)
     # With the tokenizer, a checkpoint is a model directory any tool (and `trainer generate`) loads.
     if is_main(run.dist):
         save_run_tokenizer(run, path)
@@ -585,12 +568,16 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
     if not model_finite(run):
         return "failed", "error: non-finite weights at the end of training; no model written."
     # several processes: rank 0 writes (FSDP: the full state, gathered by every rank)
-    state_dict = run.dist.full_model_state() if run.dist is not None else None
+    state_dict = run.setup.engine.full_model_state()
     error = None
     if is_main(run.dist):
         try:
-            save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir,
-                               state_dict)
+            if adapters.is_adapter_model(run.setup.model):  # adapter/ and the merged model
+                adapters.save_final(run.setup.model, model_directory(run.cfg), run.output_dir,
+                                    run.cfg.output.save_merged)
+            else:
+                save_model_as_base(run.setup.model, model_directory(run.cfg), run.output_dir,
+                                   state_dict)
             save_run_tokenizer(run, run.output_dir)
         except OSError as exc:
             error = (f"error: cannot write the final model: {exc.strerror or exc}; "
@@ -602,7 +589,7 @@ def save_final_model(run: Run, final_state: str, reason: str | None) -> tuple[st
 
 def model_finite(run: Run) -> bool:
     """Finite weights (several processes: all ranks agree)."""
-    return run.dist.weights_finite() if run.dist is not None else weights_finite(run.setup.model)
+    return run.setup.engine.finite()
 
 
 def current_segment(run: Run, end_step: int) -> dict[str, Any]:

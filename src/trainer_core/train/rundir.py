@@ -12,7 +12,8 @@ What trainer guarantees about an output directory (README, "What trainer guarant
 
 :func:`inspect_run_dir` (what a directory holds), :func:`find_resumable_runs`,
 :func:`locate_output` (the read-only decision), :func:`claim_output` (lock and prepare) and
-:func:`record_outcome` are meant for reuse (the daemon calls them).
+:func:`record_outcome` are what the recipe calls; the daemon keeps its own home
+(:mod:`trainer_core.daemon.home`) and uses none of them.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from trainer_core.files import (  # noqa: F401  (the file names are re-exported 
     CONFIG_FILE,
     METRICS_FILE,
     PREVIEWS_FILE,
+    RUN_LOCK_FILE,
     RUN_MANIFEST,
     STATUS_FILE,
+    run_lock_holder,
     write_json_atomic,
 )
 
-RUN_LOCK_FILE = ".trainer-run.lock"
 RUNS_ROOT = Path("runs")
 LATEST_LINK = "latest"
 #: Files whose presence makes a directory a run directory (the model lock file included).
@@ -131,23 +133,9 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def lock_holder(output_dir: Path) -> int | None:
-    """The pid of the live process holding ``output_dir``'s run lock (0 when unknown), or
-    ``None`` when no process holds it. Never creates anything."""
-    import fcntl
-
-    path = Path(output_dir) / RUN_LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_pid(path) or 0
-    finally:
-        os.close(fd)  # closing also drops the probe's shared lock
-    return None
+#: The pid of the live process holding a run directory's lock (in files.py: the dashboard,
+#: below this layer, checks it too before signalling a run).
+lock_holder = run_lock_holder
 
 
 # --------------------------------------------------------------------------- what a directory holds
@@ -307,6 +295,9 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
         raise UserError("--overwrite and --resume contradict each other; choose one")
     base_model = cfg.locked.base_model or (cfg.model.path or "trainer/tiny-qwen3-demo")
     check_model_against_config(cfg, model_facts(model_dir))
+    from trainer_core.model.loading import check_weight_files
+
+    check_weight_files(model_dir)  # before the output directory is claimed and locked to it
     facts = expected_facts(cfg, model_dir, base_model)
     explicit = Path(out.resume) if out.resume not in (None, "latest") else None
     default_dir = False
@@ -327,6 +318,8 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
         check_and_write_lock(output_dir, facts, unlock=unlock, write=False)
     target = OutputTarget(output_dir, facts, bool(out.resume), explicit, False, out.overwrite,
                           default_dir)
+    if out.overwrite:
+        _check_overwrite(output_dir, info, cfg)
     if out.overwrite or info.kind in ("missing", "empty"):
         if out.resume and explicit is None:
             from trainer_core.train.checkpoint import find_resume_checkpoint
@@ -334,8 +327,8 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
             find_resume_checkpoint(output_dir, "latest")  # raises "no checkpoint in ..."
         return target
     if info.kind == "foreign":
-        raise UserError(f"{output_dir} is not empty and holds no trainer run; pass --overwrite "
-                        "to replace its contents, or choose another --output-dir")
+        raise UserError(f"{output_dir} is not empty and holds no trainer run; choose another "
+                        "--output-dir (--overwrite replaces only a run directory)")
     # a run directory
     if not out.resume:
         what = _describe(info)
@@ -350,6 +343,21 @@ def locate_output(cfg: TrainerConfig, model_dir: Path, dry_run: bool, unlock: bo
                  "starting again from step 0")
         return attrs.evolve(target, restart=True)
     return target
+
+
+def _check_overwrite(output_dir: Path, info: RunDirInfo, cfg: TrainerConfig) -> None:
+    """``--overwrite`` replaces a run directory only: never a folder of other files (a
+    project folder), never one holding the data being trained on."""
+    if info.kind == "foreign":
+        raise UserError(f"--overwrite: {output_dir} holds files that are not a trainer run "
+                        "(no run.json, status.json, checkpoints...); --overwrite replaces only "
+                        "a run directory. Choose another --output-dir")
+    root = output_dir.resolve()
+    for field, value in (("data.dataset", cfg.data.dataset),
+                         ("data.validation", cfg.data.validation)):
+        if value and root in Path(value).resolve().parents:
+            raise UserError(f"--overwrite: {field} {value} is inside {output_dir}, which "
+                            "--overwrite would delete; choose another --output-dir")
 
 
 def _describe(info: RunDirInfo) -> str:
@@ -393,6 +401,7 @@ def claim_output(target: OutputTarget, cfg: TrainerConfig, unlock: bool) -> RunD
             raise UserError(f"{target.output_dir} already holds {_describe(info)}; pass "
                             "--resume, --overwrite, or choose another --output-dir")
         if target.overwrite:
+            _check_overwrite(target.output_dir, info, cfg)
             for child in target.output_dir.iterdir():
                 if child.name == RUN_LOCK_FILE:
                     continue

@@ -6,4 +6,6 @@
 JavaScript), composed by the command that starts the server; the page shows one tab per view.
 A daemon home's view (queue, history, pause/resume/skip) is
 ``trainer_core.daemon.dashboard.DaemonView``: it lives in the daemon package, above this one.
+Views raise :class:`~trainer_core.monitor.dashboard.base.HTTPError` and resolve paths with
+``base.safe_path``, so no view imports the server.
 """

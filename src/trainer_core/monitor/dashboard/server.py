@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import http.server
+import ipaddress
 import json
 import math
 import secrets
@@ -35,18 +36,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from trainer_core.monitor.dashboard.base import HTTPError, safe_path
+
 #: The page's own files; each view's script comes from the view (``/static/<view>.js``).
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 #: File types /files/ serves (plots and the run's text files); anything else is refused.
 SERVED_SUFFIXES = {".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
                    ".jsonl": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def clean(obj: Any) -> Any:
@@ -64,20 +61,25 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(clean(obj), default=str, allow_nan=False).encode()
 
 
-def safe_path(root: Path, rel: str) -> Path:
-    """``root/rel`` resolved (symlinks too), or HTTPError 404 when it leaves ``root``."""
-    rel = urllib.parse.unquote(rel)
-    if "\x00" in rel:
-        raise HTTPError(404, "not found")
-    root = root.resolve()
-    target = (root / rel.lstrip("/")).resolve()
-    if target != root and root not in target.parents:
-        raise HTTPError(404, "not found")
-    return target
-
-
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """Whether ``host`` (a bound address or a Host header's host part) is exactly a loopback
+    name or address: ``127.0.0.1.evil.com`` is not (DNS rebinding)."""
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_part(header: str) -> str:
+    """The host of a ``Host`` header: ``[::1]:8080`` -> ``[::1]``, ``a:80`` -> ``a``."""
+    if header.startswith("[") and "]" in header:
+        end = header.index("]") + 1
+        rest = header[end:]
+        return header[:end] if not rest or (rest[0] == ":" and rest[1:].isdigit()) else header
+    host, sep, port = header.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else header
 
 
 class Dashboard:
@@ -131,8 +133,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _check_host(self) -> None:
         if not is_loopback(self.dashboard.host):
             return
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-        if not is_loopback(host):
+        host = host_part(self.headers.get("Host") or "").lower().rstrip(".")
+        if not (is_loopback(host) or host == self.dashboard.host):
             raise HTTPError(403, "forbidden host")
 
     def _route(self) -> tuple[str, dict[str, str]]:

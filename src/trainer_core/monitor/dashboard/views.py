@@ -26,8 +26,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from trainer_core.files import METRICS_FILE, PREVIEWS_FILE, RUN_MANIFEST, STATUS_FILE
-from trainer_core.monitor.dashboard.server import HTTPError, safe_path
+from trainer_core.files import (
+    METRICS_FILE,
+    PREVIEWS_FILE,
+    RUN_MANIFEST,
+    STATUS_FILE,
+    run_lock_holder,
+)
+from trainer_core.monitor.dashboard.base import HTTPError, safe_path
 from trainer_core.monitor.status import read_status
 from trainer_core.monitor.watch import find_runs, is_run_dir
 
@@ -133,9 +139,24 @@ class RunsView:
     def script(self) -> bytes:
         return resources.files(__package__).joinpath("static/runs.js").read_bytes()
 
+    def runs(self) -> tuple[list[Path], list[str]]:
+        """Run directories under the root, and the names skipped because they resolve outside
+        it (a symlink in DIR pointing elsewhere is never followed out of DIR)."""
+        inside, skipped = [], []
+        for d in find_runs(self.root):
+            resolved = d.resolve()
+            if resolved == self.root or self.root in resolved.parents:
+                inside.append(d)
+            else:
+                skipped.append(os.path.relpath(d, self.root))
+        return inside, skipped
+
     def get(self, what: str, query: dict[str, str]) -> Any:
         if what == "list":
-            return [self.summary(d) for d in find_runs(self.root)]
+            return [self.summary(d) for d in self.runs()[0]]
+        if what == "skipped":
+            return [{"name": n, "reason": "resolves outside the dashboard's directory"}
+                    for n in self.runs()[1]]
         if what == "run":
             return self.snapshot(self.run_dir(query.get("id")))
         raise HTTPError(404, f"unknown runs/{what}")
@@ -200,7 +221,7 @@ class RunsView:
                 yield "status", read_status(d) or {}
             if now - last_runs >= RUNS_EVERY_S:
                 last_runs = now
-                yield "runs", [self.summary(r) for r in find_runs(self.root)]
+                yield "runs", [self.summary(r) for r in self.runs()[0]]
 
         return poll_stream(poll, stopping)
 
@@ -215,6 +236,11 @@ class RunsView:
             raise HTTPError(409, "the run is not running on this machine")
         if s.get("stalled"):  # stale status: its pid may belong to another process by now
             raise HTTPError(409, "the run's status is stale; stop it from its terminal")
+        # Only the process that holds the run's lock is that run: status.json is a file
+        # anyone can write, and its pid could name any process of the user.
+        if run_lock_holder(d) != pid:
+            raise HTTPError(409, "the process named in status.json does not hold the run's "
+                                 "lock; not signalled")
         # The run saves a checkpoint and ends as interrupted (train.signals); --resume continues.
         os.kill(pid, signal.SIGTERM)
         return {"ok": True, "signal": "SIGTERM", "pid": pid}
