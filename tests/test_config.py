@@ -175,7 +175,8 @@ def test_profile_options_merge_file_and_cli(tmp_path):
 ENUM_CHOICES = sorted(set(C.PRECISIONS + C.SCHEDULERS + C.ON_INVALID + C.DTYPES + C.ATTN_IMPLS
                           + C.DEVICES + C.SWITCHES + C.SPECIAL_TOKEN_POLICIES
                           + C.PRIORITIES + C.DAEMON_LR_SCHEDULES + C.DISTRIBUTED + C.ROW_FORMATS + C.ADAPTERS
-                          + ("00:00", "04:30", "23:59")))  # daemon.snapshot_time
+                          + ("00:00", "04:30", "23:59")  # daemon.snapshot_time
+                          + ("local", "http://127.0.0.1:8765")))  # monitoring.preview_backend
 
 json_leaf = (st.none() | st.booleans() | st.integers()
              | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))

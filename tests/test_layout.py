@@ -31,7 +31,8 @@ LAYERS: dict[str, int] = {
     "monitor": 7, "export": 7,
     "train": 8,
     "daemon": 9, "scaffold": 9,
-    "cli": 10, "testing": 10, "__main__": 10,
+    "serve": 10,
+    "cli": 11, "testing": 11, "__main__": 11,
 }
 #: The package itself is the public facade for plugin authors: at import time it loads only
 #: config and plugins (layer <= 2), so anything may import it (``from trainer_core import

@@ -19,6 +19,7 @@ from trainer_core.cli.monitor_cmds import dashboard, plot, watch
 from trainer_core.cli.options import TrainerGroup
 from trainer_core.cli.plugin_cmds import new_profile, plugins, profiles
 from trainer_core.cli.run_cmds import preview, run
+from trainer_core.cli.serve_cmd import serve
 
 # --------------------------------------------------------------------------- the group
 
@@ -34,7 +35,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 for _command in (run, preview, generate, export, profiles, plugins, new_profile, config_group,
-                 daemon_group, plot, watch, dashboard):
+                 daemon_group, plot, watch, dashboard, serve):
     cli.add_command(_command)
 
 

@@ -228,6 +228,16 @@ class Monitoring:
                      "a format falls back to `soft`). `soft`: the profile's logits processors "
                      "(penalties). `off`: neither."),
     )
+    preview_backend: str = attrs.field(
+        default="local",
+        validator=check(lambda v: v == "local" or v.startswith(("http://", "https://")),
+                        "must be local or a server's http(s):// URL"),
+        metadata=doc("Where previews are generated: `local` (in the training process) or the "
+                     "URL of a running `trainer serve` (e.g. http://127.0.0.1:8765), which "
+                     "answers the prompts with the model it serves, its format and its "
+                     "processors (API key from $TRAINER_SERVE_API_KEY). Scores are still "
+                     "computed here."),
+    )
     alerts: bool = attrs.field(
         default=True,
         metadata=doc("Compute alerts during the run: printed once when raised and when cleared, "

@@ -74,7 +74,8 @@ class GenerationSetup:
 def generation_setup(model_dir: str, profile_name: str | None = None,
                      chat_template: str | None = None,
                      option_overrides: dict[str, Any] | None = None,
-                     max_new_tokens: int | None = None) -> GenerationSetup:
+                     max_new_tokens: int | None = None,
+                     config_file: Path | None = None) -> GenerationSetup:
     """Resolve the config, tokenizer directory and chat template for ``model_dir``.
 
     A run (or checkpoint) starts from the run's ``trainer_config.json``. Its tokenizer is the
@@ -82,6 +83,8 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     template), else the one training loaded. Its chat template is the run's: ``chatml`` stays
     the built-in, anything else is the template saved with the tokenizer (so a Jinja file that
     moved since training still applies). Any other model directory uses the defaults.
+    ``config_file`` names the training config to use instead of a run's own (a daemon home's
+    ``config.json`` for its published models, which carry no run files).
     """
     from trainer_core.config import read_recorded_config, resolve
     from trainer_core.model.adapters import ADAPTER_DIR, adapter_weights_file
@@ -93,8 +96,9 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
         if adapter_weights_file(path) is None or run_dir is None:
             raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
         adapter_dir = path / ADAPTER_DIR  # an adapter run's checkpoint: base + adapter
+    source = config_file or (run_dir / CONFIG_FILE if run_dir else None)
     # The run's settings, never its permissions: trust_remote_code only from the user.
-    tree: dict[str, Any] = read_recorded_config(run_dir / CONFIG_FILE) if run_dir else {}
+    tree: dict[str, Any] = read_recorded_config(source) if source else {}
     recorded = dict(tree.get("profile") or {})
     manifest_dir = run_dir or path  # older runs (and some copies) have run.json only
     if not recorded:
@@ -122,7 +126,7 @@ def generation_setup(model_dir: str, profile_name: str | None = None,
     model["adapter"] = "none"
     tokenizer_dir = next((d for d in (path, run_dir) if d is not None and has_tokenizer(d)), None)
     recorded_template = model.get("chat_template", "chatml")
-    if chat_template is None and run_dir is not None and recorded_template != "chatml" \
+    if chat_template is None and source is not None and recorded_template != "chatml" \
             and tokenizer_dir is not None:
         chat_template = "tokenizer"  # the saved tokenizer carries the training template
     if tokenizer_dir is None and run_dir is not None:

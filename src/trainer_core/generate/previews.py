@@ -117,7 +117,13 @@ def run_previews(model: Any, tokenizer: Any, profile: Any, prompts: list[dict[st
     model.eval()
     limit = generation_limit(cfg.monitoring.max_new_tokens, [p["reference"] for p in prompts],
                              tokenizer, cfg.hyperparams.max_length)
-    outputs = generate(model, tokenizer, texts, processors, limit, formats=constrained)
+    if cfg.monitoring.preview_backend == "local":
+        outputs = generate(model, tokenizer, texts, processors, limit, formats=constrained)
+    else:  # a running `trainer serve` generates them (generate/remote.py)
+        from trainer_core.generate.remote import remote_generate
+
+        outputs = remote_generate(cfg.monitoring.preview_backend,
+                                  [p["messages"] for p in prompts], limit)
     model.train(was_training)
     records = []
     for p, text, fmt in zip(prompts, outputs, formats, strict=False):
