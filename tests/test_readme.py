@@ -50,8 +50,12 @@ DEMO = ".venv/bin/trainer run --profile emoji_think"
 #: Every `trainer run` without --dry-run or a --max-steps of its own gets this many steps (the
 #: demo's full 238 take 80 s on 2 idle cores, and many minutes on a busy machine).
 SHORT_STEPS = 30
-#: Commands that serve until stopped: started, checked for this text, then stopped.
-SERVES = {".venv/bin/trainer dashboard runs": "http://127.0.0.1:"}
+#: Commands that serve until stopped: started, checked for this text, left running while the
+#: rest of their section's commands run (a `curl` to the server, say), then stopped.
+SERVES = {".venv/bin/trainer dashboard runs": "http://127.0.0.1:",
+          ".venv/bin/trainer serve runs/latest --name demo": "http://127.0.0.1:8765"}
+#: What a command may start with: the venv's programs, and curl to talk to a server above.
+PROGRAMS = (".venv/bin/", "python3 -m venv", "curl ")
 
 
 def sections(text: str) -> dict[str, str]:
@@ -93,8 +97,8 @@ def test_the_runner_reads_the_readme_as_written():
     text = README.read_text(encoding="utf-8")
     commands = [c for _, c in readme_commands(text)]
     assert DEMO in commands and "python3 -m venv .venv" in commands
-    assert all(c.startswith((".venv/bin/", "python3 -m venv")) for c in commands), \
-        [c for c in commands if not c.startswith((".venv/bin/", "python3 -m venv"))]
+    assert all(c.startswith(PROGRAMS) for c in commands), \
+        [c for c in commands if not c.startswith(PROGRAMS)]
     stale = [c for c in SKIP if c not in commands]
     assert not stale, f"SKIP lists commands the README no longer has: {stale}"
     assert block_commands("a \\\n  b && c  # note\n# only a comment\n", False) == ["a b", "c"]
@@ -117,23 +121,37 @@ def _shortened(command: str) -> str:
     return command
 
 
-def _serve(command: str, expect: str, env: dict, cwd: Path) -> str:
+def _serve(command: str, expect: str, env: dict, cwd: Path) -> subprocess.Popen:
+    """Start a serving command and wait until it prints ``expect``; the caller stops it."""
     log = cwd / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while expect not in log.read_text() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    deadline = time.time() + 300
+    while expect not in log.read_text() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
     seen = log.read_text()
     if "Address already in use" in seen:  # another program holds the port on this machine
-        return seen
+        return proc
+    if expect not in seen:
+        _stop(proc)
     assert expect in seen, f"{command}: {seen}"
-    return seen
+    port = re.search(r":(\d+)$", expect)
+    if port:  # said before it listens: wait until it accepts connections
+        import socket
+
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", int(port[1]))) == 0:
+                    break
+            time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -146,23 +164,32 @@ def test_every_readme_command_runs(tmp_path):
     env = {**os.environ, "TRAINER_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1"}
     env.pop("TRAINER_PLUGINS", None)  # the installed plugins, as a user has them
     ran, skipped = [], []
-    for section, command in readme_commands(README.read_text(encoding="utf-8")):
-        if command in SKIP:
-            skipped.append(command)
-            continue
-        if command in SERVES:
-            _serve(command, SERVES[command], env, work)
+    server, server_section = None, None
+    try:
+        for section, command in readme_commands(README.read_text(encoding="utf-8")):
+            if server is not None and section != server_section:
+                _stop(server)
+                server = None
+            if command in SKIP:
+                skipped.append(command)
+                continue
+            if command in SERVES:
+                _stop(server)
+                server, server_section = _serve(command, SERVES[command], env, work), section
+                ran.append(command)
+                continue
+            proc = subprocess.run(["bash", "-c", _shortened(command)], cwd=work, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, (f"README section {section!r}: {command} exited "
+                                          f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}")
             ran.append(command)
-            continue
-        proc = subprocess.run(["bash", "-c", _shortened(command)], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, (f"README section {section!r}: {command} exited "
-                                      f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-        ran.append(command)
-        if command == DEMO:
-            # the first run ends clean: no active alert, a next: block, latest points at it
-            status = json.loads((work / "runs" / "latest" / "status.json").read_text())
-            assert status["state"] == "completed" and status["alerts"] == [], status["alerts"]
-            assert "\nnext:\n" in proc.stderr and "alert raised" not in proc.stderr
+            if command == DEMO:
+                # the first run ends clean: no active alert, a next: block, latest points at it
+                status = json.loads((work / "runs" / "latest" / "status.json").read_text())
+                assert status["state"] == "completed" and status["alerts"] == [], \
+                    status["alerts"]
+                assert "\nnext:\n" in proc.stderr and "alert raised" not in proc.stderr
+    finally:
+        _stop(server)
     assert DEMO in ran and len(ran) >= 15, ran
     assert sorted(skipped) == sorted(SKIP)

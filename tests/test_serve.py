@@ -138,7 +138,9 @@ def test_chat_answers_like_trainer_generate(client, reference):
 
 def test_profile_opt_out(client, reference):
     full = ask(client, max_tokens=12)
-    no_processors = ask(client, max_tokens=12, extra_body={"profile": {"processors": False}})
+    # `trainer generate --no-processors` generates free: no format, no processors.
+    no_processors = ask(client, max_tokens=12,
+                        extra_body={"profile": {"processors": False, "format": False}})
     assert no_processors.choices[0].message.content == reference(False, 12)
     # Without the profile's prompt, the system prompt is gone from the prompt.
     bare = ask(client, max_tokens=4, extra_body={"profile": False})
@@ -170,11 +172,42 @@ def test_seeded_sampling_repeats_and_stop_cuts(client):
     assert cut.choices[0].message.content == text[:text.index(text[3:6])]
 
 
-def test_response_format_is_refused_until_wired(client):
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "unit"],
+          "properties": {"answer": {"type": "integer"},
+                         "unit": {"type": "string", "enum": ["apples", "pears"]}}}
+
+
+def test_response_format_json_schema(client):
+    out = ask(client, max_tokens=60, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}})
+    value = json.loads(out.choices[0].message.content)  # parses...
+    # ... and validates against SCHEMA
+    assert set(value) == {"answer", "unit"}
+    assert isinstance(value["answer"], int) and not isinstance(value["answer"], bool)
+    assert value["unit"] in ("apples", "pears")
     with pytest.raises(openai.BadRequestError) as err:
         ask(client, max_tokens=8, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-    assert err.value.param == "response_format" and "not supported yet" in err.value.message
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert err.value.param == "response_format"
+
+
+def test_profile_format_applied_and_opted_out(client, trained_run):
+    from trainer_core.generate.generate import generation_setup
+    from trainer_core.generate.previews import preview_prompts
+    from trainer_core.plugins.answer_format import check_answer
+    from trainer_core.plugins.registry import build_profile
+
+    cfg = generation_setup(str(trained_run)).cfg
+    profile = build_profile(cfg)
+    row = {"messages": [{"role": "user", "content": PROMPT},
+                        {"role": "assistant", "content": "(none)"}]}
+    prepared = preview_prompts([row], profile, 1, cfg.data.seed)[0]
+    fmt = profile.answer_format({"messages": prepared["messages"]})
+    assert fmt is not None  # emoji_think instructs a format in the user turn
+    held = ask(client, max_tokens=48).choices[0].message.content
+    assert check_answer(fmt, held) == (True, "")
+    free = ask(client, max_tokens=48, extra_body={"profile": {"format": False}})
+    assert check_answer(fmt, free.choices[0].message.content)[0] is False
 
 
 # ------------------------------------------------------------------------------ errors
@@ -418,7 +451,8 @@ def test_one_batch_mixes_rows_with_and_without_processors(trained_run, trainer_p
         loop = asyncio.get_running_loop()
         jobs = [Job(parse_chat_request({"model": "run", "max_tokens": 5, "messages": [
                     {"role": "user", "content": PROMPT}], "profile": profile}), loop)
-                for profile in ({"processors": True}, {"processors": False})]
+                for profile in ({"processors": True, "format": False},
+                                {"processors": False, "format": False})]
         for job in jobs:
             batcher.jobs.put_nowait(job)  # both wait before the worker starts: one batch
         batcher.start()

@@ -236,6 +236,7 @@ class Row:
     temperature: float
     top_p: float
     generator: Any  # torch.Generator, for sampling rows
+    format: Any = None  # the AnswerFormat the row is held to, if any
     tokens: list[int] = attrs.Factory(list)
     decoded: str = ""  # the text of tokens[:read], complete characters only
     prefix: int = 0  # incremental decoding: tokens[prefix:read] give context to the next ones
@@ -448,23 +449,19 @@ class Batcher:
         import torch
 
         from trainer_core.generate.processors import end_of_turn_ids, generate
-        from trainer_core.plugins.registry import collect_logits_processors
 
         tokenizer = served.tokenizer
         rows: list[Row] = []
         texts: list[str] = []
         for job in batch:
             try:
-                text, n_prompt = prompt_of(served, job.request)
+                text, n_prompt, messages = prompt_of(served, job.request)
                 limit = job.request.limit or min(served.default_max_tokens, self.max_tokens_cap)
                 if served.context and n_prompt + limit > served.context:
                     raise APIError(400, f"messages: the prompt ({n_prompt} tokens) plus "
                                         f"max_tokens ({limit}) exceed the model's context of "
                                         f"{served.context} tokens", param="messages")
-                if job.request.schema is not None:
-                    raise APIError(400, "response_format: json_schema is not supported yet "
-                                        "(constrained decoding is not wired into trainer serve)",
-                                   param="response_format")
+                fmt = answer_format_of(served, job.request, messages)
             except APIError as exc:
                 job.emit("error", exc)
                 continue
@@ -475,20 +472,14 @@ class Batcher:
             seed = request.seed if request.seed is not None else random.getrandbits(63)
             generator = torch.Generator(device=served.model.device).manual_seed(seed)
             rows.append(Row(job, n_prompt, limit, request.stops, request.temperature or 0.0,
-                            request.top_p or 1.0, generator))
+                            request.top_p or 1.0, generator, fmt))
             texts.append(text)
             job.emit("start", served)
         if not rows:
             return
         end_ids = end_of_turn_ids(tokenizer)
         control = RowControl(tokenizer, rows, end_ids)
-        keep = [r.job.request.uses.processors for r in rows]
-        processors: list[Any] = []
-        if any(keep):
-            # Fresh per generation: they keep per-row state.
-            processors = collect_logits_processors(served.profile, tokenizer, served.cfg)
-            if not all(keep):
-                processors = [RowMasked(p, keep) for p in processors]
+        processors = row_processors(served, rows) + format_constraints(tokenizer, rows)
         # One step more than the longest row: RowControl ends each row at its own limit and
         # sees every token it chose (the last step chooses only ends of turn).
         self.generating = len(rows)
@@ -501,8 +492,72 @@ class Batcher:
             self.tokens += sum(len(r.tokens) + int(r.saw_end) for r in rows)
 
 
-def prompt_of(served: Served, request: ChatRequest) -> tuple[str, int]:
-    """The request's conversation rendered for generation, and its length in tokens.
+def answer_format_of(served: Served, request: ChatRequest, messages: list[dict[str, Any]]
+                     ) -> Any:
+    """The AnswerFormat a row is held to: the request's ``response_format`` JSON schema, else
+    the profile's format of the answer (``monitoring.constrain: strict``, the default, unless
+    the request opted out with ``"profile": {"format": false}``), else None."""
+    from trainer_core.generate.formats import compiled_format
+    from trainer_core.plugins.answer_format import AnswerFormat
+
+    if request.schema is not None:
+        # Compact JSON (as OpenAI's structured outputs write it) unless the schema says
+        # otherwise: with free whitespace a weak model can fill its budget with blanks.
+        schema = {"x-guidance": {"whitespace_flexible": False}, **request.schema}
+        try:
+            fmt = AnswerFormat.json_schema(schema)
+            compiled_format(served.tokenizer, fmt)  # a schema llguidance cannot take: 400
+        except Exception as exc:
+            raise APIError(400, f"response_format: the schema cannot be used: {exc}",
+                           param="response_format") from None
+        return fmt
+    if not request.uses.format or served.cfg.monitoring.constrain != "strict":
+        return None
+    from trainer_core.generate.previews import answer_formats
+
+    return answer_formats(served.profile, [{"example": {}, "messages": messages}])[0]
+
+
+def row_processors(served: Served, rows: list[Row]) -> list[Any]:
+    """The logits processors of a batch, each applied to the rows it is for.
+
+    As ``generation_tools`` decides for previews and ``trainer generate``: a row held to a
+    format gets only the processors of the ``logits_processors`` hook (the format replaces the
+    profile's own); a free row gets the profile's own and the hook's; ``monitoring.constrain:
+    off`` or a request's ``"profile": {"processors": false}`` gets none. Fresh per generation:
+    they keep per-row state.
+    """
+    from trainer_core.plugins.registry import collect_logits_processors
+
+    off = served.cfg.monitoring.constrain == "off"
+    hook_rows = [r.job.request.uses.processors and not off for r in rows]
+    own_rows = [on and r.format is None for on, r in zip(hook_rows, rows, strict=True)]
+    if not any(hook_rows):
+        return []
+    every = collect_logits_processors(served.profile, served.tokenizer, served.cfg)
+    hook = collect_logits_processors(served.profile, served.tokenizer, served.cfg, own=False)
+    own = every[:len(every) - len(hook)]
+    out = []
+    for group, keep in ((own, own_rows), (hook, hook_rows)):
+        if any(keep):
+            out += group if all(keep) else [RowMasked(p, keep) for p in group]
+    return out
+
+
+def format_constraints(tokenizer: Any, rows: list[Row]) -> list[Any]:
+    """``FormatConstraint`` processors for the rows held to a format: one per distinct
+    ``max_tokens``, since a constraint forces each row's closing before its own limit (as
+    ``generate()`` with ``max_new_tokens=max_tokens`` would)."""
+    from trainer_core.generate.formats import FormatConstraint
+
+    limits = sorted({r.max_tokens for r in rows if r.format is not None})
+    return [FormatConstraint(tokenizer, [r.format if r.max_tokens == limit else None
+                                         for r in rows], limit) for limit in limits]
+
+
+def prompt_of(served: Served, request: ChatRequest) -> tuple[str, int, list[dict[str, Any]]]:
+    """The request's conversation rendered for generation, its length in tokens, and its
+    messages as prepared.
 
     With the profile's prompt (the default) the conversation is prepared exactly as
     ``trainer generate`` prepares a prompt: ``prepare_row`` (system prompt, then the profile's
@@ -519,7 +574,7 @@ def prompt_of(served: Served, request: ChatRequest) -> tuple[str, int]:
         messages = preview_prompts([row], served.profile, 1, served.cfg.data.seed)[0]["messages"]
     text = render_generation_prompt(messages, served.template, served.tokenizer)
     n_prompt = len(served.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return text, n_prompt
+    return text, n_prompt, messages
 
 
 def now() -> int:
