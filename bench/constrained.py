@@ -98,7 +98,9 @@ def per_token(model, tokenizer, fmt, batch: int, tokens: int, reps: int, label: 
     ids, mask = ids.to(device), mask.to(device)
 
     def run(strict: bool) -> float:
-        procs = [FormatConstraint(tokenizer, [fmt] * batch, tokens)] if strict else []
+        # greedy=True as ``generate()`` passes it (greedy decoding).
+        procs = [FormatConstraint(tokenizer, [fmt] * batch, tokens, greedy=True)] if strict \
+            else []
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens,
