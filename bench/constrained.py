@@ -202,7 +202,8 @@ def main() -> None:
     from trainer_core.data.tokenizer import load_tokenizer
     from trainer_core.demo import ensure_tiny_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One thread: CPU time then counts work, not other threads' spin-waiting on a busy machine.
+    torch.set_num_threads(1)
     print(f"llguidance {llguidance.__version__ if hasattr(llguidance, '__version__') else '?'}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"device {args.device}, {os.cpu_count()} CPUs")
