@@ -245,7 +245,7 @@ def test_preview_length_fits_the_reference_answers(qwen_tokenizer, tiny_qwen3, m
 
     seen = []
     monkeypatch.setattr(processors, "generate",
-                        lambda m, t, texts, procs, limit: seen.append(limit) or [""] * len(texts))
+                        lambda m, t, texts, procs, limit, **kw: seen.append(limit) or [""] * len(texts))
     prompts = [{"messages": [{"role": "user", "content": "Say words."}],
                 "reference": long_answer, "example": {"messages": []}}]
     cfg = load_config()

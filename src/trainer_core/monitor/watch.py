@@ -63,9 +63,12 @@ def find_runs(root: Path, depth: int = 2) -> list[Path]:
         nxt = []
         for d in level:
             try:
-                # A symlink (runs/latest) points at a run listed under its own name.
+                # A symlink to a folder inside root (runs/latest) points at a run listed under
+                # its own name; one that leaves root is kept, for the caller to judge (the
+                # dashboard lists it as skipped).
                 children = sorted(p for p in d.iterdir() if p.is_dir()
-                                  and not p.name.startswith(".") and not p.is_symlink())
+                                  and not p.name.startswith(".")
+                                  and not (p.is_symlink() and _inside(p, root)))
             except OSError:
                 continue
             for c in children:
@@ -75,6 +78,11 @@ def find_runs(root: Path, depth: int = 2) -> list[Path]:
                     nxt.append(c)
         level = nxt
     return sorted(found, key=_updated, reverse=True)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    resolved, top = path.resolve(), root.resolve()
+    return resolved == top or top in resolved.parents
 
 
 def _updated(run: Path) -> float:
