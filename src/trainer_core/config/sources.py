@@ -30,15 +30,20 @@ from trainer_core.errors import ConfigError
 # --------------------------------------------------------------------------- files
 
 
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; errors name the file, line and column."""
-    p = Path(path)
+def _read_text(p: Path) -> str:
+    """A config file's text (a BOM is dropped); a missing or unreadable file is a ConfigError."""
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        return p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"{p}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read: {exc}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; errors name the file, line and column."""
+    p = Path(path)
+    text = _read_text(p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -87,12 +92,7 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     import yaml
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    text = _read_text(p)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
