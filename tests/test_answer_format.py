@@ -129,3 +129,26 @@ def test_fuzz_strict_generation_always_matches_the_format(trainer_plugin, qwen_t
                 checked += 1
     assert checked == 200
     assert forced > 50  # most rows ran into the budget and were closed
+
+
+def test_a_closing_longer_than_the_usual_reserve_is_forced_in_time(qwen_tokenizer,
+                                                                   tiny_qwen3):
+    """A format whose required ending is ~30 tokens (more than the 16 steps in which closings
+    are usually checked, like a run of emojis that are several tokens each): strict rows
+    still end in format at a 48-token limit, however the random model would go on."""
+    from trainer_core.generate.formats import CLOSING_RESERVE
+    from trainer_core.generation import generate
+
+    ending = "".join(f" <<{word}>>" for word in ("one", "two", "three", "four", "five",
+                                                  "six", "seven", "eight", "nine",
+                                                  "ten"))
+    fmt = AnswerFormat.regex("[a-z ]*" + ending)  # no regex metacharacters in the ending
+    assert len(qwen_tokenizer(ending, add_special_tokens=False)["input_ids"]) > \
+        CLOSING_RESERVE + 8
+    prompts = [f"<|im_start|>user\nSay something, {i}.<|im_end|>\n<|im_start|>assistant\n"
+               for i in range(6)]
+    outputs = generate(tiny_qwen3, qwen_tokenizer, prompts, [], 48, formats=[fmt] * 6)
+    for out in outputs:
+        ok, failed = check_answer(fmt, out)
+        assert ok, (out, failed)
+        assert out.endswith(ending)
