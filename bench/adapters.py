@@ -24,6 +24,11 @@ Variants, each in its own process (so each peak is its own), one after another i
                                  ``--hf-attn`` attention (flex_attention: packing-aware).
   hf_lora_liger / hf_qlora_liger the same with ``use_liger_kernel`` (only where liger-kernel is
                                  installed).
+  trainer_qlora_compiled         experiments, not in the default list: a speed piece that
+  trainer_lora_graphs            ``adapters.with_speed_switches`` turns off for adapters kept
+                                 on (compiled decoder blocks with QLoRA; CUDA graphs with
+                                 LoRA), to measure whether it works and what it gives before
+                                 the switch is lifted.
 
 Measured after ``--warmup`` steps: tokens/s (non-padding tokens of the measured steps over
 their wall time, each step timed between CUDA synchronisations), peak GPU memory allocated
@@ -56,7 +61,29 @@ SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 ROW = 2048  #: tokens per packed row (--tiny: 256)
 VARIANTS = ("trainer_lora", "hf_lora", "hf_lora_liger", "trainer_qlora", "hf_qlora",
             "hf_qlora_liger")
+EXPERIMENTS = ("trainer_qlora_compiled", "trainer_lora_graphs")
 RANK, ALPHA, LR = 16, 32.0, 2e-4
+
+
+def keep_on(piece: str) -> None:
+    """Let ``piece`` (``compiled`` or ``graphs``) through the adapters' speed switch: the
+    switch is replaced by one that turns off only the other piece it names."""
+    import attrs
+
+    from trainer_core.model import adapters
+
+    def switch(cfg: Any, device: Any, note: Any = None) -> Any:
+        if not adapters.enabled(cfg) or getattr(device, "type", str(device)) != "cuda":
+            return cfg
+        env = cfg.environment
+        off = {} if piece == "graphs" else dict(cuda_graphs="off", graph_update="off",
+                                                 embedding_grad_rows="off")
+        if piece == "graphs" and cfg.model.adapter == "qlora":
+            off["compile"] = "off"
+        print(f"experiment: {piece} kept on with {cfg.model.adapter}", file=sys.stderr)
+        return attrs.evolve(cfg, environment=attrs.evolve(env, **off))
+
+    adapters.with_speed_switches = switch
 
 
 def ensure_model(path: Path, shape: dict[str, Any]) -> Path:
@@ -260,7 +287,9 @@ def run_hf(kind: str, model_dir: Path, rows: list, steps: int, accum: int, warmu
 
 def run_one(args: argparse.Namespace) -> None:
     variant = args.one
-    engine, kind = variant.split("_")[0], variant.split("_")[1]
+    engine, kind, *experiment = variant.split("_")
+    if engine == "trainer" and experiment:
+        keep_on(experiment[0])
     shape = SHAPE_TINY if args.tiny else SHAPE_8B
     rows = make_rows(args.steps * args.grad_accum, shape["vocab_size"], args.row)
     checkpointing = kind == "qlora" and args.qlora_checkpointing
