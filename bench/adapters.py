@@ -29,6 +29,10 @@ Variants, each in its own process (so each peak is its own), one after another i
                                  on (compiled decoder blocks with QLoRA; CUDA graphs with
                                  LoRA), to measure whether it works and what it gives before
                                  the switch is lifted.
+  trainer_qlora_partial          an experiment: QLoRA with ``hyperparams.checkpointed_layers``
+                                 = ``--checkpointed-layers`` (12 of 36 by default), the other
+                                 layers keeping their activations (more memory, less
+                                 recomputation; the peak must stay under 20 GiB).
 
 Measured after ``--warmup`` steps: tokens/s (non-padding tokens of the measured steps over
 their wall time, each step timed between CUDA synchronisations), peak GPU memory allocated
@@ -61,7 +65,7 @@ SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 ROW = 2048  #: tokens per packed row (--tiny: 256)
 VARIANTS = ("trainer_lora", "hf_lora", "hf_lora_liger", "trainer_qlora", "hf_qlora",
             "hf_qlora_liger")
-EXPERIMENTS = ("trainer_qlora_compiled", "trainer_lora_graphs")
+EXPERIMENTS = ("trainer_qlora_compiled", "trainer_lora_graphs", "trainer_qlora_partial")
 RANK, ALPHA, LR = 16, 32.0, 2e-4
 
 
@@ -175,7 +179,8 @@ def _sync() -> None:
 
 
 def run_trainer(kind: str, model_dir: Path, rows: list, steps: int, accum: int, warmup: int,
-                checkpointing: bool, row: int = ROW) -> dict[str, Any]:
+                checkpointing: bool, row: int = ROW,
+                checkpointed_layers: int | None = None) -> dict[str, Any]:
     from trainer_core.config import resolve
     from trainer_core.data.batching import count_tokens, count_trained, micro_batches
     from trainer_core.train.step import prepare_training, train_step
@@ -186,6 +191,7 @@ def run_trainer(kind: str, model_dir: Path, rows: list, steps: int, accum: int, 
         "hyperparams.lr_scheduler": "constant", "hyperparams.warmup_steps": 0,
         "hyperparams.max_length": row, "data.max_tokens_per_batch": row,
         "hyperparams.batch_size": 64, "hyperparams.gradient_checkpointing": checkpointing,
+        "hyperparams.checkpointed_layers": checkpointed_layers,
     }).config
     setup = prepare_training(cfg, model_dir, steps)
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
@@ -288,7 +294,8 @@ def run_hf(kind: str, model_dir: Path, rows: list, steps: int, accum: int, warmu
 def run_one(args: argparse.Namespace) -> None:
     variant = args.one
     engine, kind, *experiment = variant.split("_")
-    if engine == "trainer" and experiment:
+    partial = experiment == ["partial"]
+    if engine == "trainer" and experiment and not partial:
         keep_on(experiment[0])
     shape = SHAPE_TINY if args.tiny else SHAPE_8B
     rows = make_rows(args.steps * args.grad_accum, shape["vocab_size"], args.row)
@@ -300,12 +307,14 @@ def run_one(args: argparse.Namespace) -> None:
     started = time.time()
     if engine == "trainer":
         result = run_trainer(kind, args.model_dir, rows, args.steps, args.grad_accum,
-                             args.warmup, checkpointing, args.row)
+                             args.warmup, checkpointing, args.row,
+                             args.checkpointed_layers if partial else None)
     else:
         result = run_hf(kind, args.model_dir, rows, args.steps, args.grad_accum, args.warmup,
                         checkpointing, variant.endswith("_liger"), args.hf_attn,
                         args.out / f"hf-{variant}")
     result.update(variant=variant, gradient_checkpointing=checkpointing,
+                  checkpointed_layers=args.checkpointed_layers if partial else None,
                   wall_s=round(time.time() - started, 1))
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -369,6 +378,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--hf-attn", default="flex_attention")
     ap.add_argument("--qlora-checkpointing", default=True, action=argparse.BooleanOptionalAction)
+    ap.add_argument("--checkpointed-layers", type=int, default=12,
+                    help="trainer_qlora_partial: how many decoder layers recompute")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU (checks the "
                     "script; the numbers mean nothing)")
     ap.add_argument("--one", help=argparse.SUPPRESS)

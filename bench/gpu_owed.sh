@@ -9,7 +9,9 @@
 #               step, this checkout against round 7's code (8a176af) side by side on one card
 #   whole-run   issue 24: bench/whole_run.py (3,000 steps, warm compile cache)
 #   qlora       issue 27: QLoRA on the Qwen3-8B shape with compiled blocks kept on
-#               (trainer_qlora_compiled) beside trainer_qlora and HF Trainer + peft (+ Liger)
+#               (trainer_qlora_compiled) and with 12 of 36 layers recomputing
+#               (trainer_qlora_partial) beside trainer_qlora
+#   qlora-hf    issue 27: HF Trainer + peft (+ Liger) QLoRA, the baselines, same machine
 #   lora-graphs issue 27: LoRA with CUDA graphs kept on (trainer_lora_graphs) beside trainer_lora
 #   constrained issue 25: bench/constrained.py --device cuda
 #
@@ -21,7 +23,7 @@
 #     llguidance==1.9.1 peft==0.21.2 bitsandbytes==0.50.2 liger-kernel==0.8.5
 # and name .whl in the call's carry. Nothing here downloads.
 set -u
-part=${1:?usage: bash bench/gpu_owed.sh engine|whole-run|qlora|lora-graphs|constrained}
+part=${1:?usage: bash bench/gpu_owed.sh engine|whole-run|qlora|qlora-hf|lora-graphs|constrained}
 out=${OUT:-/tmp/gpu-owed}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -59,7 +61,11 @@ case "$part" in
   qlora)
     timeout 590 python3 bench/adapters.py --out "$out/adapters" --model-dir /tmp/m8b \
       --steps 12 --warmup 4 \
-      --variants trainer_qlora,trainer_qlora_compiled,hf_qlora,hf_qlora_liger 2>&1 | tail -12 ;;
+      --variants trainer_qlora,trainer_qlora_compiled,trainer_qlora_partial 2>&1 | tail -10 ;;
+  qlora-hf)
+    # The baselines, on the same warm machine as `qlora` (ratios only within one card).
+    timeout 590 python3 bench/adapters.py --out "$out/adapters" --model-dir /tmp/m8b \
+      --steps 12 --warmup 4 --variants hf_qlora,hf_qlora_liger 2>&1 | tail -8 ;;
   lora-graphs)
     timeout 590 python3 bench/adapters.py --out "$out/adapters" --model-dir /tmp/m8b \
       --steps 16 --warmup 6 --variants trainer_lora,trainer_lora_graphs 2>&1 | tail -8 ;;

@@ -275,6 +275,73 @@ def test_dry_run_memory_estimate_counts_activations_and_logits(micro_model_dir, 
     assert large > small + 0.5
 
 
+def test_checkpointed_layers_recompute_only_the_first_layers_and_keep_the_gradients():
+    """``hyperparams.checkpointed_layers``: the first N decoder layers run their forward again
+    in the backward pass, the rest keep their activations; the gradients are the same."""
+    import copy
+
+    import torch
+    import transformers
+
+    from trainer_core.model.loading import enable_checkpointing
+
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=3, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    plain = transformers.Qwen3ForCausalLM(config).train()
+    ids = torch.randint(0, 128, (2, 12))
+
+    def grads_and_calls(model, layers):
+        calls = [0] * len(model.model.layers)
+        for i, layer in enumerate(model.model.layers):
+            # A pre-hook: the recompute stops early, once the tensors it needs exist.
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        if layers != "off":
+            assert enable_checkpointing(model, layers) == (3 if layers is None
+                                                           else min(layers, 3), 3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, calls
+
+    expected, calls = grads_and_calls(copy.deepcopy(plain), "off")
+    assert calls == [1, 1, 1]
+    for layers, recomputes in ((None, [2, 2, 2]), (1, [2, 1, 1]), (2, [2, 2, 1]),
+                               (0, [1, 1, 1]), (7, [2, 2, 2])):
+        grads, calls = grads_and_calls(copy.deepcopy(plain), layers)
+        assert calls == recomputes, layers
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_memory_estimate_counts_the_checkpointed_layers(tmp_path):
+    """--dry-run's estimate: each layer that recomputes keeps one hidden-size vector a token
+    instead of its activations (an 8B shape at 2,048-token micro-batches)."""
+    import json
+
+    from trainer_core.config import load_config
+    from trainer_core.train.manifest import _memory_estimate_gb
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288,
+        "vocab_size": 151936}))
+    stats = {"rows_kept": 100, "total_tokens": 204_800, "trained_tokens": 100_000}
+
+    def estimate(**overrides):
+        cfg = load_config(overrides={"hyperparams.batch_size": 1, "hyperparams.precision": "bf16",
+                                     "data.max_tokens_per_batch": 2048, **overrides})
+        return _memory_estimate_gb(8_000_000_000, cfg.hyperparams, cfg, tmp_path, stats)
+
+    off = estimate()
+    every = estimate(**{"hyperparams.gradient_checkpointing": True})
+    half = estimate(**{"hyperparams.gradient_checkpointing": True,
+                       "hyperparams.checkpointed_layers": 18})
+    none = estimate(**{"hyperparams.gradient_checkpointing": True,
+                       "hyperparams.checkpointed_layers": 0})
+    layer = 2048 * (10 * 4096 + 4 * 12288) * 2 / 2**30  # one layer's activations, GiB
+    assert every < half < none == off
+    assert abs((half - every) - 18 * (layer - 2048 * 4096 * 2 / 2**30)) < 0.02
+
+
 def test_training_with_the_tokenizers_own_template_keeps_its_files_unchanged(tmp_path):
     from types import SimpleNamespace
 

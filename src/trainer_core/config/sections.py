@@ -160,6 +160,17 @@ class HyperParams:
     gradient_checkpointing: bool = attrs.field(
         default=False, metadata=doc("Recompute activations in backward to save memory.")
     )
+    checkpointed_layers: int | None = attrs.field(
+        default=None,
+        validator=check(_non_negative, "must be >= 0"),
+        metadata=doc(
+            "With gradient_checkpointing: how many decoder layers recompute their activations "
+            "(the first N; null: every layer). Each layer left out keeps its activations "
+            "(about 10 x hidden + 4 x intermediate values a token) and saves one forward of "
+            "itself per micro-batch: use the memory a card has to spare for speed. "
+            "--dry-run's memory estimate counts it."
+        ),
+    )
     weight_decay: float = attrs.field(
         default=0.0,
         validator=check(_non_negative, "must be >= 0"),

@@ -151,6 +151,35 @@ def check_model_locked(model: Any, facts: dict[str, Any]) -> None:
         raise UserError(f"the loaded model does not match the locked fields: {text}")
 
 
+def enable_checkpointing(model: Any, layers: int | None = None) -> tuple[int, int]:
+    """Gradient checkpointing (non-reentrant) on the first ``layers`` decoder layers of
+    ``model`` (``None``: every one); returns how many recompute and how many there are.
+
+    transformers checkpoints each decoder layer on its own flag, so the layers past the
+    first ``layers`` keep their activations instead of recomputing them.
+    """
+    from trainer_core.model.loss import decoder_of
+
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    stack = getattr(decoder_of(model), "layers", None)
+    if stack is None:
+        if layers is not None:
+            raise UserError("hyperparams.checkpointed_layers: this model's decoder has no "
+                            "`layers` to choose from; leave it null (every layer)")
+        return 0, 0
+    total = len(stack)
+    recomputed = total if layers is None else min(layers, total)
+    for i, layer in enumerate(stack):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i < recomputed
+    return recomputed, total
+
+
 def weights_finite(model: Any) -> bool:
     import torch
 

@@ -99,7 +99,8 @@ def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model
     The runtime, plus four copies of the weights (weights, gradients, AdamW's two moments;
     with an adapter, the frozen base's bytes and four float32 copies of the adapter),
     plus the activations kept for the backward pass (per token and layer about 10 hidden-size
-    and 4 intermediate-size vectors; one hidden-size vector with gradient checkpointing), plus
+    and 4 intermediate-size vectors; one hidden-size vector in a layer that recomputes them,
+    ``hyperparams.checkpointed_layers`` or every layer with gradient checkpointing), plus
     the loss (about 6 vocabulary-wide fp32 vectors per trained token of a micro-batch, at most
     LOSS_CHUNK of them at a time). Tokens per micro-batch come from the data's mean row length.
     """
@@ -124,10 +125,14 @@ def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model
     tokens = min(budget, per_batch * total / rows) if rows else budget
     trained_tokens = min(LOSS_CHUNK, tokens * trained / total) if total else min(LOSS_CHUNK,
                                                                                   tokens)
-    per_token_layer = hidden if hp.gradient_checkpointing else 10 * hidden + 4 * inter
-    activations = tokens * layers * per_token_layer * act_bytes
-    if hp.gradient_checkpointing:  # one layer's full activations during its recomputation
-        activations += tokens * (10 * hidden + 4 * inter) * act_bytes
+    full_layer = 10 * hidden + 4 * inter  # values a token keeps per layer, none recomputed
+    recomputed = 0  # layers that keep only their input (gradient checkpointing)
+    if hp.gradient_checkpointing:
+        recomputed = layers if hp.checkpointed_layers is None else min(hp.checkpointed_layers,
+                                                                         layers)
+    activations = tokens * (recomputed * hidden + (layers - recomputed) * full_layer) * act_bytes
+    if recomputed:  # one layer's full activations during its recomputation
+        activations += tokens * full_layer * act_bytes
     loss = trained_tokens * vocab * 4 * 6
     weights = 4 * weight_bytes * n_params
     if adapter is not None:

@@ -21,6 +21,7 @@ from trainer_core.model.graphs import TOKEN_MULTIPLE, graphs_wanted
 from trainer_core.model.loading import (
     autocast,
     check_model_locked,
+    enable_checkpointing,
     load_model,
     pick_device,
     pick_precision,
@@ -110,8 +111,13 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     if facts is not None:
         check_model_locked(model, facts)
     model = adapters.wrap(model, cfg, parallel)  # adapters: a frozen base, trainable adapters
+    checkpointing = False  # whether any layer recomputes its activations
     if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recomputed, total = enable_checkpointing(model, hp.checkpointed_layers)
+        checkpointing = recomputed > 0 or total == 0
+        if recomputed < total:
+            speed = attrs.evolve(speed, notes=(*speed.notes, f"gradient checkpointing on "
+                                                             f"{recomputed} of {total} decoder layers"))
     model.config.use_cache = False
     model.train()
     model = speed.prepare(model)
@@ -126,7 +132,7 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     if graphs_wanted(cfg.environment.cuda_graphs, cuda=device.type == "cuda",
                      compiled=speed.compiled, varlen=speed.varlen, fused=speed.fused,
                      packing=cfg.data.packing, fp16=precision == "fp16",
-                     checkpointing=hp.gradient_checkpointing,
+                     checkpointing=checkpointing,
                      processes=1 if parallel is None else parallel.world):
         speed = attrs.evolve(speed, pad_to_multiple=TOKEN_MULTIPLE,
                              notes=(*speed.notes, "CUDA graphs for forward + backward"))
