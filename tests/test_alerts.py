@@ -243,17 +243,57 @@ def _alert_records(out):
     return [(r["alert"], r["state"]) for r in map(json.loads, lines) if "alert" in r]
 
 
-class SlowDown(RunListener):
-    """Makes a real run slow down (from ``slow_from``) and hang once (at ``hang_at``)."""
+class RunClock(Clock):
+    """The alerts' clock in a real run, moved by the run's own steps: each step takes its
+    tokens at ``rate`` tok/s, ``slowdown`` times slower from step ``slow_from``. Throughput
+    then depends on the run, never on how busy this machine is (on a shared 2-core machine a
+    micro step's wall time varies severalfold, which raised the throughput alert twice)."""
 
-    def __init__(self, slow_from, delay, hang_at, hang_s):
-        self.slow_from, self.delay, self.hang_at, self.hang_s = slow_from, delay, hang_at, hang_s
+    def __init__(self, slow_from, rate=1000.0, slowdown=10.0):
+        super().__init__()
+        self.slow_from, self.rate, self.slowdown = slow_from, rate, slowdown
+        self.tokens = 0
+
+    def step(self, event):
+        rate = self.rate / (self.slowdown if event.step >= self.slow_from else 1.0)
+        self.t += (event.tokens_seen - self.tokens) / rate
+        self.tokens = event.tokens_seen
+
+
+def alerts_on(clock, monkeypatch):
+    """The run's AlertsListener on ``clock``, each step moving the clock before it is timed;
+    returns the list that receives the listener the run makes."""
+    from trainer_core.monitor import alerts
+
+    made = []
+
+    class Clocked(alerts.AlertsListener):
+        def __init__(self, monitoring, **kw):
+            super().__init__(monitoring, clock=clock, **kw)
+            made.append(self)
+
+        def on_step_end(self, event):
+            clock.step(event)
+            super().on_step_end(event)
+
+    monkeypatch.setattr(alerts, "AlertsListener", Clocked)
+    return made
+
+
+class Hang(RunListener):
+    """Hangs the run once, after step ``at``: the clock moves on ``seconds`` and the step does
+    not end until the stall watchdog (a real thread) has raised its alert."""
+
+    def __init__(self, clock, made, at, seconds):
+        self.clock, self.made, self.at, self.seconds = clock, made, at, seconds
 
     def on_step_end(self, event):
-        if event.step == self.hang_at:
-            time.sleep(self.hang_s)
-        elif event.step >= self.slow_from:
-            time.sleep(self.delay)
+        if event.step != self.at:
+            return
+        self.clock.t += self.seconds
+        deadline = time.monotonic() + 60
+        while "stalled" not in self.made[0].active and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -262,15 +302,15 @@ def test_real_run_raises_stall_and_throughput_and_prints_each_once(micro_model_d
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     stream = io.StringIO()
-    # Margins are wide (a hang of 2x the stall limit, a slowdown of seconds per step) so that a
-    # busy shared machine, where a micro step can take most of a second, cannot fake or hide them.
+    clock = RunClock(slow_from=14)
+    made = alerts_on(clock, monkeypatch)
     resolved = _resolved(micro_model_dir, small_jsonl, out, **{
         "hyperparams.max_steps": 20, "monitoring.stall_after_s": 4.0,
         "monitoring.throughput_warmup_steps": 2, "monitoring.throughput_window": 4,
         "monitoring.throughput_drop": 0.5,
         "monitoring.loss_spike_factor": 100.0, "monitoring.grad_norm_factor": 1000.0})
     summary = run_training(resolved, stream=stream,
-                           listeners=[SlowDown(slow_from=14, delay=2.5, hang_at=8, hang_s=8.0)])
+                           listeners=[Hang(clock, made, at=8, seconds=8.0)])
     assert summary["state"] == "completed"
     changes = _alert_records(out)
     assert changes[:2] == [("stalled", "raised"), ("stalled", "cleared")]
