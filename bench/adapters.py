@@ -70,24 +70,14 @@ RANK, ALPHA, LR = 16, 32.0, 2e-4
 
 
 def keep_on(piece: str) -> None:
-    """Let ``piece`` (``compiled`` or ``graphs``) through the adapters' speed switch: the
-    switch is replaced by one that turns off only the other piece it names."""
-    import attrs
+    """Let ``piece`` (``compiled`` or ``graphs``) through the adapters' speed switch."""
+    import functools
 
     from trainer_core.model import adapters
 
-    def switch(cfg: Any, device: Any, note: Any = None) -> Any:
-        if not adapters.enabled(cfg) or getattr(device, "type", str(device)) != "cuda":
-            return cfg
-        env = cfg.environment
-        off = {} if piece == "graphs" else dict(cuda_graphs="off", graph_update="off",
-                                                 embedding_grad_rows="off")
-        if piece == "graphs" and cfg.model.adapter == "qlora":
-            off["compile"] = "off"
-        print(f"experiment: {piece} kept on with {cfg.model.adapter}", file=sys.stderr)
-        return attrs.evolve(cfg, environment=attrs.evolve(env, **off))
-
-    adapters.with_speed_switches = switch
+    print(f"experiment: {piece} kept on", file=sys.stderr)
+    adapters.with_speed_switches = functools.partial(adapters.with_speed_switches,
+                                                     keep=(piece,))
 
 
 def ensure_model(path: Path, shape: dict[str, Any]) -> Path:

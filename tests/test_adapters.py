@@ -309,6 +309,10 @@ def test_speed_pieces_not_measured_with_adapters_are_switched_off_with_one_line(
     lines.clear()
     off = resolve(cli={"model.adapter": "lora", "environment.cuda_graphs": "off"}).config
     assert with_speed_switches(off, cuda, lines.append) is off and not lines
+    # bench/adapters.py's experiments keep a piece on to measure it
+    assert with_speed_switches(lora, cuda, lines.append, keep=("graphs",)) is lora
+    kept = with_speed_switches(qlora, cuda, lines.append, keep=("compiled",)).environment
+    assert kept.compile == "auto" and kept.cuda_graphs == "off"
 
 
 def test_fused_loss_with_a_frozen_head_skips_its_gradient_and_keeps_the_rest():

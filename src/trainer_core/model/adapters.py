@@ -32,6 +32,7 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ def load_kwargs(cfg: TrainerConfig, device: Any) -> dict[str, Any]:
     return out
 
 
-def with_speed_switches(cfg: TrainerConfig, device: Any, note: Any = None) -> TrainerConfig:
+def with_speed_switches(cfg: TrainerConfig, device: Any, note: Any = None,
+                        keep: Collection[str] = ()) -> TrainerConfig:
     """The config with the GPU speed pieces that are not known to work with adapters off.
 
     Believed to work (peft's layers are plain PyTorch; the GPU measurement is owed, see
@@ -111,7 +113,8 @@ def with_speed_switches(cfg: TrainerConfig, device: Any, note: Any = None) -> Tr
     AdamW (they take whatever parameters the optimizer holds). Off, with one printed line:
     CUDA graphs (and the whole-step graph and the embedding-row gradient that ride on them),
     and for ``qlora`` the compiled blocks (bitsandbytes' 4-bit matmul inside inductor's
-    graphs is unmeasured).
+    graphs is unmeasured). ``keep`` names pieces to leave on anyway (``"graphs"``,
+    ``"compiled"``): bench/adapters.py measures them so before a switch is lifted.
     """
     if not enabled(cfg) or getattr(device, "type", str(device)) != "cuda":
         return cfg
@@ -120,10 +123,10 @@ def with_speed_switches(cfg: TrainerConfig, device: Any, note: Any = None) -> Tr
     env = cfg.environment
     off: dict[str, str] = {}
     named: list[str] = []
-    if env.cuda_graphs != "off":
+    if env.cuda_graphs != "off" and "graphs" not in keep:
         off.update(cuda_graphs="off", graph_update="off", embedding_grad_rows="off")
         named.append("CUDA graphs")
-    if cfg.model.adapter == "qlora" and env.compile != "off":
+    if cfg.model.adapter == "qlora" and env.compile != "off" and "compiled" not in keep:
         off["compile"] = "off"
         named.append("compiled decoder blocks")
     if not off:
