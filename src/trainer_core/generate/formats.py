@@ -364,6 +364,7 @@ class FormatConstraint(transformers.LogitsProcessor):
         self.reserve = [0 if c is None else max(CLOSING_RESERVE, len(c.start_closing or ())
                                                 + LOOKAHEAD_SLACK + 1)
                         for c in self.compiled]
+        self.max_reserve = max(self.reserve, default=0)
         self.greedy = greedy
         self.violations = 0
         self._length = -1
@@ -409,7 +410,7 @@ class FormatConstraint(transformers.LogitsProcessor):
             return scores
         remaining = self.max_new_tokens - (length - self._prompt_len)
         # Greedy's pick per row, computed once a step (the mask and the budget both ask).
-        closing_due = remaining <= max(self.reserve, default=0)
+        closing_due = remaining <= self.max_reserve
         picks = _Picks(scores) if self.greedy or closing_due else None
         # In place (as transformers' own processors do): no copy of the batch's logits.
         self._mask(scores, [r for r in active if self.forced[r] is None], picks)
@@ -455,11 +456,7 @@ class FormatConstraint(transformers.LogitsProcessor):
         if head and data.startswith(head):  # the token wrote the closing's first bytes
             candidates.insert(0, list(self.ll.tokenize_bytes(data[len(head):])))
         for ids in candidates:
-            if not ids:
-                if matcher.is_accepting():
-                    return ids
-                continue
-            if completes(self.ll, matcher, ids):
+            if completes(self.ll, matcher, ids):  # an empty closing: complete already
                 return ids
         return None
 
