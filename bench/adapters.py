@@ -32,7 +32,11 @@ Variants, each in its own process (so each peak is its own), one after another i
   trainer_qlora_partial          an experiment: QLoRA with ``hyperparams.checkpointed_layers``
                                  = ``--checkpointed-layers`` (12 of 36 by default), the other
                                  layers keeping their activations (more memory, less
-                                 recomputation; the peak must stay under 20 GiB).
+                                 recomputation; the peak must stay under 20 GiB);
+                                 ``partialN`` names N itself (``partial0``: none recompute).
+  hf_qlora_nockpt (any _nockpt)  an experiment: gradient checkpointing off.
+Experiment suffixes combine: ``trainer_qlora_compiled_partial8`` keeps compiled blocks on and
+recomputes 8 layers.
 
 Measured after ``--warmup`` steps: tokens/s (non-padding tokens of the measured steps over
 their wall time, each step timed between CUDA synchronisations), peak GPU memory allocated
@@ -69,15 +73,24 @@ EXPERIMENTS = ("trainer_qlora_compiled", "trainer_lora_graphs", "trainer_qlora_p
 RANK, ALPHA, LR = 16, 32.0, 2e-4
 
 
-def keep_on(piece: str) -> None:
-    """Let ``piece`` (``compiled`` or ``graphs``) through the adapters' speed switch."""
+def keep_on(*pieces: str) -> None:
+    """Let ``pieces`` (``compiled``, ``graphs``) through the adapters' speed switch."""
     import functools
 
     from trainer_core.model import adapters
 
-    print(f"experiment: {piece} kept on", file=sys.stderr)
+    print(f"experiment: {', '.join(pieces)} kept on", file=sys.stderr)
     adapters.with_speed_switches = functools.partial(adapters.with_speed_switches,
-                                                     keep=(piece,))
+                                                     keep=pieces)
+
+
+def experiment_layers(experiment: list[str], default: int) -> int | None:
+    """``hyperparams.checkpointed_layers`` for a variant's experiment suffixes: ``partial``
+    takes ``default``, ``partialN`` takes N, no ``partial``: None (every layer)."""
+    for e in experiment:
+        if e.startswith("partial"):
+            return int(e[len("partial"):]) if e != "partial" else default
+    return None
 
 
 def ensure_model(path: Path, shape: dict[str, Any]) -> Path:
@@ -284,12 +297,14 @@ def run_hf(kind: str, model_dir: Path, rows: list, steps: int, accum: int, warmu
 def run_one(args: argparse.Namespace) -> None:
     variant = args.one
     engine, kind, *experiment = variant.split("_")
-    partial = experiment == ["partial"]
-    if engine == "trainer" and experiment and not partial:
-        keep_on(experiment[0])
+    layers = experiment_layers(experiment, args.checkpointed_layers)
+    kept = [e for e in experiment if e in ("compiled", "graphs")]
+    if engine == "trainer" and kept:
+        keep_on(*kept)
     shape = SHAPE_TINY if args.tiny else SHAPE_8B
     rows = make_rows(args.steps * args.grad_accum, shape["vocab_size"], args.row)
-    checkpointing = kind == "qlora" and args.qlora_checkpointing
+    checkpointing = (kind == "qlora" and args.qlora_checkpointing
+                     and "nockpt" not in experiment)
     import torch
 
     if torch.cuda.is_available():
@@ -297,14 +312,13 @@ def run_one(args: argparse.Namespace) -> None:
     started = time.time()
     if engine == "trainer":
         result = run_trainer(kind, args.model_dir, rows, args.steps, args.grad_accum,
-                             args.warmup, checkpointing, args.row,
-                             args.checkpointed_layers if partial else None)
+                             args.warmup, checkpointing, args.row, layers)
     else:
         result = run_hf(kind, args.model_dir, rows, args.steps, args.grad_accum, args.warmup,
                         checkpointing, variant.endswith("_liger"), args.hf_attn,
                         args.out / f"hf-{variant}")
     result.update(variant=variant, gradient_checkpointing=checkpointing,
-                  checkpointed_layers=args.checkpointed_layers if partial else None,
+                  checkpointed_layers=layers,
                   wall_s=round(time.time() - started, 1))
     print("RESULT " + json.dumps(result), flush=True)
 
