@@ -1,16 +1,17 @@
 #!/bin/bash
-# The GPU measurements the open issues still owe, each part sized for one 10-minute device call
-# (`run` of the device tool, repository root, results under $OUT). Written when no GPU was lent
-# (December 2026), so that the next session spends its device time measuring, not composing.
+# The GPU measurements issues 24, 25 and 27 owed, each part sized for one 10-minute device call
+# (`run` of the device tool, repository root, results under $OUT). Written when no GPU was lent;
+# every part ran on an H100 on 2026-12-05 (docs/throughput.md, "GPU measurements of December 5").
+# Kept to repeat them on another card or after a change to the engine.
 #
 #   bash bench/gpu_owed.sh PART
 #
 #   engine      issue 24: bench/throughput.py at 8 (100 steps, 50 warm-up) and 64 examples per
 #               step, this checkout against round 7's code (8a176af) side by side on one card
-#   whole-run   issue 24: bench/whole_run.py (3,000 steps, warm compile cache)
-#   qlora       issue 27: QLoRA on the Qwen3-8B shape with compiled blocks kept on
-#               (trainer_qlora_compiled) and with 12 of 36 layers recomputing
-#               (trainer_qlora_partial) beside trainer_qlora
+#   whole-run   issue 24: bench/whole_run.py (6,000 steps, warm compile cache)
+#   qlora       issue 27: QLoRA on the Qwen3-8B shape: compiled blocks (trainer_qlora) and
+#               eager ones, with and without gradient checkpointing, and 6 of 36 layers
+#               recomputing
 #   qlora-hf    issue 27: HF Trainer + peft (+ Liger) QLoRA, the baselines, same machine
 #   lora-graphs issue 27: LoRA with CUDA graphs kept on (trainer_lora_graphs) beside trainer_lora
 #   constrained issue 25: bench/constrained.py --device cuda
@@ -59,20 +60,21 @@ case "$part" in
       done
     done ;;
   whole-run)
-    timeout 580 python3 bench/whole_run.py --out "$out/whole-run" --steps 3000 --warm-cache \
+    timeout 580 python3 bench/whole_run.py --out "$out/whole-run" --steps 6000 --warm-cache \
       2>&1 | tail -25 ;;
   qlora)
     timeout 590 python3 bench/adapters.py --out "$out/adapters" --model-dir /tmp/m8b \
       --steps 12 --warmup 4 \
-      --variants trainer_qlora,trainer_qlora_compiled,trainer_qlora_partial 2>&1 | tail -10 ;;
+      --variants trainer_qlora,trainer_qlora_nockpt,trainer_qlora_eager,trainer_qlora_eager_partial6,trainer_qlora_eager_nockpt \
+      2>&1 | tail -10 ;;
   qlora-hf)
     # The baselines, on the same warm machine as `qlora` (ratios only within one card).
     timeout 590 python3 bench/adapters.py --out "$out/adapters" --model-dir /tmp/m8b \
-      --steps 12 --warmup 4 --variants hf_qlora,hf_qlora_liger 2>&1 | tail -8 ;;
+      --steps 12 --warmup 4 --variants hf_qlora,hf_qlora_liger,hf_qlora_liger_nockpt 2>&1 | tail -8 ;;
   lora-graphs)
     timeout 590 python3 bench/adapters.py --out "$out/adapters" --model-dir /tmp/m8b \
       --steps 16 --warmup 6 --variants trainer_lora,trainer_lora_graphs 2>&1 | tail -8 ;;
   constrained)
-    timeout 590 python3 bench/constrained.py --device cuda --reps 5 2>&1 | tail -12 ;;
+    timeout 590 python3 bench/constrained.py --device cuda --reps 3 2>&1 | tail -12 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

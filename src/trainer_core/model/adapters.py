@@ -11,8 +11,8 @@ that require gradients, DDP synchronises only those.
 Where the engine calls in:
 
 * :func:`load_kwargs` (``model.loading.load_model``): the base's dtype and quantization;
-* :func:`with_speed_switches` and :func:`wrap` (``train.step.prepare_training``): speed pieces
-  not measured with adapters are switched off with one printed line; the loaded model is
+* :func:`with_speed_switches` and :func:`wrap` (``train.step.prepare_training``): the speed
+  piece that does not pay with adapters (CUDA graphs) is switched off with one printed line; the loaded model is
   wrapped before compilation and DDP;
 * :func:`checkpoint_weights`, :func:`save_adapter`, :func:`load_adapter_weights`
   (``train.checkpoint``): checkpoints hold ``adapter/`` (the adapter's weights and
@@ -105,35 +105,28 @@ def load_kwargs(cfg: TrainerConfig, device: Any) -> dict[str, Any]:
 
 def with_speed_switches(cfg: TrainerConfig, device: Any, note: Any = None,
                         keep: Collection[str] = ()) -> TrainerConfig:
-    """The config with the GPU speed pieces that are not known to work with adapters off.
+    """The config with the GPU speed pieces that do not pay with adapters off.
 
-    Believed to work (peft's layers are plain PyTorch; the GPU measurement is owed, see
-    docs/throughput.md): varlen attention, compiled decoder blocks (LoRA), the fused loss
-    (it skips the frozen output embedding's gradient), the on-device update and the Triton
-    AdamW (they take whatever parameters the optimizer holds). Off, with one printed line:
-    CUDA graphs (and the whole-step graph and the embedding-row gradient that ride on them),
-    and for ``qlora`` the compiled blocks (bitsandbytes' 4-bit matmul inside inductor's
-    graphs is unmeasured). ``keep`` names pieces to leave on anyway (``"graphs"``,
-    ``"compiled"``): bench/adapters.py measures them so before a switch is lifted.
+    Measured on an H100 with the Qwen3-8B shape (bench/adapters.py, docs/throughput.md): varlen
+    attention, compiled decoder blocks (LoRA and QLoRA: bitsandbytes' 4-bit matmul runs inside
+    them, 1.7x eager QLoRA), the fused loss (it skips the frozen output embedding's gradient)
+    and the Triton AdamW work with adapters. Off, with one printed line: CUDA graphs (and the
+    whole-step graph, the on-device update inside it and the embedding-row gradient that ride
+    on them): with LoRA they replayed correctly but were 5% slower, and with QLoRA they are
+    unmeasured. ``keep`` names pieces to leave on anyway (``"graphs"``): bench/adapters.py
+    measures them so.
     """
     if not enabled(cfg) or getattr(device, "type", str(device)) != "cuda":
         return cfg
     import attrs
 
     env = cfg.environment
-    off: dict[str, str] = {}
-    named: list[str] = []
-    if env.cuda_graphs != "off" and "graphs" not in keep:
-        off.update(cuda_graphs="off", graph_update="off", embedding_grad_rows="off")
-        named.append("CUDA graphs")
-    if cfg.model.adapter == "qlora" and env.compile != "off" and "compiled" not in keep:
-        off["compile"] = "off"
-        named.append("compiled decoder blocks")
-    if not off:
+    if env.cuda_graphs == "off" or "graphs" in keep:
         return cfg
-    (note or _stderr)(f"adapters: {' and '.join(named)} off (not measured with "
-                      f"{cfg.model.adapter} yet; environment settings)")
-    return attrs.evolve(cfg, environment=attrs.evolve(env, **off))
+    (note or _stderr)(f"adapters: CUDA graphs off for {cfg.model.adapter} (measured no faster "
+                      "with LoRA; environment.cuda_graphs)")
+    return attrs.evolve(cfg, environment=attrs.evolve(
+        env, cuda_graphs="off", graph_update="off", embedding_grad_rows="off"))
 
 
 def _stderr(text: str) -> None:

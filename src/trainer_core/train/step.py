@@ -100,7 +100,7 @@ def prepare_training(cfg: TrainerConfig, model_dir: Path, total_steps: int,
     if device.type == "cuda":
         tune_cuda_allocator()
     torch.manual_seed(hp.seed)
-    cfg = adapters.with_speed_switches(cfg, device)  # adapters: pieces not measured with them off
+    cfg = adapters.with_speed_switches(cfg, device)  # adapters: CUDA graphs off (no faster)
     speed = plan_speed(cfg, device)
     if speed.attention_kernel == "fa4":
         warm_fa4_kernels(model_dir)  # overlaps the model load and the blocks' compilation
