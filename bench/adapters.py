@@ -68,19 +68,18 @@ SHAPE_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 ROW = 2048  #: tokens per packed row (--tiny: 256)
 VARIANTS = ("trainer_lora", "hf_lora", "hf_lora_liger", "trainer_qlora", "hf_qlora",
             "hf_qlora_liger")
-EXPERIMENTS = ("trainer_lora_graphs", "trainer_qlora_partial", "trainer_qlora_nockpt")
 RANK, ALPHA, LR = 16, 32.0, 2e-4
 
 
-def keep_on(*pieces: str) -> None:
-    """Let ``pieces`` (``graphs``) through the adapters' speed switch."""
+def keep_on(piece: str) -> None:
+    """Let ``piece`` (``graphs``) through the adapters' speed switch."""
     import functools
 
     from trainer_core.model import adapters
 
-    print(f"experiment: {', '.join(pieces)} kept on", file=sys.stderr)
+    print(f"experiment: {piece} kept on", file=sys.stderr)
     adapters.with_speed_switches = functools.partial(adapters.with_speed_switches,
-                                                     keep=pieces)
+                                                     keep=(piece,))
 
 
 def experiment_layers(experiment: list[str], default: int) -> int | None:
@@ -298,9 +297,8 @@ def run_one(args: argparse.Namespace) -> None:
     variant = args.one
     engine, kind, *experiment = variant.split("_")
     layers = experiment_layers(experiment, args.checkpointed_layers)
-    kept = [e for e in experiment if e == "graphs"]
-    if engine == "trainer" and kept:
-        keep_on(*kept)
+    if engine == "trainer" and "graphs" in experiment:
+        keep_on("graphs")
     shape = SHAPE_TINY if args.tiny else SHAPE_8B
     rows = make_rows(args.steps * args.grad_accum, shape["vocab_size"], args.row)
     checkpointing = (kind == "qlora" and args.qlora_checkpointing

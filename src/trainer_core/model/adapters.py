@@ -12,8 +12,8 @@ Where the engine calls in:
 
 * :func:`load_kwargs` (``model.loading.load_model``): the base's dtype and quantization;
 * :func:`with_speed_switches` and :func:`wrap` (``train.step.prepare_training``): the speed
-  piece that does not pay with adapters (CUDA graphs) is switched off with one printed line; the loaded model is
-  wrapped before compilation and DDP;
+  piece that does not pay with adapters (CUDA graphs) is switched off with one printed line;
+  the loaded model is wrapped before compilation and DDP;
 * :func:`checkpoint_weights`, :func:`save_adapter`, :func:`load_adapter_weights`
   (``train.checkpoint``): checkpoints hold ``adapter/`` (the adapter's weights and
   ``adapter_config.json``, what ``peft.PeftModel.from_pretrained`` loads) plus optimizer,

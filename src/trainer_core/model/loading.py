@@ -173,11 +173,17 @@ def enable_checkpointing(model: Any, layers: int | None = None) -> tuple[int, in
                             "`layers` to choose from; leave it null (every layer)")
         return 0, 0
     total = len(stack)
-    recomputed = total if layers is None else min(layers, total)
+    recomputed = layers_recomputed(layers, total)
     for i, layer in enumerate(stack):
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = i < recomputed
     return recomputed, total
+
+
+def layers_recomputed(checkpointed_layers: int | None, total: int) -> int:
+    """How many of ``total`` decoder layers recompute their activations under
+    ``hyperparams.checkpointed_layers`` (the first N, capped; ``None``: every one)."""
+    return total if checkpointed_layers is None else min(checkpointed_layers, total)
 
 
 def weights_finite(model: Any) -> bool:

@@ -17,6 +17,7 @@ from trainer_core import __version__
 from trainer_core.config import TrainerConfig, config_hash
 from trainer_core.files import RUN_MANIFEST, write_json_atomic
 from trainer_core.model.adapters import adapter_facts, adapter_plan
+from trainer_core.model.loading import layers_recomputed
 from trainer_core.monitor.events import RunEnd, RunListener, RunStart
 from trainer_core.plugins.registry import profile_origin
 from trainer_core.train.inputs import data_sha256, dataset_path, token_budget
@@ -126,10 +127,9 @@ def _memory_estimate_gb(n_params: int | None, hp: Any, cfg: TrainerConfig, model
     trained_tokens = min(LOSS_CHUNK, tokens * trained / total) if total else min(LOSS_CHUNK,
                                                                                   tokens)
     full_layer = 10 * hidden + 4 * inter  # values a token keeps per layer, none recomputed
-    recomputed = 0  # layers that keep only their input (gradient checkpointing)
-    if hp.gradient_checkpointing:
-        recomputed = layers if hp.checkpointed_layers is None else min(hp.checkpointed_layers,
-                                                                         layers)
+    # layers that keep only their input (gradient checkpointing)
+    recomputed = (layers_recomputed(hp.checkpointed_layers, layers)
+                  if hp.gradient_checkpointing else 0)
     activations = tokens * (recomputed * hidden + (layers - recomputed) * full_layer) * act_bytes
     if recomputed:  # one layer's full activations during its recomputation
         activations += tokens * full_layer * act_bytes
